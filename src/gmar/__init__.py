@@ -1,0 +1,42 @@
+"""gmar: explain Vision Transformer decisions with GMAR and the methods it is compared with."""
+
+from gmar.adapters import get_adapter
+from gmar.errors import CaptureError, GmarError, ImageLoadError, ModelLoadError, TargetError, UnsupportedModelError
+from gmar.explanation import Explanation
+from gmar.layout import TokenLayout
+from gmar.loading import LoadedModel, load_model
+from gmar.methods import GAE, GMAR, AttentionRollout, GradientRollout, RawAttention, available_methods, explain
+from gmar.preprocess import PreprocessConfig, denormalise, load_image, preprocess
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GAE",
+    "GMAR",
+    "AttentionRollout",
+    "CaptureError",
+    "Explanation",
+    "GmarError",
+    "GradientRollout",
+    "ImageLoadError",
+    "LoadedModel",
+    "ModelLoadError",
+    "PreprocessConfig",
+    "RawAttention",
+    "TargetError",
+    "TokenLayout",
+    "UnsupportedModelError",
+    "available_methods",
+    "denormalise",
+    "explain",
+    "get_adapter",
+    "load_image",
+    "load_model",
+    "preprocess",
+    "preprocess_config",
+]
+
+
+def preprocess_config(model) -> PreprocessConfig:
+    """How to preprocess images for ``model`` (from the model's own data config where it has one)."""
+    return get_adapter(model).preprocess_config()

@@ -1,0 +1,32 @@
+"""Model adapters: one per family, chosen from the model object."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from gmar.adapters.base import ModelAdapter
+from gmar.adapters.hf_vit import HFAdapter
+from gmar.adapters.openclip_vit import OpenCLIPAdapter
+from gmar.adapters.timm_vit import TimmAdapter
+from gmar.errors import UnsupportedModelError
+
+ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmAdapter, HFAdapter, OpenCLIPAdapter)
+
+SUPPORTED = (
+    "timm VisionTransformer (vit_*, deit_* incl. distilled, register tokens, global_pool='avg'); "
+    "transformers ViTForImageClassification, DeiTForImageClassification(WithTeacher), "
+    "Dinov2(WithRegisters)ForImageClassification; OpenCLIP CLIP with a VisionTransformer image tower"
+)
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``; :class:`UnsupportedModelError` when no family matches."""
+    if isinstance(model, ModelAdapter):
+        return model
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter(model)
+    raise UnsupportedModelError(f"{type(model).__name__} is not a supported model. gmar supports: {SUPPORTED}")
+
+
+__all__ = ["ADAPTERS", "ModelAdapter", "get_adapter", "HFAdapter", "OpenCLIPAdapter", "TimmAdapter"]

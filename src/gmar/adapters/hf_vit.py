@@ -1,0 +1,119 @@
+"""Hugging Face transformers image classifiers: ViT, DeiT (with teacher), DINOv2 (with registers)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from functools import partial
+
+import torch
+from torch import nn
+
+from gmar.adapters.base import ModelAdapter, remove_all
+from gmar.capture import Recorder, split_heads_hook
+from gmar.errors import UnsupportedModelError
+from gmar.layout import TokenLayout
+from gmar.preprocess import PreprocessConfig
+
+#: class name -> (prefix tokens besides registers, readout prefix tokens, head averages patches)
+_LAYOUTS = {
+    "ViTForImageClassification": (1, (0,), False),
+    "DeiTForImageClassification": (2, (0,), False),
+    "DeiTForImageClassificationWithTeacher": (2, (0, 1), False),
+    "Dinov2ForImageClassification": (1, (0,), True),
+    "Dinov2WithRegistersForImageClassification": (1, (0,), True),
+}
+
+
+class HFAdapter(ModelAdapter):
+    family = "hf"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__module__.startswith("transformers.") and any(
+            klass.__name__ in _LAYOUTS for klass in type(model).__mro__
+        )
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self._kind = next(klass.__name__ for klass in type(model).__mro__ if klass.__name__ in _LAYOUTS)
+        attention_class = getattr(model, "_can_record_outputs", {}).get("attentions")
+        self._attention = [
+            module
+            for module in model.modules()
+            if isinstance(attention_class, type) and isinstance(module, attention_class) and hasattr(module, "o_proj")
+        ]
+        expected = model.config.num_hidden_layers
+        if len(self._attention) != expected:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: found {len(self._attention)} attention modules with an output projection "
+                f"for {expected} layers; gmar supports the attention modules of transformers >= 5"
+            )
+        self._interpolate = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._attention)
+
+    def token_layout(self, image_size: tuple[int, int]) -> TokenLayout:
+        config = self.model.config
+        patch = config.patch_size if isinstance(config.patch_size, (tuple, list)) else (config.patch_size,) * 2
+        prefix, readout, patches = _LAYOUTS[self._kind]
+        prefix += getattr(config, "num_register_tokens", 0) or 0
+        return TokenLayout(
+            num_prefix_tokens=prefix,
+            grid_size=(image_size[0] // patch[0], image_size[1] // patch[1]),
+            patch_size=tuple(patch),  # type: ignore[arg-type]
+            readout_prefix=readout,
+            readout_patches=patches,
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        kwargs = {}
+        if self._interpolate:
+            size = self.model.config.image_size
+            size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+            kwargs["interpolate_pos_encoding"] = tuple(images.shape[-2:]) != size
+        return self.model(pixel_values=images, **kwargs).logits
+
+    @contextmanager
+    def instrument(self, recorder: Recorder) -> Iterator[None]:
+        handles: list = []
+        with ExitStack() as stack:
+            previous = self.model.config._attn_implementation
+            if previous != "eager":
+                # sdpa and flash kernels return no probabilities: switch to eager for the call.
+                self.model.set_attn_implementation("eager")
+                stack.callback(self.model.set_attn_implementation, previous)
+            stack.callback(remove_all(handles))
+            for layer, attn in enumerate(self._attention):
+                heads = attn.config.num_attention_heads
+                handles.append(attn.register_forward_hook(partial(_record_probabilities, recorder, layer)))
+                handles.append(attn.o_proj.register_forward_pre_hook(split_heads_hook(layer, heads, recorder)))
+            yield
+
+    def preprocess_config(self) -> PreprocessConfig:
+        config = self.model.config
+        size = config.image_size
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        # The model carries no normalisation; these are its family's defaults. `gmar.load_model`
+        # reads the saved image processor instead, where there is one.
+        if self._kind.startswith("ViT"):
+            return PreprocessConfig(
+                input_size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear"
+            )  # type: ignore[arg-type]
+        return PreprocessConfig(input_size=size, interpolation="bicubic")  # type: ignore[arg-type]
+
+    def class_names(self) -> list[str] | None:
+        id2label = getattr(self.model.config, "id2label", None) or {}
+        names = [id2label.get(i) for i in range(len(id2label))]
+        if not names or any(n is None for n in names) or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+            return None
+        return names  # type: ignore[return-value]
+
+
+def _record_probabilities(recorder: Recorder, layer: int, module: nn.Module, args: tuple, output: tuple) -> None:
+    probabilities = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+    if probabilities is not None:
+        recorder.attention(layer, probabilities)

@@ -1,0 +1,162 @@
+"""OpenCLIP ``CLIP`` models with the ``VisionTransformer`` image tower (``nn.MultiheadAttention``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gmar.adapters.base import ModelAdapter
+from gmar.capture import Recorder
+from gmar.errors import CaptureError, UnsupportedModelError
+from gmar.layout import TokenLayout
+from gmar.preprocess import PreprocessConfig
+
+
+class OpenCLIPAdapter(ModelAdapter):
+    """The image tower of an OpenCLIP model; ``forward`` returns ``encode_image`` (not normalised).
+
+    The output is an embedding, not logits, so targets must be callables on it.
+    """
+
+    family = "openclip"
+    is_classifier = False
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__module__.startswith("open_clip.")
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        from open_clip.transformer import VisionTransformer
+
+        name = type(model).__name__
+        visual = model if isinstance(model, VisionTransformer) else getattr(model, "visual", None)
+        if not isinstance(visual, VisionTransformer):
+            tower = type(visual).__name__ if visual is not None else "no image tower"
+            raise UnsupportedModelError(
+                f"{name}: image tower {tower} is not supported; gmar explains OpenCLIP models whose "
+                "`visual` is open_clip's VisionTransformer"
+            )
+        if visual.attn_pool is not None or visual.pool_type not in ("tok", "avg"):
+            raise UnsupportedModelError(f"{name}: attentional pooling (CoCa-style towers) is not supported")
+        self._visual = visual
+        self._attention: list[nn.MultiheadAttention] = []
+        for index, block in enumerate(visual.transformer.resblocks):
+            attn = getattr(block, "attn", None)
+            if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
+                raise UnsupportedModelError(
+                    f"{name}: block {index} has {type(attn).__name__} attention; gmar captures "
+                    "nn.MultiheadAttention blocks"
+                )
+            self._attention.append(attn)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._attention)
+
+    def token_layout(self, image_size: tuple[int, int]) -> TokenLayout:
+        visual = self._visual
+        patch = tuple(visual.conv1.kernel_size)
+        grid = tuple(visual.grid_size)
+        expected = (grid[0] * patch[0], grid[1] * patch[1])
+        if tuple(image_size) != expected:
+            raise ValueError(
+                f"this OpenCLIP image tower takes {expected[0]}x{expected[1]} inputs, got "
+                f"{image_size[0]}x{image_size[1]}"
+            )
+        average = visual.pool_type == "avg"
+        return TokenLayout(
+            num_prefix_tokens=1,
+            grid_size=grid,  # type: ignore[arg-type]
+            patch_size=patch,  # type: ignore[arg-type]
+            readout_prefix=() if average else (0,),
+            readout_patches=average,
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.model, "encode_image"):
+            output = self.model.encode_image(images)
+        else:
+            output = self.model(images)
+        return output[0] if isinstance(output, tuple) else output
+
+    @contextmanager
+    def instrument(self, recorder: Recorder) -> Iterator[None]:
+        with ExitStack() as stack:
+            for layer, attn in enumerate(self._attention):
+                # nn.MultiheadAttention computes its probabilities inside one functional call with
+                # nothing to hook: give this instance an explicit forward for the duration.
+                own = attn.__dict__.get("forward")
+                attn.forward = _ExplicitAttention(attn, layer, recorder)
+                if own is None:
+                    stack.callback(attn.__dict__.pop, "forward", None)
+                else:
+                    stack.callback(setattr, attn, "forward", own)
+            yield
+
+    def preprocess_config(self) -> PreprocessConfig:
+        from open_clip.model import get_model_preprocess_cfg
+
+        cfg = get_model_preprocess_cfg(self.model)
+        size = cfg.get("size", self._visual.image_size)
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        return PreprocessConfig(
+            input_size=size,  # type: ignore[arg-type]
+            mean=tuple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),  # type: ignore[arg-type]
+            std=tuple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),  # type: ignore[arg-type]
+            interpolation=cfg.get("interpolation", "bicubic"),
+        )
+
+
+class _ExplicitAttention:
+    """``nn.MultiheadAttention.forward`` computed step by step, reporting probabilities and head outputs."""
+
+    def __init__(self, attn: nn.MultiheadAttention, layer: int, recorder: Recorder) -> None:
+        self.attn, self.layer, self.recorder = attn, layer, recorder
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn = self.attn
+        if key_padding_mask is not None or is_causal:
+            raise CaptureError("gmar's explicit attention does not take key_padding_mask or is_causal")
+        if not attn.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        batch, tokens, width = query.shape
+        heads = attn.num_heads
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None,) * 3
+
+        def split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            return F.linear(x, weight, bias).view(batch, x.shape[1], heads, -1).transpose(1, 2)
+
+        q, k, v = split(query, w_q, b_q), split(key, w_k, b_k), split(value, w_v, b_v)
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                scores = scores.masked_fill(attn_mask, float("-inf"))
+            else:
+                scores = scores + attn_mask
+        probabilities = F.dropout(scores.softmax(dim=-1), attn.dropout, training=attn.training)
+        self.recorder.attention(self.layer, probabilities)
+        context = probabilities @ v
+        self.recorder.head_output(self.layer, context)
+        output = attn.out_proj(context.transpose(1, 2).reshape(batch, tokens, width))
+        if not attn.batch_first:
+            output = output.transpose(0, 1)
+        weights = None
+        if need_weights:
+            weights = probabilities.mean(dim=1) if average_attn_weights else probabilities
+        return output, weights

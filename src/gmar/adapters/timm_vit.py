@@ -1,0 +1,124 @@
+"""timm ``VisionTransformer`` and its relatives (DeiT distilled, register tokens, average pooling)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from functools import partial
+
+import torch
+from torch import nn
+
+from gmar.adapters.base import ModelAdapter, remove_all
+from gmar.capture import Recorder, split_heads_hook
+from gmar.errors import UnsupportedModelError
+from gmar.layout import TokenLayout
+from gmar.preprocess import PreprocessConfig
+
+
+class TimmAdapter(ModelAdapter):
+    family = "timm"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        if not type(model).__module__.startswith("timm."):
+            return False
+        from timm.models.vision_transformer import VisionTransformer
+
+        return isinstance(model, VisionTransformer)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        from timm.layers import Attention
+
+        name = type(model).__name__
+        self._attention: list[nn.Module] = []
+        for index, block in enumerate(model.blocks):
+            attn = getattr(block, "attn", None)
+            if not isinstance(attn, Attention):
+                kind = type(attn).__name__ if attn is not None else "no 'attn'"
+                raise UnsupportedModelError(
+                    f"{name}: block {index} has {kind} attention; gmar captures timm's standard "
+                    "`Attention` (vit_*, deit_*, register and average-pooled variants)"
+                )
+            self._attention.append(attn)
+        self._distilled = hasattr(model, "dist_token") and hasattr(model, "head_dist")
+        pool = "token" if self._distilled else model.global_pool
+        if getattr(model, "attn_pool", None) is not None or pool not in ("token", "avg"):
+            raise UnsupportedModelError(
+                f"{name}: global_pool={pool!r} is not supported; gmar explains timm ViTs that read the "
+                "class token ('token') or average the patch tokens ('avg')"
+            )
+        if pool == "avg" and getattr(model, "pool_include_prefix", False):
+            raise UnsupportedModelError(f"{name}: average pooling that includes the prefix tokens is not supported")
+        self._pool = pool
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._attention)
+
+    def token_layout(self, image_size: tuple[int, int]) -> TokenLayout:
+        embed = self.model.patch_embed
+        if self.model.dynamic_img_size:
+            grid = tuple(embed.dynamic_feat_size(tuple(image_size)))
+        else:
+            expected = tuple(embed.img_size)
+            if tuple(image_size) != expected:
+                raise ValueError(
+                    f"{type(self.model).__name__} takes {expected[0]}x{expected[1]} inputs, got "
+                    f"{image_size[0]}x{image_size[1]}; resize the images or create the model with "
+                    "dynamic_img_size=True"
+                )
+            grid = tuple(embed.grid_size)
+        prefix = self.model.num_prefix_tokens
+        if self._pool == "avg":
+            readout: tuple[int, ...] = ()
+        else:
+            readout = (0, 1) if self._distilled else (0,)
+        return TokenLayout(
+            num_prefix_tokens=prefix,
+            grid_size=grid,  # type: ignore[arg-type]
+            patch_size=tuple(embed.patch_size),  # type: ignore[arg-type]
+            readout_prefix=readout,
+            readout_patches=self._pool == "avg",
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    @contextmanager
+    def instrument(self, recorder: Recorder) -> Iterator[None]:
+        handles: list = []
+        with ExitStack() as stack:
+            stack.callback(remove_all(handles))
+            for layer, attn in enumerate(self._attention):
+                # The fused kernel never materialises the probabilities: take the explicit path.
+                stack.callback(setattr, attn, "fused_attn", attn.fused_attn)
+                attn.fused_attn = False
+                handles.append(attn.attn_drop.register_forward_hook(partial(_record_output, recorder, layer)))
+                handles.append(attn.norm.register_forward_pre_hook(split_heads_hook(layer, attn.num_heads, recorder)))
+            yield
+
+    def preprocess_config(self) -> PreprocessConfig:
+        from timm.data import resolve_data_config
+
+        config = resolve_data_config({}, model=self.model)
+        _, height, width = config["input_size"]
+        return PreprocessConfig(
+            input_size=(height, width),
+            mean=tuple(config["mean"]),  # type: ignore[arg-type]
+            std=tuple(config["std"]),  # type: ignore[arg-type]
+            interpolation=config.get("interpolation", "bicubic"),
+            crop_pct=config.get("crop_pct", 1.0),
+        )
+
+    def class_names(self) -> list[str] | None:
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        names = cfg.get("label_names")
+        if names and len(names) == self.model.num_classes:
+            return list(names)
+        return None
+
+
+def _record_output(recorder: Recorder, layer: int, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    recorder.attention(layer, output)

@@ -1,0 +1,27 @@
+"""Errors gmar raises on purpose. Each one says what went wrong and what to do next."""
+
+from __future__ import annotations
+
+
+class GmarError(Exception):
+    """Base class of every error gmar raises for a user mistake or an unusable input."""
+
+
+class UnsupportedModelError(GmarError, TypeError):
+    """The model belongs to no family gmar has an adapter for."""
+
+
+class CaptureError(GmarError, RuntimeError):
+    """A supported model ran, but its attention could not be captured as expected."""
+
+
+class ModelLoadError(GmarError, RuntimeError):
+    """A model named on the command line or in `gmar.load_model` could not be loaded."""
+
+
+class ImageLoadError(GmarError, OSError):
+    """An image file is missing, unreadable or not an image."""
+
+
+class TargetError(GmarError, ValueError):
+    """The `target` argument does not fit the model's output or the batch."""

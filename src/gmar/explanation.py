@@ -1,0 +1,64 @@
+"""The result of explaining a batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gmar.layout import TokenLayout
+
+
+@dataclass
+class Explanation:
+    """One method's explanation of a batch of ``B`` images.
+
+    Attributes:
+        method: the method's name, as in :func:`gmar.available_methods`.
+        heatmap: ``(B, H, W)`` the token map upsampled bilinearly to the input size, min-max
+            normalised per image to [0, 1] (a constant map becomes all zeros).
+        token_map: ``(B, h, w)`` raw relevance on the patch grid.
+        target: ``(B,)`` long, the explained classes; None for a callable target.
+        head_weights: ``(B, L, H)`` GMAR's per-layer head weights (each row sums to 1); None otherwise.
+        logits: the model's output for the batch, detached (an embedding for CLIP models).
+        scores: ``(B,)`` the explained score ``y`` of each sample, detached.
+        layout: the token layout of this forward pass.
+    """
+
+    method: str
+    heatmap: torch.Tensor
+    token_map: torch.Tensor
+    target: torch.Tensor | None
+    head_weights: torch.Tensor | None
+    logits: torch.Tensor
+    scores: torch.Tensor
+    layout: TokenLayout
+
+    def __len__(self) -> int:
+        return self.token_map.shape[0]
+
+
+def upsample(token_map: torch.Tensor, layout: TokenLayout, image_size: tuple[int, int]) -> torch.Tensor:
+    """Token map ``(B, h, w)`` to pixels ``(B, H, W)``, bilinearly, each patch over the pixels it covers.
+
+    Pixels the patch grid does not cover (an input size that is not a multiple of the patch size)
+    get zero; a grid that covers more than the image (timm's ``dynamic_img_pad``) is cropped.
+    """
+    height, width = image_size
+    covered = (layout.grid_size[0] * layout.patch_size[0], layout.grid_size[1] * layout.patch_size[1])
+    pixels = F.interpolate(token_map[:, None].float(), size=covered, mode="bilinear", align_corners=False)[:, 0]
+    pixels = pixels[:, :height, :width]
+    pad_h, pad_w = height - pixels.shape[1], width - pixels.shape[2]
+    if pad_h or pad_w:
+        pixels = F.pad(pixels, (0, pad_w, 0, pad_h))
+    return pixels
+
+
+def min_max(maps: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max normalisation of ``(B, ...)`` to [0, 1]; a constant map becomes zeros."""
+    flat = maps.flatten(start_dim=1)
+    low = flat.min(dim=1, keepdim=True).values
+    span = flat.max(dim=1, keepdim=True).values - low
+    normalised = torch.where(span > 0, (flat - low) / span.clamp_min(torch.finfo(flat.dtype).tiny), 0.0)
+    return normalised.view_as(maps)

@@ -1,0 +1,68 @@
+"""Where the patches are in a ViT's token sequence, and which tokens its head reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The token sequence of one forward pass, as the model builds it.
+
+    Tokens are ``[prefix tokens..., patch tokens (row-major over grid_size)]``.
+
+    Attributes:
+        num_prefix_tokens: tokens before the patches (CLS, distillation, register tokens).
+        grid_size: patch grid ``(h, w)`` for the actual input size.
+        patch_size: pixels per patch ``(ph, pw)``.
+        readout_prefix: indices of the prefix tokens the classifier reads (averaged).
+        readout_patches: whether the classifier averages the patch tokens.
+
+    When the head reads both (DINOv2: ``concat(CLS, mean(patches))``), the two groups get equal
+    weight in :meth:`readout_weights`.
+    """
+
+    num_prefix_tokens: int
+    grid_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    readout_prefix: tuple[int, ...] = (0,)
+    readout_patches: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.readout_prefix and not self.readout_patches:
+            raise ValueError("a token layout needs at least one readout token")
+        for i in self.readout_prefix:
+            if not 0 <= i < self.num_prefix_tokens:
+                raise ValueError(f"readout token {i} is not a prefix token (have {self.num_prefix_tokens})")
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.num_patches
+
+    @property
+    def patch_slice(self) -> slice:
+        return slice(self.num_prefix_tokens, self.num_tokens)
+
+    def readout_weights(
+        self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """Weights ``(N,)`` over tokens, summing to 1, of the rows the classifier reads."""
+        weights = torch.zeros(self.num_tokens, dtype=dtype, device=device)
+        groups = int(bool(self.readout_prefix)) + int(self.readout_patches)
+        if self.readout_prefix:
+            weights[list(self.readout_prefix)] = 1.0 / (groups * len(self.readout_prefix))
+        if self.readout_patches:
+            weights[self.patch_slice] = 1.0 / (groups * self.num_patches)
+        return weights
+
+    def patch_map(self, token_scores: torch.Tensor) -> torch.Tensor:
+        """Reshape per-token scores ``(B, N)`` to the patch grid ``(B, h, w)``, dropping prefix tokens."""
+        if token_scores.shape[-1] != self.num_tokens:
+            raise ValueError(f"expected {self.num_tokens} tokens, got {token_scores.shape[-1]}")
+        return token_scores[..., self.patch_slice].reshape(*token_scores.shape[:-1], *self.grid_size)

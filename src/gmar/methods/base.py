@@ -1,0 +1,99 @@
+"""What every method shares: one captured forward, at most one backward, one Explanation."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from gmar.adapters import get_adapter
+from gmar.capture import Captured, capture, collect, frozen_eval
+from gmar.errors import CaptureError, TargetError
+from gmar.explanation import Explanation, min_max, upsample
+from gmar.layout import TokenLayout
+from gmar.targets import Target, resolve_target
+
+
+class Explainer:
+    """Base class. A method sets ``name``, ``uses_gradients`` and implements :meth:`relevance`.
+
+    Calling an explainer runs the model once (eval mode, parameters frozen, attention captured)
+    and, for gradient methods, takes one ``torch.autograd.grad`` call for the whole batch. The
+    model is left as it was found, also when the call raises.
+    """
+
+    name: ClassVar[str]
+    uses_gradients: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, *, start_layer: int = 0) -> None:
+        self.model = model
+        self.adapter = get_adapter(model)
+        layers = self.adapter.num_layers
+        if not -layers <= start_layer < layers:
+            raise ValueError(
+                f"start_layer must be in [{-layers}, {layers}) for this {layers}-layer model, got {start_layer}"
+            )
+        self.start_layer = start_layer % layers
+
+    def gradient_inputs(self, captured: Captured) -> list[torch.Tensor]:
+        """The captured tensors whose gradients the method needs (default: the attention)."""
+        return captured.attentions
+
+    def relevance(
+        self, captured: Captured, gradients: list[torch.Tensor] | None, layout: TokenLayout
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The token map ``(B, h, w)`` and the head weights ``(B, L, H)`` or None."""
+        raise NotImplementedError
+
+    def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
+        images = self._prepare(images)
+        layout = self.adapter.token_layout(tuple(images.shape[-2:]))
+        with frozen_eval(self.model), torch.set_grad_enabled(self.uses_gradients):
+            inputs = images.detach().requires_grad_(self.uses_gradients)
+            with capture(self.adapter, head_outputs=self._needs_head_outputs()) as recorder:
+                output = self.adapter.forward(inputs)
+            captured = collect(recorder, output, self.model)
+            tokens = captured.attentions[0].shape[-1]
+            if tokens != layout.num_tokens:
+                raise CaptureError(
+                    f"captured attention over {tokens} tokens, but the token layout of "
+                    f"{type(self.model).__name__} expects {layout.num_tokens}"
+                )
+            scores, classes = resolve_target(output, target, is_classifier=self.adapter.is_classifier)
+            gradients = self._gradients(scores, captured) if self.uses_gradients else None
+            with torch.no_grad():
+                token_map, head_weights = self.relevance(captured, gradients, layout)
+        token_map = token_map.detach().float()
+        return Explanation(
+            method=self.name,
+            heatmap=min_max(upsample(token_map, layout, tuple(images.shape[-2:]))),
+            token_map=token_map,
+            target=classes,
+            head_weights=head_weights,
+            logits=output.detach(),
+            scores=scores.detach(),
+            layout=layout,
+        )
+
+    def _needs_head_outputs(self) -> bool:
+        return False
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a float tensor (B, 3, H, W), got {type(images).__name__}")
+        if images.ndim == 3:
+            images = images.unsqueeze(0)
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"images must be a float tensor (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        parameter = next(self.model.parameters(), None)
+        if parameter is not None:
+            images = images.to(device=parameter.device, dtype=parameter.dtype)
+        return images
+
+    def _gradients(self, scores: torch.Tensor, captured: Captured) -> list[torch.Tensor]:
+        if not scores.requires_grad:
+            raise TargetError("the target scores do not depend on the model's output, so they have no gradient")
+        inputs = self.gradient_inputs(captured)
+        grads = torch.autograd.grad(scores.sum(), inputs, allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]

@@ -1,0 +1,116 @@
+"""The methods' math: pure functions of captured tensors and a token layout.
+
+Shapes: ``B`` batch, ``H`` heads, ``N`` tokens, ``d`` head width. An attention tensor is
+``(B, H, N, N)`` with rows as queries; a fused (head-mixed) matrix is ``(B, N, N)``.
+Nothing here knows which library a model came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from gmar.layout import TokenLayout
+
+HeadFusion = Literal["mean", "max", "min"]
+Norm = Literal["l1", "l2"]
+
+
+def fuse_heads(attention: torch.Tensor, head_fusion: HeadFusion = "mean") -> torch.Tensor:
+    """Fuse ``(B, H, N, N)`` over heads to ``(B, N, N)`` by mean, max or min."""
+    if head_fusion == "mean":
+        return attention.mean(dim=1)
+    if head_fusion == "max":
+        return attention.amax(dim=1)
+    if head_fusion == "min":
+        return attention.amin(dim=1)
+    raise ValueError(f"head_fusion must be 'mean', 'max' or 'min', not {head_fusion!r}")
+
+
+def discard_lowest(matrix: torch.Tensor, ratio: float, num_prefix_tokens: int) -> torch.Tensor:
+    """Zero the ``ratio`` fraction of the smallest patch-column entries of every row of ``(B, N, N)``.
+
+    Prefix columns (CLS, distillation, registers) are never discarded.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1), not {ratio}")
+    patches = matrix[..., num_prefix_tokens:]
+    k = int(patches.shape[-1] * ratio)
+    if k == 0:
+        return matrix
+    lowest = patches.topk(k, dim=-1, largest=False).indices
+    kept = patches.scatter(-1, lowest, 0.0)
+    return torch.cat([matrix[..., :num_prefix_tokens], kept], dim=-1)
+
+
+def add_residual(matrix: torch.Tensor, residual: float = 1.0) -> torch.Tensor:
+    """``rownorm(matrix + residual * I)`` for ``(B, N, N)``; an all-zero row stays zero."""
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    matrix = matrix + residual * eye
+    return matrix / matrix.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(matrix.dtype).tiny)
+
+
+def rollout(layers: Sequence[torch.Tensor], residual: float = 1.0) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema 2020): ``R = Â_L ··· Â_1`` with ``Â = rownorm(Ā + residual·I)``.
+
+    Args:
+        layers: fused matrices ``Ā_l`` of shape ``(B, N, N)``, first layer first.
+    Returns:
+        ``R`` of shape ``(B, N, N)``.
+    """
+    if not layers:
+        raise ValueError("rollout needs at least one layer")
+    result = add_residual(layers[0], residual)
+    for matrix in layers[1:]:
+        result = add_residual(matrix, residual) @ result
+    return result
+
+
+def gradient_weighted(attention: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """``mean_h ReLU(A ⊙ ∂y/∂A)``: ``(B, H, N, N)`` twice to ``(B, N, N)``."""
+    return (attention * gradient).clamp_min(0).mean(dim=1)
+
+
+def head_scores(gradient: torch.Tensor, norm: Norm = "l1") -> torch.Tensor:
+    """GMAR head importance ``S_h = ||G_h||_p`` over all but the batch and head dims: ``(B, H, ...)`` to ``(B, H)``."""
+    flat = gradient.flatten(start_dim=2)
+    if norm == "l1":
+        return flat.abs().sum(dim=-1)
+    if norm == "l2":
+        return flat.pow(2).sum(dim=-1).sqrt()
+    raise ValueError(f"norm must be 'l1' or 'l2', not {norm!r}")
+
+
+def normalise_head_scores(scores: torch.Tensor) -> torch.Tensor:
+    """``w_h = S_h / Σ_h S_h`` per sample ``(B, H)``; uniform where the sum is zero."""
+    total = scores.sum(dim=-1, keepdim=True)
+    uniform = torch.full_like(scores, 1.0 / scores.shape[-1])
+    return torch.where(total > 0, scores / total.clamp_min(torch.finfo(scores.dtype).tiny), uniform)
+
+
+def mix_heads(attention: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``Σ_h w_h A_h``: ``(B, H, N, N)`` and weights ``(B, H)`` to ``(B, N, N)``."""
+    return torch.einsum("bh,bhij->bij", weights, attention)
+
+
+def gae(layers: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Chefer et al. 2021: ``R = I``; for each layer ``R ← R + Ā_l R``; no normalisation.
+
+    Args:
+        layers: ``Ā_l = mean_h ReLU(∂y/∂A_l ⊙ A_l)`` of shape ``(B, N, N)``, first layer first.
+    """
+    if not layers:
+        raise ValueError("gae needs at least one layer")
+    first = layers[0]
+    relevance = torch.eye(first.shape[-1], dtype=first.dtype, device=first.device).expand_as(first)
+    for matrix in layers:
+        relevance = relevance + matrix @ relevance
+    return relevance
+
+
+def readout_map(matrix: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Mean of the readout rows of ``(B, N, N)`` (weighted as the head reads them), patch columns, as ``(B, h, w)``."""
+    weights = layout.readout_weights(dtype=matrix.dtype, device=matrix.device)
+    return layout.patch_map(torch.einsum("n,bnm->bm", weights, matrix))
