@@ -39,6 +39,8 @@ def resolve_target(
         classes = output.detach().argmax(dim=-1)
     elif isinstance(target, bool):
         raise TargetError("target must be a class index, not a bool")
+    elif isinstance(target, (str, bytes)):
+        raise TargetError(f"target must be None, an int, {batch} class indices or a callable, not a string")
     elif isinstance(target, int):
         classes = torch.full((batch,), target, dtype=torch.long, device=output.device)
     else:

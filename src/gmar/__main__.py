@@ -1,0 +1,5 @@
+import sys
+
+from gmar.cli import main
+
+sys.exit(main())

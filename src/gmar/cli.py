@@ -1,0 +1,203 @@
+"""The ``gmar`` command line. Thin: parse, call the library, write files."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gmar import viz
+from gmar.errors import GmarError, ImageLoadError
+from gmar.loading import LoadedModel, load_model
+from gmar.methods import available_methods, explain
+from gmar.preprocess import denormalise, load_image, preprocess
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+#: Flags of the official GMAR demo; a command line that starts with one of them means `explain`.
+OFFICIAL_FLAGS = ("--input", "--output", "--pretrained", "--norm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gmar", description="Explain Vision Transformer decisions.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("explain", help="write a heatmap overlay per image and method")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders of images")
+    p.add_argument("--input", action="append", default=[], metavar="IMAGE", help="an image (official demo's flag)")
+    p.add_argument("--example", action="store_true", help="explain the example images shipped with gmar")
+    p.add_argument("--model", metavar="SPEC", help="timm:NAME, hf:NAME_OR_PATH or openclip:ARCH/TAG")
+    p.add_argument("--pretrained", metavar="HF_ID", help="same as --model hf:HF_ID (official demo's flag)")
+    p.add_argument("--checkpoint", metavar="FILE", help="local weights (.safetensors or a torch.save state dict)")
+    p.add_argument("--random-init", action="store_true", help="seeded random weights: exercises the pipeline only")
+    p.add_argument("--method", default="all", help=f"comma-separated, or 'all': {','.join(available_methods())}")
+    p.add_argument("--target", type=int, metavar="K", help="class index to explain (default: the predicted class)")
+    p.add_argument("--norm", choices=("l1", "l2"), default="l1", help="GMAR's head-score norm")
+    p.add_argument("--out", "--output", dest="out", default="gmar-out", metavar="DIR", help="output folder")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N")
+    p.add_argument("--save-maps", action="store_true", help="also write each heatmap (H, W) as .npy")
+    p.set_defaults(func=run_explain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].split("=")[0] in OFFICIAL_FLAGS:
+        argv = ["explain", *argv]
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GmarError as error:
+        print(f"gmar: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gmar: interrupted", file=sys.stderr)
+        return 130
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    methods = _methods(args.method)
+    if args.batch_size < 1:
+        raise GmarError("--batch-size must be at least 1")
+    device = _device(args.device)
+    paths = _image_paths(args)
+    loaded = _load(args, device)
+    if not loaded.model or not _is_classifier(loaded):
+        raise GmarError(
+            f"{loaded.spec} returns an image embedding, not class logits: explain it from Python with a callable "
+            "target (see the README), the command line explains classifiers"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    failures = 0
+    images, names = [], []
+    for path in paths:
+        try:
+            images.append(load_image(path))
+            names.append(path)
+        except ImageLoadError as error:
+            print(f"gmar: skipped {error}", file=sys.stderr)
+            failures += 1
+    stems = _unique_stems(names)
+    written = 0
+    for start in range(0, len(images), args.batch_size):
+        batch = preprocess(images[start : start + args.batch_size], loaded.preprocess).to(device)
+        explanations = {
+            m: explain(loaded.model, batch, method=m, target=args.target, **_options(m, args)) for m in methods
+        }
+        written += _write(batch, explanations, loaded, stems[start : start + args.batch_size], out, args.save_maps)
+    print(f"gmar: wrote {written} figure(s) to {out}" + (f"; {failures} input(s) failed" if failures else ""))
+    return 2 if failures else 0
+
+
+def _write(
+    batch: torch.Tensor, explanations: dict, loaded: LoadedModel, stems: list[str], out: Path, save_maps: bool
+) -> int:
+    pixels = denormalise(batch, loaded.preprocess).cpu()
+    first = next(iter(explanations.values()))
+    probabilities = first.logits.float().softmax(dim=-1).cpu()
+    for i, stem in enumerate(stems):
+        predicted = int(probabilities[i].argmax())
+        row = [f"predicted: {_label(loaded, predicted)} ({probabilities[i, predicted]:.2f})"]
+        columns = {m: [f"{m}: {_label(loaded, int(e.target[i]))}"] for m, e in explanations.items()}
+        single = {m: _select(e, i) for m, e in explanations.items()}
+        viz.save(viz.method_grid(pixels[i : i + 1], single, row_titles=row, column_titles=columns), out / f"{stem}.png")
+        if "gmar" in explanations:
+            figure = viz.head_weights_figure(explanations["gmar"].head_weights[i].cpu(), f"GMAR head weights: {stem}")
+            viz.save(figure, out / f"{stem}_gmar_heads.png")
+        if save_maps:
+            for method, explanation in explanations.items():
+                np.save(out / f"{stem}_{method}.npy", explanation.heatmap[i].cpu().numpy())
+    return len(stems)
+
+
+def _select(explanation, index: int):
+    from dataclasses import replace
+
+    return replace(explanation, heatmap=explanation.heatmap[index : index + 1])
+
+
+def _label(loaded: LoadedModel, index: int) -> str:
+    if loaded.class_names and 0 <= index < len(loaded.class_names):
+        return f"{loaded.class_names[index]} [{index}]"
+    return f"class {index}"
+
+
+def _methods(spec: str) -> list[str]:
+    names = available_methods() if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = [m for m in names if m not in available_methods()]
+    if unknown or not names:
+        raise GmarError(
+            f"unknown method(s) {', '.join(unknown) or spec!r}; choose from {', '.join(available_methods())}"
+        )
+    return names
+
+
+def _options(method: str, args: argparse.Namespace) -> dict:
+    return {"norm": args.norm} if method == "gmar" else {}
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GmarError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GmarError("--device cuda asked for, but no CUDA device is available")
+    return device
+
+
+def _image_paths(args: argparse.Namespace) -> list[Path]:
+    given = [Path(p) for p in [*args.images, *args.input]]
+    if args.example:
+        folder = resources.files("gmar") / "assets"
+        given += sorted(Path(str(folder / name)) for name in ("example_shapes.png", "example_stripes.png"))
+    if not given:
+        raise GmarError("no images given: name image files or folders, or use --example")
+    paths: list[Path] = []
+    for path in given:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                print(f"gmar: no images in folder {path}", file=sys.stderr)
+            paths += found
+        else:
+            paths.append(path)
+    return paths
+
+
+def _load(args: argparse.Namespace, device: torch.device) -> LoadedModel:
+    spec = args.model or (f"hf:{args.pretrained}" if args.pretrained else None)
+    if spec is None:
+        raise GmarError("name a model: --model timm:NAME | hf:NAME_OR_PATH | openclip:ARCH/TAG (or --pretrained HF_ID)")
+    logging.disable(logging.WARNING)  # hub clients log retries and fallbacks; gmar reports one line
+    try:
+        return load_model(spec, checkpoint=args.checkpoint, pretrained=not args.random_init, device=device)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _is_classifier(loaded: LoadedModel) -> bool:
+    from gmar.adapters import get_adapter
+
+    return get_adapter(loaded.model).is_classifier
+
+
+def _unique_stems(paths: list[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        count = seen.get(path.stem, 0)
+        seen[path.stem] = count + 1
+        stems.append(path.stem if count == 0 else f"{path.stem}-{count + 1}")
+    return stems
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Tiny, randomly initialised models of the real classes of each supported family.
+
+Weights are re-drawn with a fixed seed and a wide spread so that attention is peaked and differs
+between heads and layers; near-uniform attention would let wrong pairings of layers, heads and
+gradients go unnoticed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+IMAGE = 32
+PATCH = 8
+
+
+def spread(model: nn.Module, seed: int = 0, scale: float = 0.6) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 0:
+                continue
+            noise = torch.randn(param.shape, generator=generator) * scale
+            if param.ndim == 1 and ("norm" in name or "ln" in name or "layernorm" in name):
+                param.copy_(1.0 + 0.2 * noise if name.endswith("weight") else 0.2 * noise)
+            else:
+                param.copy_(noise / max(1.0, param.shape[-1] ** 0.5) * 2.0)
+    return model.eval()
+
+
+def make_timm(**kwargs) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    options = dict(img_size=IMAGE, patch_size=PATCH, embed_dim=32, depth=3, num_heads=4, num_classes=5)
+    options.update(kwargs)
+    return spread(VisionTransformer(**options))
+
+
+def make_timm_distilled(**kwargs) -> nn.Module:
+    from timm.models.deit import VisionTransformerDistilled
+
+    options = dict(img_size=IMAGE, patch_size=PATCH, embed_dim=32, depth=3, num_heads=4, num_classes=5)
+    options.update(kwargs)
+    return spread(VisionTransformerDistilled(**options))
+
+
+def _hf_config(config_class, **kwargs):
+    options = dict(
+        image_size=IMAGE,
+        patch_size=PATCH,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=5,
+    )
+    options.update(kwargs)
+    return config_class(**options)
+
+
+def make_hf_vit(**kwargs) -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return spread(ViTForImageClassification(_hf_config(ViTConfig, **kwargs)))
+
+
+def make_hf_deit_teacher(**kwargs) -> nn.Module:
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    return spread(DeiTForImageClassificationWithTeacher(_hf_config(DeiTConfig, **kwargs)))
+
+
+def make_hf_dinov2(**kwargs) -> nn.Module:
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    return spread(Dinov2ForImageClassification(_hf_config(Dinov2Config, mlp_ratio=2, **kwargs)))
+
+
+def make_hf_dinov2_registers(**kwargs) -> nn.Module:
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersForImageClassification
+
+    config = _hf_config(Dinov2WithRegistersConfig, mlp_ratio=2, num_register_tokens=2, **kwargs)
+    return spread(Dinov2WithRegistersForImageClassification(config))
+
+
+def make_clip(**vision) -> nn.Module:
+    import open_clip
+
+    vision_cfg = dict(image_size=IMAGE, patch_size=PATCH, width=32, layers=3, head_width=8)
+    vision_cfg.update(vision)
+    text_cfg = dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1)
+    return spread(open_clip.CLIP(embed_dim=16, vision_cfg=vision_cfg, text_cfg=text_cfg))
+
+
+def clip_target(embedding: torch.Tensor) -> torch.Tensor:
+    """A fixed direction in the embedding space, as a text prompt would give."""
+    direction = torch.linspace(-1.0, 1.0, embedding.shape[-1], dtype=embedding.dtype, device=embedding.device)
+    return torch.nn.functional.cosine_similarity(embedding, direction.expand_as(embedding), dim=-1)
+
+
+FACTORIES = {
+    "timm": make_timm,
+    "timm_distilled": make_timm_distilled,
+    "timm_registers": lambda: make_timm(reg_tokens=2),
+    "timm_avg": lambda: make_timm(class_token=False, global_pool="avg"),
+    "hf_vit": make_hf_vit,
+    "hf_deit_teacher": make_hf_deit_teacher,
+    "hf_dinov2": make_hf_dinov2,
+    "hf_dinov2_registers": make_hf_dinov2_registers,
+    "openclip": make_clip,
+}
+
+
+def target_for(name: str):
+    """The target to explain with: a class for classifiers, a callable for CLIP."""
+    return clip_target if name == "openclip" else None
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(4, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))

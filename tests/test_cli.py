@@ -1,0 +1,126 @@
+"""`gmar explain` end to end on a saved tiny Hugging Face model, bad inputs included."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_hf_vit
+from gmar.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-vit")
+    labels = {i: f"thing{i}" for i in range(5)}
+    make_hf_vit(id2label=labels, label2id={v: k for k, v in labels.items()}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    good = []
+    for name, size in (("cat", (40, 48)), ("dog", (64, 32))):
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+        good.append(path)
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff this is not really a jpeg")
+    return good, corrupt, tmp_path / "missing.png"
+
+
+def test_explain_writes_figures_and_reports_bad_inputs(model_dir, inputs, tmp_path, capsys):
+    (cat, dog), corrupt, missing = inputs
+    out = tmp_path / "out"
+    code = main(
+        [
+            "explain",
+            str(cat),
+            str(corrupt),
+            str(missing),
+            str(dog),
+            "--model",
+            f"hf:{model_dir}",
+            "--method",
+            "gmar,rollout",
+            "--out",
+            str(out),
+            "--batch-size",
+            "1",
+            "--save-maps",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "Traceback" not in captured.err
+    errors = [line for line in captured.err.splitlines() if line.startswith("gmar:")]
+    assert len(errors) == 2
+    assert "corrupt.jpg" in errors[0] and "missing.png" in errors[1]
+    for stem in ("cat", "dog"):
+        assert Image.open(out / f"{stem}.png").size[0] > 300
+        assert (out / f"{stem}_gmar_heads.png").is_file()
+        for method in ("gmar", "rollout"):
+            heatmap = np.load(out / f"{stem}_{method}.npy")
+            assert heatmap.shape == (32, 32) and heatmap.min() == 0.0 and heatmap.max() == 1.0
+    assert "wrote 2 figure(s)" in captured.out
+
+
+def test_official_demo_flags(model_dir, inputs, tmp_path):
+    (cat, _), _, _ = inputs
+    out = tmp_path / "official"
+    assert main(["--input", str(cat), "--output", str(out), "--pretrained", str(model_dir), "--norm", "l2"]) == 0
+    assert (out / "cat.png").is_file() and (out / "cat_gmar_heads.png").is_file()
+
+
+def test_folder_of_images_and_all_methods(model_dir, inputs, tmp_path):
+    (cat, _), _, _ = inputs
+    out = tmp_path / "folder"
+    code = main(["explain", str(cat.parent), "--model", f"hf:{model_dir}", "--out", str(out), "--save-maps"])
+    assert code == 2  # the corrupt file in the folder is reported, the others explained
+    assert sorted(p.name for p in out.glob("*_gmar.npy")) == ["cat_gmar.npy", "dog_gmar.npy"]
+    assert len(list(out.glob("cat_*.npy"))) == 5
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["explain", "x.png"], "name a model"),
+        (["explain", "--model", "timm:test_vit", "--random-init"], "no images given"),
+        (["explain", "x.png", "--model", "timm:test_vit", "--method", "magic"], "unknown method"),
+        (["explain", "x.png", "--model", "nowhere:thing"], "must be one of"),
+    ],
+)
+def test_user_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_unloadable_model_is_one_line_through_the_real_entry_point(tmp_path):
+    env = {"PATH": "", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "gmar", "explain", "a.png", "--model", "hf:no-such-org/no-such-model"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gmar: error: cannot load hf:no-such-org/no-such-model")
+
+
+def test_example_images_with_a_random_timm_model(tmp_path):
+    out = tmp_path / "example"
+    assert main(["explain", "--example", "--model", "timm:test_vit", "--random-init", "--out", str(out)]) == 0
+    assert {p.name for p in out.glob("*.png")} == {
+        "example_shapes.png",
+        "example_shapes_gmar_heads.png",
+        "example_stripes.png",
+        "example_stripes_gmar_heads.png",
+    }
