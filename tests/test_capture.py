@@ -181,3 +181,18 @@ def test_gradient_methods_use_one_backward_call(images, monkeypatch):
         calls.clear()
         gmar.explain(make_timm(), images, method=method)
         assert calls == [1], method
+
+
+def test_model_without_attention_layers_is_an_error(images):
+    with pytest.raises(gmar.CaptureError, match="no attention layers"):
+        gmar.explain(make_timm(depth=0), images, method="rollout")
+
+
+@pytest.mark.parametrize("method", ["gmar", "rollout"])
+def test_works_under_inference_mode(method, images):
+    model = make_timm()
+    expected = gmar.explain(model, images, method=method).token_map
+    with torch.inference_mode():
+        frozen = images.clone()
+        result = gmar.explain(model, frozen, method=method).token_map
+    torch.testing.assert_close(result, expected)

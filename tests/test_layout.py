@@ -57,7 +57,7 @@ def test_hf_non_square_input_interpolates_position_embeddings():
 
 
 def test_fixed_size_timm_model_rejects_another_size_clearly():
-    with pytest.raises(ValueError, match="dynamic_img_size=True"):
+    with pytest.raises(gmar.InputSizeError, match="dynamic_img_size=True"):
         gmar.explain(make_timm(), torch.randn(1, 3, 32, 48), method="rollout")
 
 

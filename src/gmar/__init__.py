@@ -1,7 +1,15 @@
 """gmar: explain Vision Transformer decisions with GMAR and the methods it is compared with."""
 
 from gmar.adapters import get_adapter
-from gmar.errors import CaptureError, GmarError, ImageLoadError, ModelLoadError, TargetError, UnsupportedModelError
+from gmar.errors import (
+    CaptureError,
+    GmarError,
+    ImageLoadError,
+    InputSizeError,
+    ModelLoadError,
+    TargetError,
+    UnsupportedModelError,
+)
 from gmar.explanation import Explanation
 from gmar.layout import TokenLayout
 from gmar.loading import LoadedModel, load_model
@@ -19,6 +27,7 @@ __all__ = [
     "GmarError",
     "GradientRollout",
     "ImageLoadError",
+    "InputSizeError",
     "LoadedModel",
     "ModelLoadError",
     "PreprocessConfig",

@@ -67,7 +67,7 @@ def run_explain(args: argparse.Namespace) -> int:
     device = _device(args.device)
     paths = _image_paths(args)
     loaded = _load(args, device)
-    if not loaded.model or not _is_classifier(loaded):
+    if not _is_classifier(loaded):
         raise GmarError(
             f"{loaded.spec} returns an image embedding, not class logits: explain it from Python with a callable "
             "target (see the README), the command line explains classifiers"

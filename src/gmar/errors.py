@@ -25,3 +25,7 @@ class ImageLoadError(GmarError, OSError):
 
 class TargetError(GmarError, ValueError):
     """The `target` argument does not fit the model's output or the batch."""
+
+
+class InputSizeError(GmarError, ValueError):
+    """The images' size is one the model cannot take."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from gmar.adapters.base import ModelAdapter
 from gmar.capture import Recorder
-from gmar.errors import CaptureError, UnsupportedModelError
+from gmar.errors import CaptureError, InputSizeError, UnsupportedModelError
 from gmar.layout import TokenLayout
 from gmar.preprocess import PreprocessConfig
 
@@ -64,7 +64,7 @@ class OpenCLIPAdapter(ModelAdapter):
         grid = tuple(visual.grid_size)
         expected = (grid[0] * patch[0], grid[1] * patch[1])
         if tuple(image_size) != expected:
-            raise ValueError(
+            raise InputSizeError(
                 f"this OpenCLIP image tower takes {expected[0]}x{expected[1]} inputs, got "
                 f"{image_size[0]}x{image_size[1]}"
             )

@@ -11,7 +11,7 @@ from torch import nn
 
 from gmar.adapters.base import ModelAdapter, remove_all
 from gmar.capture import Recorder, split_heads_hook
-from gmar.errors import UnsupportedModelError
+from gmar.errors import InputSizeError, UnsupportedModelError
 from gmar.layout import TokenLayout
 from gmar.preprocess import PreprocessConfig
 
@@ -64,7 +64,7 @@ class TimmAdapter(ModelAdapter):
         else:
             expected = tuple(embed.img_size)
             if tuple(image_size) != expected:
-                raise ValueError(
+                raise InputSizeError(
                     f"{type(self.model).__name__} takes {expected[0]}x{expected[1]} inputs, got "
                     f"{image_size[0]}x{image_size[1]}; resize the images or create the model with "
                     "dynamic_img_size=True"

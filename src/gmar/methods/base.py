@@ -30,6 +30,8 @@ class Explainer:
         self.model = model
         self.adapter = get_adapter(model)
         layers = self.adapter.num_layers
+        if layers == 0:
+            raise CaptureError(f"{type(model).__name__} has no attention layers to explain")
         if not -layers <= start_layer < layers:
             raise ValueError(
                 f"start_layer must be in [{-layers}, {layers}) for this {layers}-layer model, got {start_layer}"
@@ -49,8 +51,12 @@ class Explainer:
     def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
         images = self._prepare(images)
         layout = self.adapter.token_layout(tuple(images.shape[-2:]))
-        with frozen_eval(self.model), torch.set_grad_enabled(self.uses_gradients):
-            inputs = images.detach().requires_grad_(self.uses_gradients)
+        # inference_mode(False): gradient methods must work even when called under inference mode.
+        with torch.inference_mode(False), frozen_eval(self.model), torch.set_grad_enabled(self.uses_gradients):
+            inputs = images.detach()
+            if inputs.is_inference():
+                inputs = inputs.clone()
+            inputs.requires_grad_(self.uses_gradients)
             with capture(self.adapter, head_outputs=self._needs_head_outputs()) as recorder:
                 output = self.adapter.forward(inputs)
             captured = collect(recorder, output, self.model)
