@@ -196,3 +196,11 @@ def test_works_under_inference_mode(method, images):
         frozen = images.clone()
         result = gmar.explain(model, frozen, method=method).token_map
     torch.testing.assert_close(result, expected)
+
+
+def test_compiled_model_is_explained_through_the_module_it_wraps(images):
+    model = make_timm()
+    compiled = torch.compile(model)
+    torch.testing.assert_close(
+        gmar.explain(compiled, images, method="gmar").token_map, gmar.explain(model, images, method="gmar").token_map
+    )

@@ -23,6 +23,8 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     """The adapter for ``model``; :class:`UnsupportedModelError` when no family matches."""
     if isinstance(model, ModelAdapter):
         return model
+    # torch.compile wraps the module; hooks and flags belong on the original, which runs eagerly.
+    model = getattr(model, "_orig_mod", model)
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter(model)

@@ -27,8 +27,8 @@ class Explainer:
     uses_gradients: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, *, start_layer: int = 0) -> None:
-        self.model = model
         self.adapter = get_adapter(model)
+        self.model = self.adapter.model
         layers = self.adapter.num_layers
         if layers == 0:
             raise CaptureError(f"{type(model).__name__} has no attention layers to explain")
