@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -118,8 +119,6 @@ def _write(
 
 
 def _select(explanation, index: int):
-    from dataclasses import replace
-
     return replace(explanation, heatmap=explanation.heatmap[index : index + 1])
 
 
