@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from gmar import viz
+from gmar.adapters import get_adapter
 from gmar.errors import GmarError, ImageLoadError
 from gmar.loading import LoadedModel, load_model
 from gmar.methods import available_methods, explain
@@ -183,8 +184,6 @@ def _load(args: argparse.Namespace, device: torch.device) -> LoadedModel:
 
 
 def _is_classifier(loaded: LoadedModel) -> bool:
-    from gmar.adapters import get_adapter
-
     return get_adapter(loaded.model).is_classifier
 
 

@@ -61,8 +61,7 @@ class GradientRollout(Explainer):
         self.discard_ratio, self.residual = discard_ratio, residual
 
     def relevance(self, captured: Captured, gradients: list[torch.Tensor] | None, layout: TokenLayout):
-        pairs = list(zip(captured.attentions, gradients, strict=True))[self.start_layer :]  # type: ignore[arg-type]
-        fused = [Fn.gradient_weighted(a.float(), g.float()) for a, g in pairs]
+        fused = _gradient_weighted_layers(captured, gradients, self.start_layer)
         return _rollout_map(fused, self.discard_ratio, self.residual, layout), None
 
 
@@ -121,13 +120,20 @@ class GAE(Explainer):
         super().__init__(model, start_layer=start_layer)
 
     def relevance(self, captured: Captured, gradients: list[torch.Tensor] | None, layout: TokenLayout):
-        pairs = list(zip(captured.attentions, gradients, strict=True))[self.start_layer :]  # type: ignore[arg-type]
-        return Fn.readout_map(Fn.gae([Fn.gradient_weighted(a.float(), g.float()) for a, g in pairs]), layout), None
+        return Fn.readout_map(Fn.gae(_gradient_weighted_layers(captured, gradients, self.start_layer)), layout), None
 
 
 def _check_ratio(discard_ratio: float) -> None:
     if not 0.0 <= discard_ratio < 1.0:
         raise ValueError(f"discard_ratio must be in [0, 1), not {discard_ratio}")
+
+
+def _gradient_weighted_layers(
+    captured: Captured, gradients: list[torch.Tensor] | None, start_layer: int
+) -> list[torch.Tensor]:
+    """``mean_h ReLU(A_l ⊙ ∂y/∂A_l)`` for the layers from ``start_layer``, each with its own gradient."""
+    pairs = zip(captured.attentions, gradients, strict=True)  # type: ignore[arg-type]
+    return [Fn.gradient_weighted(a.float(), g.float()) for a, g in list(pairs)[start_layer:]]
 
 
 def _rollout_map(fused: list[torch.Tensor], discard_ratio: float, residual: float, layout: TokenLayout) -> torch.Tensor:
