@@ -103,9 +103,10 @@ class TimmAdapter(ModelAdapter):
         from timm.data import resolve_data_config
 
         config = resolve_data_config({}, model=self.model)
-        _, height, width = config["input_size"]
+        # The data config falls back to 224x224 for a model built without a pretrained config (or
+        # with another img_size); the patch embedding states the size the model really takes.
         return PreprocessConfig(
-            input_size=(height, width),
+            input_size=tuple(self.model.patch_embed.img_size),  # type: ignore[arg-type]
             mean=tuple(config["mean"]),  # type: ignore[arg-type]
             std=tuple(config["std"]),  # type: ignore[arg-type]
             interpolation=config.get("interpolation", "bicubic"),
