@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import gmar
 from conftest import make_hf_vit
 from gmar.cli import main
 
@@ -83,7 +84,8 @@ def test_folder_of_images_and_all_methods(model_dir, inputs, tmp_path):
     code = main(["explain", str(cat.parent), "--model", f"hf:{model_dir}", "--out", str(out), "--save-maps"])
     assert code == 2  # the corrupt file in the folder is reported, the others explained
     assert sorted(p.name for p in out.glob("*_gmar.npy")) == ["cat_gmar.npy", "dog_gmar.npy"]
-    assert len(list(out.glob("cat_*.npy"))) == 5
+    assert sorted(p.name for p in out.glob("cat_*.npy")) == sorted(f"cat_{m}.npy" for m in gmar.available_methods())
+    assert len(gmar.available_methods()) == 7
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,19 @@ from gmar.errors import (
 from gmar.explanation import Explanation
 from gmar.layout import TokenLayout
 from gmar.loading import LoadedModel, load_model
-from gmar.methods import GAE, GMAR, AttentionRollout, GradientRollout, RawAttention, available_methods, explain
+from gmar.methods import (
+    GAE,
+    GMAR,
+    AttentionRollout,
+    GradCAM,
+    GradientRollout,
+    LeGrad,
+    RawAttention,
+    available_methods,
+    explain,
+)
 from gmar.preprocess import PreprocessConfig, denormalise, load_image, preprocess
+from gmar.targets import TextTarget
 
 __version__ = "0.1.0"
 
@@ -25,14 +36,17 @@ __all__ = [
     "CaptureError",
     "Explanation",
     "GmarError",
+    "GradCAM",
     "GradientRollout",
     "ImageLoadError",
     "InputSizeError",
+    "LeGrad",
     "LoadedModel",
     "ModelLoadError",
     "PreprocessConfig",
     "RawAttention",
     "TargetError",
+    "TextTarget",
     "TokenLayout",
     "UnsupportedModelError",
     "available_methods",

@@ -21,8 +21,10 @@ class Explanation:
         token_map: ``(B, h, w)`` raw relevance on the patch grid.
         target: ``(B,)`` long, the explained classes; None for a callable target.
         head_weights: ``(B, L, H)`` GMAR's per-layer head weights (each row sums to 1); None otherwise.
+        prompts: the text prompt of each sample for a :class:`gmar.TextTarget`; None otherwise.
         logits: the model's output for the batch, detached (an embedding for CLIP models).
-        scores: ``(B,)`` the explained score ``y`` of each sample, detached.
+        scores: ``(B,)`` the explained score ``y`` of each sample, detached; None when a
+            class-agnostic method explains an embedding model without a target.
         layout: the token layout of this forward pass.
     """
 
@@ -32,8 +34,9 @@ class Explanation:
     target: torch.Tensor | None
     head_weights: torch.Tensor | None
     logits: torch.Tensor
-    scores: torch.Tensor
+    scores: torch.Tensor | None
     layout: TokenLayout
+    prompts: list[str] | None = None
 
     def __len__(self) -> int:
         return self.token_map.shape[0]

@@ -19,6 +19,8 @@ class TokenLayout:
         patch_size: pixels per patch ``(ph, pw)``.
         readout_prefix: indices of the prefix tokens the classifier reads (averaged).
         readout_patches: whether the classifier averages the patch tokens.
+        attention_pooled: the model pools its tokens with an attention head (SigLIP's MAP pooler);
+            then no fixed rows are read and :meth:`readout_weights` is undefined.
 
     When the head reads both (DINOv2: ``concat(CLS, mean(patches))``), the two groups get equal
     weight in :meth:`readout_weights`.
@@ -29,9 +31,12 @@ class TokenLayout:
     patch_size: tuple[int, int]
     readout_prefix: tuple[int, ...] = (0,)
     readout_patches: bool = False
+    attention_pooled: bool = False
 
     def __post_init__(self) -> None:
-        if not self.readout_prefix and not self.readout_patches:
+        if self.attention_pooled and (self.readout_prefix or self.readout_patches):
+            raise ValueError("an attention-pooled layout has no fixed readout tokens")
+        if not self.attention_pooled and not self.readout_prefix and not self.readout_patches:
             raise ValueError("a token layout needs at least one readout token")
         for i in self.readout_prefix:
             if not 0 <= i < self.num_prefix_tokens:
@@ -53,6 +58,8 @@ class TokenLayout:
         self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
     ) -> torch.Tensor:
         """Weights ``(N,)`` over tokens, summing to 1, of the rows the classifier reads."""
+        if self.attention_pooled:
+            raise ValueError("an attention-pooled model reads no fixed token rows")
         weights = torch.zeros(self.num_tokens, dtype=dtype, device=device)
         groups = int(bool(self.readout_prefix)) + int(self.readout_patches)
         if self.readout_prefix:

@@ -1,4 +1,4 @@
-"""Turning the ``target`` argument into one score per sample."""
+"""Turning the ``target`` argument into one score per sample, and text-prompt targets for CLIP models."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 from typing import Union
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from gmar.errors import TargetError
 
@@ -18,7 +20,7 @@ def resolve_target(
     """The score ``y`` ``(B,)`` to explain, and the explained classes ``(B,)`` (None for a callable).
 
     ``target`` is None (each sample's predicted class), an int (the same class for every sample),
-    ``B`` ints, or a callable ``f(model_output) -> (B,)`` scores.
+    ``B`` ints, or a callable ``f(model_output) -> (B,)`` scores (such as :class:`TextTarget`).
     """
     batch = output.shape[0]
     if callable(target) and not isinstance(target, torch.Tensor):
@@ -54,3 +56,86 @@ def resolve_target(
     if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
         raise TargetError(f"target classes must be in [0, {num_classes}), got {classes.tolist()}")
     return output.gather(1, classes[:, None]).squeeze(1), classes
+
+
+def score_of(output: torch.Tensor, target: Target, classes: torch.Tensor | None) -> torch.Tensor:
+    """The score of another output of the same batch (a layer's readout) for an already resolved target."""
+    if classes is not None:
+        return output.gather(1, classes[:, None]).squeeze(1)
+    return target(output)  # type: ignore[misc,operator]
+
+
+def prepare_images(target: Target, images: torch.Tensor) -> torch.Tensor:
+    """Let a target that pairs images with several prompts shape the batch (see :class:`TextTarget`)."""
+    prepare = getattr(target, "prepare_images", None)
+    return prepare(images) if callable(prepare) else images
+
+
+class TextTarget:
+    """Cosine similarity between each image's embedding and a text prompt's embedding (CLIP models).
+
+    ``target = gmar.TextTarget(model, tokenizer, ["a photo of a cat", "a remote control"])`` is a
+    callable target for every gradient method:
+
+    * one prompt and ``B`` images: each image is scored against the prompt (``B`` maps);
+    * ``P`` prompts and one image: the image is repeated ``P`` times, copy ``p`` is scored against
+      prompt ``p`` (``P`` maps, in the order of the prompts);
+    * ``P`` prompts and ``P`` images: image ``i`` against prompt ``i``.
+
+    The text embeddings are computed once, here, without gradients, with the model in eval mode
+    (its modes are restored).
+
+    Args:
+        model: the CLIP model (anything with ``encode_text``).
+        tokenizer: the model's tokenizer, e.g. ``open_clip.get_tokenizer(name)``: a callable from
+            a list of strings to token ids.
+        prompts: one prompt or a list of prompts.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Callable, prompts: str | Sequence[str]) -> None:
+        from gmar.capture import frozen_eval
+
+        self.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
+            raise TargetError("TextTarget needs one prompt or a non-empty list of prompts (strings)")
+        encode = getattr(model, "encode_text", None)
+        if not callable(encode):
+            raise TargetError(f"{type(model).__name__} has no encode_text: text targets need a CLIP model")
+        self.model, self.tokenizer = model, tokenizer
+        tokens = tokenizer(self.prompts)
+        if isinstance(tokens, dict) or hasattr(tokens, "input_ids"):
+            tokens = tokens["input_ids"]
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else None
+        with torch.inference_mode(False), torch.no_grad(), frozen_eval(model):
+            embeddings = encode(torch.as_tensor(tokens, device=device))
+        #: ``(P, D)`` the prompts' text embeddings, normalised to unit length.
+        self.embeddings = F.normalize(embeddings.float(), dim=-1)
+
+    def with_prompts(self, prompts: str | Sequence[str]) -> TextTarget:
+        """The same model and tokenizer with other prompts."""
+        return TextTarget(self.model, self.tokenizer, prompts)
+
+    def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Repeat a single image once per prompt; check that the batch pairs with the prompts."""
+        count, batch = len(self.prompts), images.shape[0]
+        if count > 1 and batch == 1:
+            return images.repeat(count, 1, 1, 1)
+        if count not in (1, batch):
+            raise TargetError(
+                f"{count} prompts and {batch} images: give one prompt, one image, or as many images as prompts"
+            )
+        return images
+
+    def __call__(self, embedding: torch.Tensor) -> torch.Tensor:
+        if embedding.ndim != 2 or embedding.shape[-1] != self.embeddings.shape[-1]:
+            raise TargetError(
+                f"expected image embeddings (B, {self.embeddings.shape[-1]}), got {tuple(embedding.shape)}"
+            )
+        text = self.embeddings.to(device=embedding.device, dtype=embedding.dtype)
+        if len(self.prompts) > 1 and embedding.shape[0] != len(self.prompts):
+            raise TargetError(f"{len(self.prompts)} prompts need {len(self.prompts)} image embeddings")
+        return (F.normalize(embedding, dim=-1) * text.expand_as(embedding)).sum(dim=-1)
+
+    def __repr__(self) -> str:
+        return f"TextTarget({self.prompts!r})"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import ClassVar
 
@@ -25,9 +25,13 @@ class ModelAdapter(ABC):
     family: ClassVar[str]
     #: True when ``forward`` returns class logits, False when it returns an embedding (CLIP).
     is_classifier: ClassVar[bool] = True
+    #: Readout poolings :meth:`readout` takes besides ``"model"``.
+    extra_poolings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        #: True when the model pools its tokens with an attention head (SigLIP's MAP pooler).
+        self.attention_pooled = False
 
     @classmethod
     @abstractmethod
@@ -51,6 +55,29 @@ class ModelAdapter(ABC):
     def instrument(self, recorder: Recorder) -> AbstractContextManager[None]:
         """Context manager: make every attention layer report to ``recorder``; undo it all on exit."""
 
+    @property
+    @abstractmethod
+    def blocks(self) -> Sequence[nn.Module]:
+        """The transformer blocks in order; each takes the tokens first and returns the tokens."""
+
+    @abstractmethod
+    def first_norm(self, layer: int) -> nn.Module:
+        """The norm that block ``layer`` applies first (its input is the block's input tokens)."""
+
+    def block_tokens(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor in the blocks' token layout as ``(B, N, D)`` (OpenCLIP may run sequence-first)."""
+        return tensor
+
+    @abstractmethod
+    def readout(self, tokens: torch.Tensor, pooling: str = "model") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens ``(B, N, D)`` through the model's own final norm, pooling and head.
+
+        Returns the output (logits or embedding, as :meth:`forward`) and, for an attention-pooled
+        model, the pooler's attention ``(B, heads, queries, keys)`` on the graph (else None). Given
+        the last block's output it reproduces :meth:`forward`. ``pooling="model"`` pools as the
+        model does; the adapter may offer others (:attr:`extra_poolings`).
+        """
+
     def preprocess_config(self) -> PreprocessConfig:
         """How to turn an image file into this model's input."""
         return PreprocessConfig()
@@ -69,3 +96,9 @@ def remove_all(handles: list) -> Callable[[], None]:
         handles.clear()
 
     return remove
+
+
+def check_pooling(adapter: ModelAdapter, pooling: str) -> None:
+    if pooling != "model" and pooling not in adapter.extra_poolings:
+        offered = ", ".join(repr(p) for p in ("model", *adapter.extra_poolings))
+        raise ValueError(f"pooling {pooling!r} is not offered for {type(adapter.model).__name__}; choose {offered}")

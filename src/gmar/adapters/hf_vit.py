@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from functools import partial
 
 import torch
 from torch import nn
 
-from gmar.adapters.base import ModelAdapter, remove_all
+from gmar.adapters.base import ModelAdapter, check_pooling, remove_all
 from gmar.capture import Recorder, split_heads_hook
 from gmar.errors import UnsupportedModelError
 from gmar.layout import TokenLayout
@@ -51,6 +51,18 @@ class HFAdapter(ModelAdapter):
                 f"for {expected} layers; gmar supports the attention modules of transformers >= 5"
             )
         self._interpolate = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+        # The blocks: the module list whose i-th entry holds layer i's attention (its name varies by
+        # model and version: `encoder.layer`, `layers`).
+        self._blocks = next(
+            (list(blocks) for blocks in model.base_model.modules() if self._holds_attention(blocks)), None
+        )
+        if self._blocks is None:
+            raise UnsupportedModelError(f"{type(model).__name__}: cannot find the list of transformer blocks")
+
+    def _holds_attention(self, blocks: nn.Module) -> bool:
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) != len(self._attention):
+            return False
+        return all(any(m is attn for m in block.modules()) for block, attn in zip(blocks, self._attention, strict=True))
 
     @property
     def num_layers(self) -> int:
@@ -92,6 +104,25 @@ class HFAdapter(ModelAdapter):
                 handles.append(attn.register_forward_hook(partial(_record_probabilities, recorder, layer)))
                 handles.append(attn.o_proj.register_forward_pre_hook(split_heads_hook(layer, heads, recorder)))
             yield
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return list(self._blocks)
+
+    def first_norm(self, layer: int) -> nn.Module:
+        block = self._blocks[layer]
+        return block.layernorm_before if hasattr(block, "layernorm_before") else block.norm1
+
+    def readout(self, tokens: torch.Tensor, pooling: str = "model") -> tuple[torch.Tensor, torch.Tensor | None]:
+        check_pooling(self, pooling)
+        model = self.model
+        x = model.base_model.layernorm(tokens)
+        if self._kind == "DeiTForImageClassificationWithTeacher":
+            return (model.cls_classifier(x[:, 0]) + model.distillation_classifier(x[:, 1])) / 2, None
+        if self._kind.startswith("Dinov2"):
+            patches = x[:, 1 + (getattr(model.config, "num_register_tokens", 0) or 0) :]
+            return model.classifier(torch.cat([x[:, 0], patches.mean(dim=1)], dim=1)), None
+        return model.classifier(x[:, 0]), None
 
     def preprocess_config(self) -> PreprocessConfig:
         config = self.model.config

@@ -1,15 +1,17 @@
-"""timm ``VisionTransformer`` and its relatives (DeiT distilled, register tokens, average pooling)."""
+"""timm ``VisionTransformer`` and its relatives (DeiT distilled, register tokens, average pooling,
+SigLIP-style attention pooling)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from gmar.adapters.base import ModelAdapter, remove_all
+from gmar.adapters.base import ModelAdapter, check_pooling, remove_all
 from gmar.capture import Recorder, split_heads_hook
 from gmar.errors import InputSizeError, UnsupportedModelError
 from gmar.layout import TokenLayout
@@ -44,10 +46,18 @@ class TimmAdapter(ModelAdapter):
             self._attention.append(attn)
         self._distilled = hasattr(model, "dist_token") and hasattr(model, "head_dist")
         pool = "token" if self._distilled else model.global_pool
-        if getattr(model, "attn_pool", None) is not None or pool not in ("token", "avg"):
+        attn_pool = getattr(model, "attn_pool", None)
+        if attn_pool is not None:
+            from timm.layers import AttentionPoolLatent
+
+            if not isinstance(attn_pool, AttentionPoolLatent):
+                raise UnsupportedModelError(f"{name}: attention pooler {type(attn_pool).__name__} is not supported")
+            pool = "map"
+            self.attention_pooled = True
+        if pool not in ("token", "avg", "map"):
             raise UnsupportedModelError(
                 f"{name}: global_pool={pool!r} is not supported; gmar explains timm ViTs that read the "
-                "class token ('token') or average the patch tokens ('avg')"
+                "class token ('token'), average the patch tokens ('avg') or pool with attention ('map')"
             )
         if pool == "avg" and getattr(model, "pool_include_prefix", False):
             raise UnsupportedModelError(f"{name}: average pooling that includes the prefix tokens is not supported")
@@ -71,16 +81,17 @@ class TimmAdapter(ModelAdapter):
                 )
             grid = tuple(embed.grid_size)
         prefix = self.model.num_prefix_tokens
-        if self._pool == "avg":
-            readout: tuple[int, ...] = ()
+        if self._pool == "token":
+            readout: tuple[int, ...] = (0, 1) if self._distilled else (0,)
         else:
-            readout = (0, 1) if self._distilled else (0,)
+            readout = ()
         return TokenLayout(
             num_prefix_tokens=prefix,
             grid_size=grid,  # type: ignore[arg-type]
             patch_size=tuple(embed.patch_size),  # type: ignore[arg-type]
             readout_prefix=readout,
             readout_patches=self._pool == "avg",
+            attention_pooled=self.attention_pooled,
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -98,6 +109,25 @@ class TimmAdapter(ModelAdapter):
                 handles.append(attn.attn_drop.register_forward_hook(partial(_record_output, recorder, layer)))
                 handles.append(attn.norm.register_forward_pre_hook(split_heads_hook(layer, attn.num_heads, recorder)))
             yield
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return list(self.model.blocks)
+
+    def first_norm(self, layer: int) -> nn.Module:
+        return self.model.blocks[layer].norm1
+
+    def readout(self, tokens: torch.Tensor, pooling: str = "model") -> tuple[torch.Tensor, torch.Tensor | None]:
+        check_pooling(self, pooling)
+        model = self.model
+        x = model.norm(tokens)
+        if not self.attention_pooled:
+            return model.forward_head(x), None
+        if not model.pool_include_prefix:
+            x = x[:, model.num_prefix_tokens :]
+        x, attention = attention_pool(model.attn_pool, x)
+        x = model.head_drop(model.fc_norm(x))
+        return model.head(x), attention
 
     def preprocess_config(self) -> PreprocessConfig:
         from timm.data import resolve_data_config
@@ -119,6 +149,31 @@ class TimmAdapter(ModelAdapter):
         if names and len(names) == self.model.num_classes:
             return list(names)
         return None
+
+
+def attention_pool(pool: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's ``AttentionPoolLatent`` on ``x`` ``(B, N, D)``, computed step by step.
+
+    Returns the pooled output and the pooler's attention ``(B, heads, latents, N)``, which lies on
+    the graph (the module's own forward may use a fused kernel that never forms it).
+    """
+    batch, tokens, width = x.shape
+    if pool.pos_embed is not None:
+        x = x + pool.pos_embed.unsqueeze(0).to(x.dtype)
+    latent = pool.latent.expand(batch, -1, -1)
+    q = pool.q(latent).reshape(batch, pool.latent_len, pool.num_heads, pool.head_dim).transpose(1, 2)
+    k, v = pool.kv(x).reshape(batch, tokens, 2, pool.num_heads, pool.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = pool.q_norm(q), pool.k_norm(k)
+    attention = F.softmax((q * pool.scale) @ k.transpose(-2, -1), dim=-1)
+    out = (attention @ v).transpose(1, 2).reshape(batch, pool.latent_len, width)
+    out = pool.proj_drop(pool.proj(out))
+    if pool.mlp is not None:
+        out = out + pool.mlp(pool.norm(out))
+    if pool.pool == "token":
+        out = out[:, 0]
+    elif pool.pool == "avg":
+        out = out.mean(1)
+    return out, attention
 
 
 def _record_output(recorder: Recorder, layer: int, module: nn.Module, args: tuple, output: torch.Tensor) -> None:

@@ -9,11 +9,11 @@ from torch import nn
 
 from gmar.explanation import Explanation
 from gmar.methods.base import Explainer
-from gmar.methods.explainers import GAE, GMAR, AttentionRollout, GradientRollout, RawAttention
+from gmar.methods.explainers import GAE, GMAR, AttentionRollout, GradCAM, GradientRollout, LeGrad, RawAttention
 from gmar.targets import Target
 
 METHODS: dict[str, type[Explainer]] = {
-    cls.name: cls for cls in (GMAR, AttentionRollout, GradientRollout, GAE, RawAttention)
+    cls.name: cls for cls in (GMAR, AttentionRollout, GradientRollout, GAE, LeGrad, GradCAM, RawAttention)
 }
 
 
@@ -40,6 +40,8 @@ __all__ = [
     "GAE",
     "GMAR",
     "METHODS",
+    "GradCAM",
+    "LeGrad",
     "AttentionRollout",
     "Explainer",
     "GradientRollout",

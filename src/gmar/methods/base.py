@@ -9,10 +9,10 @@ from torch import nn
 
 from gmar.adapters import get_adapter
 from gmar.capture import Captured, capture, collect, frozen_eval
-from gmar.errors import CaptureError, TargetError
+from gmar.errors import CaptureError, TargetError, UnsupportedModelError
 from gmar.explanation import Explanation, min_max, upsample
 from gmar.layout import TokenLayout
-from gmar.targets import Target, resolve_target
+from gmar.targets import Target, TextTarget, prepare_images, resolve_target
 
 
 class Explainer:
@@ -25,18 +25,34 @@ class Explainer:
 
     name: ClassVar[str]
     uses_gradients: ClassVar[bool] = False
+    #: The method reads fixed readout rows of the attention (the rollout family); an
+    #: attention-pooled model (SigLIP's MAP head) has none.
+    needs_readout_rows: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, *, start_layer: int = 0) -> None:
         self.adapter = get_adapter(model)
         self.model = self.adapter.model
+        if self.needs_readout_rows and self.adapter.attention_pooled:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} pools its tokens with an attention head, so it has no readout token "
+                f"for {self.name}; explain it with legrad or gradcam"
+            )
         layers = self.adapter.num_layers
         if layers == 0:
             raise CaptureError(f"{type(model).__name__} has no attention layers to explain")
-        if not -layers <= start_layer < layers:
+        self.start_layer = self._layer_index(start_layer, "start_layer")
+
+    def _layer_index(self, index: int, what: str) -> int:
+        layers = self.adapter.num_layers
+        if isinstance(index, bool) or not isinstance(index, int) or not -layers <= index < layers:
             raise ValueError(
-                f"start_layer must be in [{-layers}, {layers}) for this {layers}-layer model, got {start_layer}"
+                f"{what} must be an int in [{-layers}, {layers}) for this {layers}-layer model, got {index}"
             )
-        self.start_layer = start_layer % layers
+        return index % layers
+
+    def capture_options(self) -> dict:
+        """Keyword arguments for :func:`gmar.capture.capture` (what the method needs recorded)."""
+        return {"head_outputs": self._needs_head_outputs()}
 
     def gradient_inputs(self, captured: Captured) -> list[torch.Tensor]:
         """The captured tensors whose gradients the method needs (default: the attention)."""
@@ -49,7 +65,7 @@ class Explainer:
         raise NotImplementedError
 
     def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
-        images = self._prepare(images)
+        images = prepare_images(target, self._prepare(images))
         layout = self.adapter.token_layout(tuple(images.shape[-2:]))
         # inference_mode(False): gradient methods must work even when called under inference mode.
         with torch.inference_mode(False), frozen_eval(self.model), torch.set_grad_enabled(self.uses_gradients):
@@ -57,7 +73,7 @@ class Explainer:
             if inputs.is_inference():
                 inputs = inputs.clone()
             inputs.requires_grad_(self.uses_gradients)
-            with capture(self.adapter, head_outputs=self._needs_head_outputs()) as recorder:
+            with capture(self.adapter, **self.capture_options()) as recorder:
                 output = self.adapter.forward(inputs)
             captured = collect(recorder, output, self.model)
             tokens = captured.attentions[0].shape[-1]
@@ -66,8 +82,11 @@ class Explainer:
                     f"captured attention over {tokens} tokens, but the token layout of "
                     f"{type(self.model).__name__} expects {layout.num_tokens}"
                 )
-            scores, classes = resolve_target(output, target, is_classifier=self.adapter.is_classifier)
-            gradients = self._gradients(scores, captured) if self.uses_gradients else None
+            if target is None and not self.uses_gradients and not self.adapter.is_classifier:
+                scores, classes = None, None  # class-agnostic: an embedding model needs no target here
+            else:
+                scores, classes = resolve_target(output, target, is_classifier=self.adapter.is_classifier)
+            gradients = self.gradients(captured, scores, classes, target) if self.uses_gradients else None
             with torch.no_grad():
                 token_map, head_weights = self.relevance(captured, gradients, layout)
         token_map = token_map.detach().float()
@@ -78,8 +97,9 @@ class Explainer:
             target=classes,
             head_weights=head_weights,
             logits=output.detach(),
-            scores=scores.detach(),
+            scores=None if scores is None else scores.detach(),
             layout=layout,
+            prompts=_prompts(target, token_map.shape[0]),
         )
 
     def _needs_head_outputs(self) -> bool:
@@ -97,9 +117,25 @@ class Explainer:
             images = images.to(device=parameter.device, dtype=parameter.dtype)
         return images
 
-    def _gradients(self, scores: torch.Tensor, captured: Captured) -> list[torch.Tensor]:
-        if not scores.requires_grad:
-            raise TargetError("the target scores do not depend on the model's output, so they have no gradient")
-        inputs = self.gradient_inputs(captured)
-        grads = torch.autograd.grad(scores.sum(), inputs, allow_unused=True)
-        return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]
+    def gradients(
+        self, captured: Captured, scores: torch.Tensor, classes: torch.Tensor | None, target: Target
+    ) -> list[torch.Tensor]:
+        """Gradients of the summed scores w.r.t. :meth:`gradient_inputs`, in one ``autograd.grad`` call."""
+        return differentiate(scores.sum(), self.gradient_inputs(captured))
+
+
+def _prompts(target: Target, batch: int) -> list[str] | None:
+    prompts = getattr(target, "prompts", None) if isinstance(target, TextTarget) else None
+    if prompts is None:
+        return None
+    return list(prompts) * batch if len(prompts) == 1 else list(prompts)
+
+
+def differentiate(
+    objective: torch.Tensor, inputs: list[torch.Tensor], retain_graph: bool = False
+) -> list[torch.Tensor]:
+    """``∂ objective / ∂ inputs`` (zeros for an input the objective does not reach)."""
+    if not objective.requires_grad:
+        raise TargetError("the target scores do not depend on the model's output, so they have no gradient")
+    grads = torch.autograd.grad(objective, inputs, allow_unused=True, retain_graph=retain_graph)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]

@@ -114,3 +114,32 @@ def readout_map(matrix: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """Mean of the readout rows of ``(B, N, N)`` (weighted as the head reads them), patch columns, as ``(B, h, w)``."""
     weights = layout.readout_weights(dtype=matrix.dtype, device=matrix.device)
     return layout.patch_map(torch.einsum("n,bnm->bm", weights, matrix))
+
+
+def legrad_layer(gradient: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """LeGrad's map of one layer: ``mean over heads and query rows of ReLU(∂s_l/∂A_l)``, patch columns.
+
+    Args:
+        gradient: ``(B, H, Q, K)``: the gradient of the layer's own score w.r.t. its attention
+            (``Q = K = N``), or w.r.t. an attention pooler's attention (``Q`` latent queries,
+            ``K`` the pooled tokens, which end with the patches).
+    Returns:
+        ``(B, h, w)``.
+    """
+    columns = gradient.clamp_min(0).mean(dim=(1, 2))
+    patches = columns[:, columns.shape[-1] - layout.num_patches :]
+    return patches.reshape(-1, *layout.grid_size)
+
+
+def token_gradcam(activations: torch.Tensor, gradients: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Grad-CAM over ViT tokens: ``ReLU(Σ_c w_c X_{:, c})`` with ``w_c`` the mean gradient over patches.
+
+    Args:
+        activations: tokens ``X`` ``(B, N, D)``; prefix tokens are dropped through ``layout``.
+        gradients: ``∂y/∂X`` ``(B, N, D)``.
+    Returns:
+        ``(B, h, w)``.
+    """
+    patches, grads = activations[:, layout.patch_slice], gradients[:, layout.patch_slice]
+    weights = grads.mean(dim=1, keepdim=True)
+    return torch.relu((patches * weights).sum(dim=-1)).reshape(-1, *layout.grid_size)
