@@ -93,6 +93,49 @@ def make_clip(**vision) -> nn.Module:
     return spread(open_clip.CLIP(embed_dim=16, vision_cfg=vision_cfg, text_cfg=text_cfg))
 
 
+def make_siglip() -> nn.Module:
+    """A SigLIP-style OpenCLIP model: a ``TimmModel`` tower whose timm ViT trunk has no class token
+    and pools with an attention head (``global_pool="map"``), no extra projection."""
+    import open_clip
+    from timm.models.vision_transformer import VisionTransformer
+
+    vision_cfg = dict(
+        timm_model_name="test_vit", timm_model_pretrained=False, timm_pool="map", timm_proj="none", image_size=IMAGE
+    )
+    text_cfg = dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1)
+    model = open_clip.CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=text_cfg)
+    # The registered timm trunk is too large for tests; put a tiny one of the same class in its place.
+    model.visual.trunk = VisionTransformer(
+        img_size=IMAGE,
+        patch_size=PATCH,
+        embed_dim=32,
+        depth=3,
+        num_heads=4,
+        class_token=False,
+        no_embed_class=True,
+        global_pool="map",
+        num_classes=0,
+    )
+    return spread(model)
+
+
+def make_clip_with_text(**vision) -> nn.Module:
+    """A tiny OpenCLIP ``CLIP`` whose text tower takes the real tokenizer (vocabulary 49408, 77 tokens)."""
+    import open_clip
+
+    vision_cfg = dict(image_size=IMAGE, patch_size=PATCH, width=32, layers=3, head_width=8)
+    vision_cfg.update(vision)
+    text_cfg = dict(context_length=77, vocab_size=49408, width=16, heads=2, layers=1)
+    return spread(open_clip.CLIP(embed_dim=16, vision_cfg=vision_cfg, text_cfg=text_cfg))
+
+
+def clip_tokenizer():
+    """OpenCLIP's own BPE tokenizer (its vocabulary ships with the package: no network)."""
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
 def clip_target(embedding: torch.Tensor) -> torch.Tensor:
     """A fixed direction in the embedding space, as a text prompt would give."""
     direction = torch.linspace(-1.0, 1.0, embedding.shape[-1], dtype=embedding.dtype, device=embedding.device)

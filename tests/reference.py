@@ -34,6 +34,8 @@ class Trace:
     readout: torch.Tensor  # (N,) weights of the rows the head reads
     num_prefix: int
     grid: tuple[int, int]
+    #: residual-stream tokens (B, N, D): tokens[l] enters block l, tokens[L] leaves the last block
+    tokens: list[torch.Tensor] | None = None
 
     @property
     def head_outputs(self) -> list[torch.Tensor]:
@@ -144,7 +146,7 @@ def trace_timm(model: nn.Module, images: torch.Tensor) -> Trace:
         x = torch.cat([tokens, x], dim=1) + torch.cat([pos[:, :pos_prefix], patch_pos], dim=1)
     x = _layer_norm(model.norm_pre, x)
 
-    attentions, outputs = [], []
+    attentions, outputs, stream = [], [], [x]
     for block in model.blocks:
         attn = block.attn
         assert isinstance(attn.q_norm, nn.Identity) and isinstance(attn.norm, nn.Identity)
@@ -157,6 +159,7 @@ def trace_timm(model: nn.Module, images: torch.Tensor) -> Trace:
         mlp = block.mlp
         hidden = _activation(mlp.act, F.linear(_layer_norm(block.norm2, x), mlp.fc1.weight, mlp.fc1.bias))
         x = x + _scale(block.ls2, F.linear(hidden, mlp.fc2.weight, mlp.fc2.bias))
+        stream.append(x)
     x = _layer_norm(model.norm, x)
 
     n = x.shape[1]
@@ -173,7 +176,7 @@ def trace_timm(model: nn.Module, images: torch.Tensor) -> Trace:
         readout = readout_weights(n, num_prefix, (), patches=True)
     else:
         raise AssertionError(f"unexpected global_pool {model.global_pool!r}")
-    return Trace(logits, attentions, outputs, lambda t: t, readout, num_prefix, (gh, gw))
+    return Trace(logits, attentions, outputs, lambda t: t, readout, num_prefix, (gh, gw), stream)
 
 
 def trace_openclip(model: nn.Module, images: torch.Tensor) -> Trace:
@@ -186,7 +189,7 @@ def trace_openclip(model: nn.Module, images: torch.Tensor) -> Trace:
     x = torch.cat([visual.class_embedding.view(1, 1, width).expand(batch, 1, width), x], dim=1)
     x = _layer_norm(visual.ln_pre, x + visual.positional_embedding)
 
-    attentions, outputs = [], []
+    attentions, outputs, stream = [], [], [x]
     for block in visual.transformer.resblocks:
         mha = block.attn
         w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
@@ -198,9 +201,10 @@ def trace_openclip(model: nn.Module, images: torch.Tensor) -> Trace:
         hidden = F.linear(_layer_norm(block.ln_2, x), block.mlp.c_fc.weight, block.mlp.c_fc.bias)
         hidden = _activation(block.mlp.gelu, hidden)
         x = x + _scale(block.ls_2, F.linear(hidden, block.mlp.c_proj.weight, block.mlp.c_proj.bias))
+        stream.append(x)
     embedding = _layer_norm(visual.ln_post, x[:, 0]) @ visual.proj
     readout = readout_weights(x.shape[1], 1, (0,), patches=False)
-    return Trace(embedding, attentions, outputs, lambda t: t, readout, 1, (gh, gw))
+    return Trace(embedding, attentions, outputs, lambda t: t, readout, 1, (gh, gw), stream)
 
 
 #: Hugging Face class -> (prefix tokens before registers, readout prefix rows, head averages the patches)
@@ -225,7 +229,7 @@ def trace_hf(model: nn.Module, images: torch.Tensor) -> Trace:
         handles.append(module.o_proj.register_forward_pre_hook(lambda mod, args: merged.append(args[0])))
         handles.append(module.v_proj.register_forward_hook(lambda mod, args, out: values.append(out)))
     try:
-        out = eager(pixel_values=images, output_attentions=True)
+        out = eager(pixel_values=images, output_attentions=True, output_hidden_states=True)
     finally:
         for handle in handles:
             handle.remove()
@@ -247,7 +251,7 @@ def trace_hf(model: nn.Module, images: torch.Tensor) -> Trace:
     n = attentions[0].shape[-1]
     assert n == prefix + grid[0] * grid[1]
     readout = readout_weights(n, prefix, rows, patches)
-    return Trace(out.logits, attentions, merged, split, readout, prefix, grid)
+    return Trace(out.logits, attentions, merged, split, readout, prefix, grid, list(out.hidden_states))
 
 
 def trace(model: nn.Module, images: torch.Tensor) -> Trace:
