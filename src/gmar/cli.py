@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -19,6 +20,7 @@ from gmar.errors import GmarError, ImageLoadError
 from gmar.loading import LoadedModel, load_model
 from gmar.methods import available_methods, explain
 from gmar.preprocess import denormalise, load_image, preprocess
+from gmar.targets import TextTarget
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 #: Flags of the official GMAR demo; a command line that starts with one of them means `explain`.
@@ -38,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", action="store_true", help="seeded random weights: exercises the pipeline only")
     p.add_argument("--method", default="all", help=f"comma-separated, or 'all': {','.join(available_methods())}")
     p.add_argument("--target", type=int, metavar="K", help="class index to explain (default: the predicted class)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="text prompt to explain, for openclip: models (repeat for several; one overlay per prompt and method)",
+    )
     p.add_argument("--norm", choices=("l1", "l2"), default="l1", help="GMAR's head-score norm")
     p.add_argument("--out", "--output", dest="out", default="gmar-out", metavar="DIR", help="output folder")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -69,11 +78,7 @@ def run_explain(args: argparse.Namespace) -> int:
     device = _device(args.device)
     paths = _image_paths(args)
     loaded = _load(args, device)
-    if not _is_classifier(loaded):
-        raise GmarError(
-            f"{loaded.spec} returns an image embedding, not class logits: explain it from Python with a callable "
-            "target (see the README), the command line explains classifiers"
-        )
+    text_target = _text_target(args, loaded)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -87,15 +92,35 @@ def run_explain(args: argparse.Namespace) -> int:
             print(f"gmar: skipped {error}", file=sys.stderr)
             failures += 1
     stems = _unique_stems(names)
+    target = args.target if text_target is None else text_target
+    # Several prompts explain one image at a time (the image is repeated once per prompt).
+    step = args.batch_size if text_target is None or len(text_target.prompts) == 1 else 1
     written = 0
-    for start in range(0, len(images), args.batch_size):
-        batch = preprocess(images[start : start + args.batch_size], loaded.preprocess).to(device)
-        explanations = {
-            m: explain(loaded.model, batch, method=m, target=args.target, **_options(m, args)) for m in methods
-        }
-        written += _write(batch, explanations, loaded, stems[start : start + args.batch_size], out, args.save_maps)
+    for start in range(0, len(images), step):
+        batch = preprocess(images[start : start + step], loaded.preprocess).to(device)
+        explanations = {m: explain(loaded.model, batch, method=m, target=target, **_options(m, args)) for m in methods}
+        if text_target is None:
+            written += _write(batch, explanations, loaded, stems[start : start + step], out, args.save_maps)
+        else:
+            written += _write_prompts(batch, explanations, loaded, stems[start : start + step], out, args.save_maps)
     print(f"gmar: wrote {written} figure(s) to {out}" + (f"; {failures} input(s) failed" if failures else ""))
     return 2 if failures else 0
+
+
+def _text_target(args: argparse.Namespace, loaded: LoadedModel) -> TextTarget | None:
+    """The prompts as a target for a CLIP model; None for a classifier."""
+    if get_adapter(loaded.model).is_classifier:
+        if args.prompt:
+            raise GmarError(f"--prompt is for CLIP models (openclip:...); {loaded.spec} is a classifier, use --target")
+        return None
+    if not args.prompt:
+        raise GmarError(f"{loaded.spec} compares images with text: give what to explain with --prompt TEXT")
+    if args.target is not None:
+        raise GmarError("--target is a class index for classifiers; CLIP models are explained with --prompt")
+    tokenizer = loaded.extras.get("tokenizer")
+    if tokenizer is None:
+        raise GmarError(f"{loaded.spec} came without a tokenizer, so its prompts cannot be embedded")
+    return TextTarget(loaded.model, tokenizer, args.prompt)
 
 
 def _write(
@@ -117,6 +142,46 @@ def _write(
             for method, explanation in explanations.items():
                 np.save(out / f"{stem}_{method}.npy", explanation.heatmap[i].cpu().numpy())
     return len(stems)
+
+
+def _write_prompts(
+    batch: torch.Tensor, explanations: dict, loaded: LoadedModel, stems: list[str], out: Path, save_maps: bool
+) -> int:
+    """One figure per image: a row per prompt, the image and one overlay per method, labelled with the prompt."""
+    pixels = denormalise(batch, loaded.preprocess).cpu()
+    first = next(iter(explanations.values()))
+    prompts = first.prompts
+    count = len(prompts) // len(stems)  # maps per image: one per prompt
+    slugs = _unique_stems([Path(_slug(p)) for p in prompts[:count]])
+    for i, stem in enumerate(stems):
+        rows = list(range(i * count, (i + 1) * count))
+        images = pixels[i : i + 1].expand(count, *pixels.shape[1:])
+        row_titles = [f'"{_short(prompts[r])}"' for r in rows]
+        columns = {
+            m: [f"{m}: {_short(prompts[r])}" + ("" if e.scores is None else f" ({e.scores[r]:.2f})") for r in rows]
+            for m, e in explanations.items()
+        }
+        single = {m: replace(e, heatmap=e.heatmap[rows[0] : rows[-1] + 1]) for m, e in explanations.items()}
+        viz.save(viz.method_grid(images, single, row_titles=row_titles, column_titles=columns), out / f"{stem}.png")
+        for slug, r in zip(slugs, rows, strict=True):
+            if "gmar" in explanations:
+                title = f'GMAR head weights: {stem}, "{_short(prompts[r])}"'
+                figure = viz.head_weights_figure(explanations["gmar"].head_weights[r].cpu(), title)
+                viz.save(figure, out / f"{stem}_{slug}_gmar_heads.png")
+            if save_maps:
+                for method, explanation in explanations.items():
+                    np.save(out / f"{stem}_{slug}_{method}.npy", explanation.heatmap[r].cpu().numpy())
+    return len(stems)
+
+
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe form of a prompt: lower case, runs of other characters as one '-'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:60] or "prompt"
 
 
 def _select(explanation, index: int):
@@ -181,10 +246,6 @@ def _load(args: argparse.Namespace, device: torch.device) -> LoadedModel:
         return load_model(spec, checkpoint=args.checkpoint, pretrained=not args.random_init, device=device)
     finally:
         logging.disable(logging.NOTSET)
-
-
-def _is_classifier(loaded: LoadedModel) -> bool:
-    return get_adapter(loaded.model).is_classifier
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:
