@@ -126,3 +126,19 @@ def test_example_images_with_a_random_timm_model(tmp_path):
         "example_stripes.png",
         "example_stripes_gmar_heads.png",
     }
+
+
+def test_attention_pooled_model_gets_the_methods_that_explain_it(inputs, tmp_path, capsys):
+    """timm's test_vit3 pools with an attention head (over its register token and patches)."""
+    (cat, _), _, _ = inputs
+    out = tmp_path / "map"
+    assert (
+        main(["explain", str(cat), "--model", "timm:test_vit3", "--random-init", "--out", str(out), "--save-maps"]) == 0
+    )
+    assert sorted(p.name for p in out.glob("*.npy")) == ["cat_gradcam.npy", "cat_legrad.npy"]
+    code = main(
+        ["explain", str(cat), "--model", "timm:test_vit3", "--random-init", "--method", "gmar", "--out", str(out)]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "pools its tokens with an attention head" in err and "legrad" in err and "Traceback" not in err

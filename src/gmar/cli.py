@@ -18,7 +18,7 @@ from gmar import viz
 from gmar.adapters import get_adapter
 from gmar.errors import GmarError, ImageLoadError
 from gmar.loading import LoadedModel, load_model
-from gmar.methods import available_methods, explain
+from gmar.methods import available_methods, explain, get_method
 from gmar.preprocess import denormalise, load_image, preprocess
 from gmar.targets import TextTarget
 
@@ -78,6 +78,9 @@ def run_explain(args: argparse.Namespace) -> int:
     device = _device(args.device)
     paths = _image_paths(args)
     loaded = _load(args, device)
+    if args.method.strip() == "all" and get_adapter(loaded.model).attention_pooled:
+        # An attention-pooled model has no readout token for the rollout family.
+        methods = [m for m in methods if not get_method(m).needs_readout_rows]
     text_target = _text_target(args, loaded)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
