@@ -107,10 +107,12 @@ class TextTarget:
             tokens = tokens["input_ids"]
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else None
+        # inference_mode(False) also around the normalisation: an inference tensor here could not
+        # take part in the explanation's backward pass.
         with torch.inference_mode(False), torch.no_grad(), frozen_eval(model):
             embeddings = encode(torch.as_tensor(tokens, device=device))
-        #: ``(P, D)`` the prompts' text embeddings, normalised to unit length.
-        self.embeddings = F.normalize(embeddings.float(), dim=-1)
+            #: ``(P, D)`` the prompts' text embeddings, normalised to unit length.
+            self.embeddings = F.normalize(embeddings.float(), dim=-1)
 
     def with_prompts(self, prompts: str | Sequence[str]) -> TextTarget:
         """The same model and tokenizer with other prompts."""
