@@ -113,6 +113,9 @@ class HFAdapter(ModelAdapter):
         block = self._blocks[layer]
         return block.layernorm_before if hasattr(block, "layernorm_before") else block.norm1
 
+    def head_projections(self) -> list[tuple[nn.Module, int]]:
+        return [(attn.o_proj, attn.config.num_attention_heads) for attn in self._attention]
+
     def readout(self, tokens: torch.Tensor, pooling: str = "model") -> tuple[torch.Tensor, torch.Tensor | None]:
         check_pooling(self, pooling)
         model = self.model

@@ -117,6 +117,9 @@ class TimmAdapter(ModelAdapter):
     def first_norm(self, layer: int) -> nn.Module:
         return self.model.blocks[layer].norm1
 
+    def head_projections(self) -> list[tuple[nn.Module, int]]:
+        return [(attn.proj, attn.num_heads) for attn in self._attention]
+
     def readout(self, tokens: torch.Tensor, pooling: str = "model") -> tuple[torch.Tensor, torch.Tensor | None]:
         check_pooling(self, pooling)
         model = self.model

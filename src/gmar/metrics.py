@@ -1,0 +1,446 @@
+"""Metrics for explanations, batched in torch; each states its protocol and its direction.
+
+Every metric takes heatmaps ``(B, H, W)`` (higher = more relevant, any scale unless said) and
+returns one value per sample ``(B,)`` (or per-sample curves), so that results can be stored per
+image and aggregated with confidence intervals later. ``DIRECTION[name]`` is ``"higher"`` or
+``"lower"``: which way is better.
+
+Faithfulness metrics call the model; they take a :class:`Scorer`, which turns the model's output
+into the target's score and whether the model still "gets it".
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: metric name -> which way is better
+DIRECTION = {
+    "deletion_auc": "lower",
+    "insertion_auc": "higher",
+    "perturbation_positive": "lower",
+    "perturbation_negative": "higher",
+    "pointing_game": "higher",
+    "energy_pointing_game": "higher",
+    "pixel_auroc": "higher",
+    "pixel_ap": "higher",
+    "segmentation_pixel_accuracy": "higher",
+    "segmentation_miou": "higher",
+    "class_discrimination": "higher",
+    "sanity_spearman": "lower",
+    "head_ablation_auc": "lower",
+}
+
+
+@dataclass
+class Scorer:
+    """How a model's output is read for a target class.
+
+    Args:
+        model: the classifier (called on ``(B, 3, H, W)``).
+        multi_label: scores are ``sigmoid(logit)`` and a class counts as predicted when it is
+            above 0.5 (the reference model); otherwise ``softmax`` and the arg-max.
+        batch_size: the most images sent to the model at once.
+    """
+
+    model: nn.Module
+    multi_label: bool = False
+    batch_size: int = 64
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target probability ``(N,)`` and hit ``(N,)`` bool for ``images`` ``(N, 3, H, W)``."""
+        probabilities, hits = [], []
+        for start in range(0, images.shape[0], self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            target = classes[start : start + self.batch_size]
+            logits = self.model(chunk).float()
+            picked = logits.gather(1, target[:, None]).squeeze(1)
+            if self.multi_label:
+                probabilities.append(torch.sigmoid(picked))
+                hits.append(picked > 0)
+            else:
+                probabilities.append(logits.softmax(dim=1).gather(1, target[:, None]).squeeze(1))
+                hits.append(logits.argmax(dim=1) == target)
+        return torch.cat(probabilities), torch.cat(hits)
+
+
+# ------------------------------------------------------------------------------------------ faithfulness
+
+
+def trapezoid(values: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+    """Area under ``values`` ``(..., S)`` over ``fractions`` ``(S,)`` by the trapezoid rule."""
+    widths = fractions[1:] - fractions[:-1]
+    return ((values[..., 1:] + values[..., :-1]) / 2 * widths).sum(dim=-1)
+
+
+def _order(heatmaps: torch.Tensor, descending: bool = True) -> torch.Tensor:
+    """Pixel indices ``(B, H*W)`` from most to least relevant (ties broken by position, stably)."""
+    flat = heatmaps.flatten(1).float()
+    return torch.sort(flat, dim=1, descending=descending, stable=True).indices
+
+
+def _blend_curve(
+    scorer: Scorer,
+    images: torch.Tensor,
+    replacement: torch.Tensor,
+    order: torch.Tensor,
+    fractions: torch.Tensor,
+    classes: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores ``(B, S)`` and hits after replacing the first ``fraction`` of ``order``'s pixels."""
+    batch, _, height, width = images.shape
+    pixels = height * width
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(pixels, device=order.device).expand(batch, -1))
+    steps = []
+    for fraction in fractions.tolist():
+        count = round(fraction * pixels)
+        replaced = (rank < count).view(batch, 1, height, width)
+        steps.append(torch.where(replaced, replacement, images))
+    stacked = torch.stack(steps, dim=1).flatten(0, 1)  # (B*S, 3, H, W)
+    scores, hits = scorer(stacked, classes.repeat_interleave(len(fractions)))
+    return scores.view(batch, -1), hits.view(batch, -1)
+
+
+def deletion(
+    scorer: Scorer,
+    images: torch.Tensor,
+    heatmaps: torch.Tensor,
+    classes: torch.Tensor,
+    steps: int = 20,
+    baseline: float | torch.Tensor = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deletion (Petsiuk et al. 2018): pixels set to ``baseline`` from most to least relevant.
+
+    The target's probability is measured after removing a fraction ``k / steps`` of the pixels,
+    ``k = 0 … steps``; the AUC is the trapezoid over the fraction in [0, 1]. **Lower is better.**
+    ``baseline`` is a value (in the model's input space) or an image ``(B|1, 3, H, W)``.
+    Returns ``(auc (B,), curve (B, steps + 1))``.
+    """
+    fractions = torch.linspace(0, 1, steps + 1)
+    replacement = torch.as_tensor(baseline, dtype=images.dtype, device=images.device).expand_as(images)
+    curve, _ = _blend_curve(scorer, images, replacement, _order(heatmaps), fractions, classes)
+    return trapezoid(curve, fractions.to(curve.device)), curve
+
+
+def insertion(
+    scorer: Scorer,
+    images: torch.Tensor,
+    heatmaps: torch.Tensor,
+    classes: torch.Tensor,
+    steps: int = 20,
+    blur_sigma: float = 5.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Insertion (Petsiuk et al. 2018): from a blurred copy, the original pixels are put back from
+    most to least relevant; the AUC of the target's probability over the fraction inserted, in
+    ``k / steps`` steps, by the trapezoid rule. **Higher is better.** Returns ``(auc, curve)``."""
+    fractions = torch.linspace(0, 1, steps + 1)
+    blurred = gaussian_blur(images, blur_sigma)
+    # Inserting the top pixels into the blur = replacing the *least* relevant of the original by blur.
+    order = _order(heatmaps)
+    curve, _ = _blend_curve(scorer, blurred, images, order, fractions, classes)
+    return trapezoid(curve, fractions.to(curve.device)), curve
+
+
+def perturbation(
+    scorer: Scorer, images: torch.Tensor, heatmaps: torch.Tensor, classes: torch.Tensor, positive: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chefer et al.'s perturbation test: 0 %, 10 %, … 90 % of the pixels set to 0, most relevant
+    first (``positive``, **lower is better**) or least relevant first (negative, **higher is
+    better**); per image the hit (the model still predicts the target) at each step. The dataset's
+    score is the trapezoid AUC of the mean hit curve over the fraction, **including the 0 % step**,
+    in percent; per image this returns ``100 × trapezoid(hits)``, whose mean is exactly that.
+    Returns ``(auc (B,), hits (B, 10))``.
+    """
+    fractions = torch.arange(10) / 10
+    order = _order(heatmaps, descending=positive)
+    replacement = torch.zeros_like(images)
+    _, hits = _blend_curve(scorer, images, replacement, order, fractions, classes)
+    hits = hits.float()
+    return 100 * trapezoid(hits, fractions.to(hits.device)), hits
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, C, H, W)``, kernel radius ``3 sigma`` (at most the image's
+    shorter side minus one, as reflect padding needs), reflect padding."""
+    if sigma <= 0:
+        return images.clone()
+    radius = max(1, min(math.ceil(3 * sigma), min(images.shape[-2:]) - 1))
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    channels = images.shape[1]
+    out = F.pad(images, (radius, radius, 0, 0), mode="reflect")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    out = F.pad(out, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+# ------------------------------------------------------------------------------------------ localisation
+
+
+def pointing_game(heatmaps: torch.Tensor, masks: torch.Tensor, tolerance: int = 15) -> torch.Tensor:
+    """Zhang et al. 2018: a hit (1.0) when the heatmap's maximum lies on the target's mask or within
+    ``tolerance`` pixels of it (Euclidean), else 0.0. Ties: the first maximum in row-major order.
+    **Higher is better.**"""
+    _batch, height, width = heatmaps.shape
+    top = heatmaps.flatten(1).argmax(dim=1)
+    ty, tx = (top // width).float(), (top % width).float()
+    ys, xs = torch.meshgrid(
+        torch.arange(height, device=heatmaps.device), torch.arange(width, device=heatmaps.device), indexing="ij"
+    )
+    distance = ((ys[None] - ty[:, None, None]) ** 2 + (xs[None] - tx[:, None, None]) ** 2).sqrt()
+    near = (distance <= tolerance) & masks.bool()
+    return near.flatten(1).any(dim=1).float()
+
+
+def energy_pointing_game(heatmaps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Wang et al. 2020 (Score-CAM): the share of the positive heatmap mass inside the target's
+    mask; 0 for a map with no positive mass. **Higher is better.**"""
+    positive = heatmaps.clamp_min(0).flatten(1).float()
+    inside = (positive * masks.flatten(1).float()).sum(dim=1)
+    total = positive.sum(dim=1)
+    return torch.where(total > 0, inside / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+
+
+def pixel_auroc(heatmaps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Area under the ROC curve of the heatmap as a pixel classifier of the mask, per image (ties
+    count one half: the Mann-Whitney U statistic). NaN when the mask is empty or full. **Higher
+    is better**; 0.5 is chance."""
+    scores, labels = heatmaps.flatten(1).double(), masks.flatten(1).bool()
+    ranks = _average_ranks(scores)
+    positives = labels.sum(dim=1).double()
+    negatives = labels.shape[1] - positives
+    rank_sum = (ranks * labels).sum(dim=1)
+    auc = (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+    return torch.where((positives > 0) & (negatives > 0), auc, torch.nan).float()
+
+
+def pixel_ap(heatmaps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Average precision of the heatmap as a pixel classifier of the mask, per image: the mean of
+    the precision at each positive pixel's rank, tied scores taken together (as scikit-learn's
+    ``average_precision_score``). NaN when the mask is empty. **Higher is better**; chance is the
+    mask's area share."""
+    results = []
+    for scores, labels in zip(heatmaps.flatten(1).double(), masks.flatten(1).bool(), strict=True):
+        positives = int(labels.sum())
+        if positives == 0:
+            results.append(float("nan"))
+            continue
+        order = torch.argsort(scores, descending=True, stable=True)
+        sorted_scores, sorted_labels = scores[order], labels[order].double()
+        # the last index of each run of equal scores: thresholds between distinct values only
+        last = torch.ones_like(sorted_scores, dtype=torch.bool)
+        last[:-1] = sorted_scores[1:] != sorted_scores[:-1]
+        true_pos = torch.cumsum(sorted_labels, 0)[last]
+        predicted = (torch.arange(len(sorted_scores), dtype=torch.double) + 1)[last]
+        precision, recall = true_pos / predicted, true_pos / positives
+        previous = torch.cat([torch.zeros(1, dtype=torch.double), recall[:-1]])
+        results.append(float(((recall - previous) * precision).sum()))
+    return torch.tensor(results, dtype=torch.float32)
+
+
+def segmentation(heatmaps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chefer et al.'s segmentation protocol, per image: the heatmap is thresholded at its own mean
+    (foreground where it is above); returns the pixel accuracy against the mask and the mean IoU
+    over the two classes, foreground and background. **Higher is better** for both."""
+    # double: the float32 mean of a constant map can round below the constant
+    flat, labels = heatmaps.flatten(1).double(), masks.flatten(1).bool()
+    predicted = flat > flat.mean(dim=1, keepdim=True)
+    accuracy = (predicted == labels).float().mean(dim=1)
+    ious = []
+    for pred, truth in ((predicted, labels), (~predicted, ~labels)):
+        intersection = (pred & truth).sum(dim=1).float()
+        union = (pred | truth).sum(dim=1).float()
+        ious.append(torch.where(union > 0, intersection / union.clamp_min(1), 1.0))
+    return accuracy, (ious[0] + ious[1]) / 2
+
+
+def class_discrimination(heatmaps: torch.Tensor, target_masks: torch.Tensor, other_masks: torch.Tensor) -> torch.Tensor:
+    """For a scene with several objects, explained for one of them: the share of the positive
+    heatmap mass on the target object minus the share on the other present objects, in [-1, 1].
+    A class-agnostic method gives the same map for every target, so averaged over the targets of a
+    scene it scores about 0. **Higher is better.**
+
+    Args:
+        target_masks: ``(B, H, W)`` the explained object.
+        other_masks: ``(B, H, W)`` the union of the other objects in the scene.
+    """
+    return energy_pointing_game(heatmaps, target_masks) - energy_pointing_game(heatmaps, other_masks)
+
+
+# ------------------------------------------------------------------------------------------------ sanity
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation per row of ``(B, ...)`` pairs (ties get average ranks); NaN when
+    either map is constant."""
+    ra, rb = _average_ranks(a.flatten(1).double()), _average_ranks(b.flatten(1).double())
+    ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
+    denominator = ra.norm(dim=1) * rb.norm(dim=1)
+    return torch.where(denominator > 0, (ra * rb).sum(dim=1) / denominator, torch.nan).float()
+
+
+def cascading_randomisation_steps(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """The steps of Adebayo et al.'s cascading randomisation for a timm ViT, from the head down:
+    the classifier head (with the final norms), then each block from the last to the first
+    (norms included), then the embeddings (patch embedding, position embedding, class, distillation
+    and register tokens). Each step lists parameter-name prefixes."""
+    names = [name for name, _ in model.named_parameters()]
+    blocks = sorted({int(n.split(".")[1]) for n in names if n.startswith("blocks.")})
+    head = [n for n in names if not n.startswith(("blocks.", "patch_embed.")) and n.split(".")[0] not in _EMBEDDINGS]
+    steps = [("head", head)]
+    for index in reversed(blocks):
+        steps.append((f"block {index}", [n for n in names if n.startswith(f"blocks.{index}.")]))
+    steps.append(("embeddings", [n for n in names if n.startswith("patch_embed.") or n.split(".")[0] in _EMBEDDINGS]))
+    return [(label, params) for label, params in steps if params]
+
+
+_EMBEDDINGS = ("pos_embed", "cls_token", "dist_token", "reg_token", "norm_pre")
+
+
+def cascading_randomisation(
+    model: nn.Module,
+    explain: Callable[[nn.Module], torch.Tensor],
+    seed: int = 0,
+) -> list[tuple[str, torch.Tensor]]:
+    """Adebayo et al. 2018, cascading: randomise the model's parameters step by step from the head
+    down (:func:`cascading_randomisation_steps`), each step on top of the previous ones, and after
+    each step compare the map with the original by Spearman rank correlation, per image. **Lower
+    is better** (a map that survives randomisation does not depend on what the model learned).
+
+    Randomised weights are drawn from a normal distribution with the parameter's own mean and
+    standard deviation (0.02 where that is zero), so scales stay realistic. The model is not
+    touched: the steps run on a deep copy.
+
+    Args:
+        explain: ``f(model) -> heatmaps (B, H, W)`` for the images and targets under test.
+    Returns:
+        ``[(step label, spearman (B,)), ...]``.
+    """
+    original = explain(model).detach()
+    twin = copy.deepcopy(model)
+    parameters = dict(twin.named_parameters())
+    generator = torch.Generator().manual_seed(seed)
+    results = []
+    for label, names in cascading_randomisation_steps(twin):
+        with torch.no_grad():
+            for name in names:
+                param = parameters[name]
+                std = float(param.float().std()) if param.numel() > 1 else 0.0
+                noise = torch.randn(param.shape, generator=generator).to(param)
+                param.copy_(noise * (std or 0.02) + float(param.float().mean()))
+        results.append((label, spearman(original, explain(twin).detach())))
+    return results
+
+
+# ------------------------------------------------------------------------------------------ head ablation
+
+
+def head_ablation(
+    scorer: Scorer,
+    adapter,
+    images: torch.Tensor,
+    classes: torch.Tensor,
+    rankings: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove attention heads one by one, most important first, and follow the target's score.
+
+    Head ``(l, h)`` is removed by zeroing its output (its slice of the input of the layer's output
+    projection). For each image, heads are removed in the order of its ranking; after ``k``
+    removals (``k = 0 … L·H``) the target's probability is recorded. The AUC is the trapezoid over
+    the fraction removed in [0, 1]. **Lower is better** for a ranking that finds the heads that
+    matter; compare with a random and the reverse ranking.
+
+    Args:
+        adapter: the model's :class:`gmar.adapters.ModelAdapter` (gives the output projections).
+        rankings: ``(B, L*H)`` flat head indices ``l * H + h``, most important first.
+    Returns:
+        ``(auc (B,), curve (B, L*H + 1))``.
+    """
+    projections = adapter.head_projections()
+    heads = projections[0][1]
+    total = len(projections) * heads
+    batch = images.shape[0]
+    curves = []
+    for sample in range(batch):
+        # One forward pass per removal count, batched: row k has the first k ranked heads removed.
+        keep = torch.ones(total + 1, total, device=images.device)
+        order = rankings[sample]
+        for k in range(1, total + 1):
+            keep[k:, order[k - 1]] = 0.0
+        keep = keep.view(total + 1, len(projections), heads)
+        repeated = images[sample : sample + 1].expand(total + 1, *images.shape[1:])
+        targets = classes[sample : sample + 1].expand(total + 1)
+        scores = []
+        for start in range(0, total + 1, scorer.batch_size):
+            rows = slice(start, start + scorer.batch_size)  # each chunk masks with its own rows of `keep`
+            handles = []
+            try:
+                for layer, (projection, count) in enumerate(projections):
+                    handles.append(projection.register_forward_pre_hook(_mask_heads(keep[rows, layer], count)))
+                scores.append(scorer(repeated[rows], targets[rows])[0])
+            finally:
+                for handle in handles:
+                    handle.remove()
+        curves.append(torch.cat(scores))
+    curve = torch.stack(curves)
+    fractions = torch.linspace(0, 1, total + 1, device=curve.device)
+    return trapezoid(curve, fractions), curve
+
+
+def _mask_heads(keep: torch.Tensor, heads: int) -> Callable:
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        merged = args[0]
+        batch, tokens, width = merged.shape
+        scale = keep[:batch].to(merged)
+        out = merged.view(batch, tokens, heads, width // heads) * scale[:, None, :, None]
+        return (out.view(batch, tokens, width), *args[1:])
+
+    return hook
+
+
+def rank_heads(weights: torch.Tensor) -> torch.Tensor:
+    """Flat head indices ``(B, L*H)`` ordered by decreasing weight (GMAR's ``head_weights``)."""
+    return torch.argsort(weights.flatten(1), dim=1, descending=True, stable=True)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n per row of ``(B, n)``, ties sharing their average rank."""
+    batch, n = values.shape
+    order = torch.argsort(values, dim=1, stable=True)
+    sorted_values = torch.gather(values, 1, order)
+    ranks = torch.empty_like(values)
+    for row in range(batch):
+        vals = sorted_values[row]
+        starts = torch.ones(n, dtype=torch.bool, device=values.device)
+        starts[1:] = vals[1:] != vals[:-1]
+        group = torch.cumsum(starts.long(), 0) - 1
+        first = torch.nonzero(starts).flatten()
+        sizes = torch.diff(torch.cat([first, torch.tensor([n], device=values.device)]))
+        average = first.double() + (sizes.double() + 1) / 2
+        ranks[row, order[row]] = average[group].to(ranks.dtype)
+    return ranks
+
+
+def mean_ci(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
+    """Mean and the half-width of its normal-approximation 95 % confidence interval (NaNs dropped)."""
+    clean = [v for v in values if v == v]
+    if not clean:
+        return float("nan"), float("nan")
+    n = len(clean)
+    mean = sum(clean) / n
+    if n < 2:
+        return mean, float("nan")
+    variance = sum((v - mean) ** 2 for v in clean) / (n - 1)
+    return mean, z * math.sqrt(variance / n)
