@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -17,6 +18,7 @@ import torch
 from gmar import viz
 from gmar.adapters import get_adapter
 from gmar.errors import GmarError, ImageLoadError
+from gmar.evaluate import SELECTORS
 from gmar.loading import LoadedModel, load_model
 from gmar.methods import available_methods, explain, get_method
 from gmar.preprocess import denormalise, load_image, preprocess
@@ -53,6 +55,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, metavar="N")
     p.add_argument("--save-maps", action="store_true", help="also write each heatmap (H, W) as .npy")
     p.set_defaults(func=run_explain)
+
+    e = commands.add_parser("evaluate", help="score methods with faithfulness, localisation and sanity metrics")
+    e.add_argument("--model", default="reference", metavar="SPEC", help="'reference' (default) or timm:/hf: SPEC")
+    e.add_argument("--checkpoint", metavar="FILE", help="local weights for --model SPEC")
+    e.add_argument("--random-init", action="store_true", help="seeded random weights for --model SPEC")
+    e.add_argument("--data", default="scenes", help="'scenes' (default) or imagefolder:DIR")
+    e.add_argument("--masks", metavar="DIR", help="masks for imagefolder:, same file names, nonzero = object")
+    e.add_argument("--imagenet-seg", metavar="FILE", help="the ImageNet-Segmentation file gtsegs_ijcv.mat")
+    e.add_argument("--methods", default="all", help=f"comma-separated, or 'all': {','.join(available_methods())}")
+    e.add_argument("--metrics", default="all", help="comma-separated, or 'all': " + ",".join(SELECTORS))
+    e.add_argument("--out", default="gmar-eval", metavar="DIR")
+    e.add_argument("--limit", type=int, metavar="N", help="scenes: how many (default 500); folders: the first N")
+    e.add_argument("--batch-size", type=int, default=16, metavar="N")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--steps", type=int, default=20, help="deletion/insertion steps (default 20)")
+    e.add_argument("--baseline", type=float, default=0.0, help="deletion's replacement value, in model input space")
+    e.add_argument("--blur-sigma", type=float, default=5.0, help="insertion's blur, in pixels")
+    e.add_argument("--tolerance", type=float, help="pointing-game tolerance in pixels (default 15 at 224 px, scaled)")
+    e.add_argument("--sanity-items", type=int, default=16, metavar="N", help="items for the randomisation test")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=run_evaluate)
+
+    t = commands.add_parser("train-reference", help="train the reference ViT on the synthetic scenes")
+    t.add_argument("--out", default="gmar-reference", metavar="DIR")
+    t.add_argument("--steps", type=int, help="training steps (default: the shipped recipe's)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    t.set_defaults(func=run_train_reference)
+
+    d = commands.add_parser("demo", help="offline: explain test scenes with the shipped reference ViT and score it")
+    d.add_argument("--out", default="gmar-demo", metavar="DIR")
+    d.add_argument("--scenes", type=int, default=100, help="scenes in the evaluation table (default 100)")
+    d.set_defaults(func=run_demo)
     return parser
 
 
@@ -124,6 +159,124 @@ def _text_target(args: argparse.Namespace, loaded: LoadedModel) -> TextTarget | 
     if tokenizer is None:
         raise GmarError(f"{loaded.spec} came without a tokenizer, so its prompts cannot be embedded")
     return TextTarget(loaded.model, tokenizer, args.prompt)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from gmar.evaluate import (
+        Settings,
+        barrier,
+        distributed,
+        evaluate,
+        folder_items,
+        imagenet_seg_items,
+        report,
+        scene_items,
+        select_methods,
+        select_metrics,
+    )
+
+    methods, metrics = select_methods(args.methods), select_metrics(args.metrics)
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or args.steps < 1:
+        raise GmarError("--batch-size, --limit and --steps must be at least 1")
+    device = _device(args.device)
+    rank, world = distributed()
+    model, config, multi_label = _evaluation_model(args, device)
+    if get_adapter(model).attention_pooled:
+        methods = [m for m in methods if not get_method(m).needs_readout_rows]
+    if args.imagenet_seg:
+        data = f"imagenet-seg:{args.imagenet_seg}"
+        items = imagenet_seg_items(Path(args.imagenet_seg), config, args.limit)
+    elif args.data == "scenes":
+        from gmar.data import CLASSES
+
+        classes = _num_classes(model)
+        if classes != len(CLASSES):
+            raise GmarError(f"the scenes have {len(CLASSES)} classes but {args.model} has {classes} outputs")
+        data = "scenes"
+        items = scene_items(args.limit, seed=args.seed, image_size=config.input_size[0])
+    elif args.data.startswith("imagefolder:"):
+        data = args.data
+        masks = Path(args.masks) if args.masks else None
+        items = folder_items(Path(args.data.partition(":")[2]), masks, config, args.limit)
+    else:
+        raise GmarError(f"--data must be 'scenes' or imagefolder:DIR, not {args.data!r}")
+    if not items:
+        raise GmarError("nothing to evaluate: the data holds no readable images")
+    items = [replace(item, image=item.image.to(device)) for item in items]
+    settings = Settings(
+        model=args.model if args.checkpoint is None else f"{args.model}+{Path(args.checkpoint).name}",
+        data=data,
+        methods=methods,
+        metrics=metrics,
+        limit=args.limit,
+        steps=args.steps,
+        baseline=args.baseline,
+        blur_sigma=args.blur_sigma,
+        tolerance=args.tolerance,
+        sanity_items=args.sanity_items,
+        seed=args.seed,
+        multi_label=multi_label,
+    )
+    out = Path(args.out)
+    store = evaluate(model, items, settings, out, batch_size=args.batch_size, rank=rank, world=world)
+    barrier()
+    if rank == 0:
+        report(store, settings, out)
+        print(f"gmar: evaluated {len(items)} item(s) with {len(methods)} method(s); results in {out / 'results.md'}")
+    store.close()
+    return 0
+
+
+def _evaluation_model(args: argparse.Namespace, device: torch.device):
+    """The model, its preprocessing and whether it is multi-label (the reference model is)."""
+    if args.model == "reference":
+        from gmar.reference import load_reference_model
+
+        model = load_reference_model(args.checkpoint, device=device)
+        return model, get_adapter(model).preprocess_config(), True
+    loaded = load_model(args.model, checkpoint=args.checkpoint, pretrained=not args.random_init, device=device)
+    if not get_adapter(loaded.model).is_classifier:
+        raise GmarError("gmar evaluate scores classifiers; CLIP models are explained with gmar explain --prompt")
+    return loaded.model, loaded.preprocess, False
+
+
+def _num_classes(model: torch.nn.Module) -> int:
+    adapter = get_adapter(model)
+    size = adapter.preprocess_config().input_size
+    with torch.no_grad():
+        parameter = next(model.parameters())
+        return int(adapter.forward(torch.zeros(1, 3, *size, device=parameter.device)).shape[-1])
+
+
+def run_train_reference(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from gmar.reference import ReferenceConfig, train_reference
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = ReferenceConfig(seed=args.seed)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise GmarError("--steps must be at least 1")
+        config = replace(config, steps=args.steps)
+    print(f"gmar: training the reference ViT: {json.dumps(asdict(config))}")
+    _, summary = train_reference(config, out=args.out)
+    print(
+        f"gmar: test exact-set accuracy {summary['test_exact_set_accuracy']:.4f} on {summary['test_scenes']} scenes, "
+        f"{summary['train_seconds']} s; wrote {Path(args.out) / 'reference_vit.safetensors'} and its model card"
+    )
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from gmar.demo import demo
+
+    if args.scenes < 1:
+        raise GmarError("--scenes must be at least 1")
+    for line in demo(Path(args.out), scenes=args.scenes):
+        print(f"gmar: {line}")
+    return 0
 
 
 def _write(

@@ -1,0 +1,581 @@
+"""The evaluation harness: explain a dataset with several methods, score every map, store every
+number per image in SQLite, and write the tables and plots.
+
+The unit of work is an *item*: one image and one target (for the scenes, one item per object
+present; elsewhere the image's predicted class). Each ``(item, method)`` is stored in one
+transaction with a ``done`` mark, so a killed run started again with the same arguments skips
+what is stored and loses nothing. Under ``torchrun`` every process takes the items whose index
+modulo the world size is its rank, all write to the same database, and rank 0 writes the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sqlite3
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from gmar import metrics as M
+from gmar.adapters import get_adapter
+from gmar.errors import GmarError
+from gmar.methods import available_methods, explain
+from gmar.preprocess import PreprocessConfig, load_image, preprocess, resize_and_crop
+
+#: metric groups as they are selected (``--metrics``) and plotted
+GROUPS = {
+    "faithfulness": ["deletion_auc", "insertion_auc", "perturbation_positive", "perturbation_negative"],
+    "localisation": [
+        "pointing_game",
+        "energy_pointing_game",
+        "pixel_auroc",
+        "pixel_ap",
+        "segmentation_pixel_accuracy",
+        "segmentation_miou",
+    ],
+    "discrimination": ["class_discrimination"],
+    "sanity": ["sanity_spearman"],
+    "head_ablation": ["head_ablation_auc"],
+}
+#: ``--metrics`` names -> the metrics they produce
+SELECTORS = {
+    "deletion": ["deletion_auc"],
+    "insertion": ["insertion_auc"],
+    "perturbation": ["perturbation_positive", "perturbation_negative"],
+    "pointing": ["pointing_game"],
+    "energy": ["energy_pointing_game"],
+    "auroc": ["pixel_auroc", "pixel_ap"],
+    "segmentation": ["segmentation_pixel_accuracy", "segmentation_miou"],
+    "discrimination": ["class_discrimination"],
+    "sanity": ["sanity_spearman"],
+    "head_ablation": ["head_ablation_auc"],
+}
+RANKINGS = ("gmar", "random", "reverse")
+
+
+@dataclass
+class Item:
+    """One image and what to explain in it."""
+
+    key: str
+    image: torch.Tensor  # (3, H, W) model input
+    target: int | None = None  # None: the model's prediction
+    mask: torch.Tensor | None = None  # (H, W) bool: the target's pixels
+    others: torch.Tensor | None = None  # (H, W) bool: the other objects' pixels (multi-object scenes)
+
+
+@dataclass
+class Settings:
+    """Everything that changes the numbers; stored with the results, checked on resume."""
+
+    model: str
+    data: str
+    methods: list[str]
+    metrics: list[str]
+    limit: int | None = None
+    steps: int = 20
+    baseline: float = 0.0
+    blur_sigma: float = 5.0
+    tolerance: float | None = None
+    sanity_items: int = 16
+    seed: int = 0
+    multi_label: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def scene_items(limit: int | None, seed: int = 0, image_size: int = 64) -> list[Item]:
+    """Test scenes, one item per object present; ``others`` is the union of the other objects."""
+    from gmar.data import Scenes
+
+    scenes = Scenes("test", limit if limit is not None else 500, seed=seed, image_size=image_size)
+    items = []
+    for scene in scenes:
+        for cls in scene.classes:
+            others = scene.masks[[c for c in scene.classes if c != cls]].any(dim=0) if len(scene.classes) > 1 else None
+            items.append(Item(f"scene{scene.index:05d}/c{cls}", scene.image, cls, scene.masks[cls], others))
+    return items
+
+
+def folder_items(folder: Path, masks: Path | None, config: PreprocessConfig, limit: int | None) -> list[Item]:
+    """Images of ``folder`` (sorted), with the same-named mask of ``masks`` when given (nonzero =
+    foreground, resized and cropped like the image). Unreadable images are reported and skipped."""
+    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+    if not folder.is_dir():
+        raise GmarError(f"imagefolder: {folder} is not a folder")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)[:limit]
+    items = []
+    for path in paths:
+        try:
+            image = preprocess(load_image(path), config)[0]
+        except GmarError as error:
+            print(f"gmar: skipped {error}", file=sys.stderr)
+            continue
+        mask = None
+        if masks is not None:
+            found = [p for p in masks.glob(path.stem + ".*") if p.suffix.lower() in suffixes]
+            if not found:
+                print(
+                    f"gmar: no mask for {path.name} in {masks}; its localisation metrics are skipped", file=sys.stderr
+                )
+            else:
+                mask = _mask_to_input(np.asarray(load_image(found[0]).convert("L")) > 0, config)
+        items.append(Item(path.name, image, None, mask))
+    return items
+
+
+def imagenet_seg_items(file: Path, config: PreprocessConfig, limit: int | None) -> list[Item]:
+    """The ImageNet-Segmentation benchmark (``gtsegs_ijcv.mat``, MATLAB v7.3 / HDF5): datasets
+    ``value/img`` and ``value/gt`` hold one object reference per image; the referenced arrays are
+    stored transposed (``(3, W, H)`` uint8 and ``(W, H)``). The target is the predicted class."""
+    try:
+        import h5py
+    except ImportError:
+        raise GmarError("reading ImageNet-Segmentation needs h5py: pip install 'gmar[eval]'") from None
+    from PIL import Image
+
+    if not file.is_file():
+        raise GmarError(f"--imagenet-seg: no such file {file}")
+    items = []
+    with h5py.File(file, "r") as handle:
+        images, truths = handle["value/img"], handle["value/gt"]
+        count = images.shape[0] if limit is None else min(limit, images.shape[0])
+        for index in range(count):
+            pixels = np.array(handle[images[index, 0]]).transpose(2, 1, 0)
+            truth = np.array(handle[truths[index, 0]]).transpose(1, 0) > 0
+            image = preprocess(Image.fromarray(pixels.astype(np.uint8)), config)[0]
+            items.append(Item(f"imagenet-seg/{index:05d}", image, None, _mask_to_input(truth, config)))
+    return items
+
+
+def _mask_to_input(mask: np.ndarray, config: PreprocessConfig) -> torch.Tensor:
+    from PIL import Image
+
+    nearest = PreprocessConfig(config.input_size, config.mean, config.std, "nearest", config.crop_pct)
+    resized = resize_and_crop(Image.fromarray(mask.astype(np.uint8) * 255), nearest)
+    return torch.from_numpy(np.asarray(resized) > 127)
+
+
+# ----------------------------------------------------------------------------------------------- store
+
+
+class Store:
+    """The per-item results in ``results.sqlite``; safe for several processes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=120)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
+            CREATE TABLE IF NOT EXISTS scores(item TEXT, method TEXT, metric TEXT, value REAL,
+                                              PRIMARY KEY(item, method, metric));
+            CREATE TABLE IF NOT EXISTS curves(item TEXT, method TEXT, curve TEXT, value TEXT,
+                                              PRIMARY KEY(item, method, curve));
+            CREATE TABLE IF NOT EXISTS done(item TEXT, method TEXT, PRIMARY KEY(item, method));
+            """
+        )
+
+    def check_settings(self, settings: Settings) -> None:
+        """Record the settings of a new run, or refuse to mix results of different runs."""
+        current = json.dumps(asdict(settings), sort_keys=True)
+        with self.db:
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('settings', ?)", (current,))
+        stored = self.db.execute("SELECT value FROM meta WHERE key='settings'").fetchone()[0]
+        if stored != current:
+            old, new = json.loads(stored), json.loads(current)
+            differ = ", ".join(k for k in new if old.get(k) != new.get(k))
+            raise GmarError(
+                f"{self.path} holds results of a run with other settings ({differ}); use another --out or delete it"
+            )
+
+    def done(self) -> set[tuple[str, str]]:
+        return set(self.db.execute("SELECT item, method FROM done"))
+
+    def write(self, item: str, method: str, scores: dict[str, float], curves: dict[str, list[float]]) -> None:
+        with self.db:  # one transaction: the results and the done mark land together or not at all
+            self.db.executemany(
+                "INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)",
+                [(item, method, k, None if v != v else float(v)) for k, v in scores.items()],
+            )
+            self.db.executemany(
+                "INSERT OR REPLACE INTO curves VALUES (?, ?, ?, ?)",
+                [(item, method, k, json.dumps([round(float(x), 6) for x in v])) for k, v in curves.items()],
+            )
+            self.db.execute("INSERT OR REPLACE INTO done VALUES (?, ?)", (item, method))
+
+    def scores(self) -> list[tuple[str, str, str, float | None]]:
+        return list(self.db.execute("SELECT item, method, metric, value FROM scores ORDER BY item, method, metric"))
+
+    def curves(self) -> list[tuple[str, str, str, list[float]]]:
+        return [(i, m, c, json.loads(v)) for i, m, c, v in self.db.execute("SELECT * FROM curves ORDER BY item")]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+# -------------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    model: nn.Module,
+    items: Sequence[Item],
+    settings: Settings,
+    out: Path,
+    batch_size: int = 16,
+    progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    after_batch: Callable[[], None] | None = None,
+) -> Store:
+    """Explain and score ``items`` (this process's share of them), storing as it goes."""
+    out.mkdir(parents=True, exist_ok=True)
+    store = Store(out / "results.sqlite")
+    store.check_settings(settings)
+    mine = [item for index, item in enumerate(items) if index % world == rank]
+    done = store.done()
+    todo = [item for item in mine if any((item.key, m) not in done for m in _units(settings))]
+    scorer = M.Scorer(model, multi_label=settings.multi_label, batch_size=64)
+    adapter = get_adapter(model)
+    sanity_keys = {item.key for item in items[: settings.sanity_items]}
+    bar = _Progress(len(mine), len(mine) - len(todo), "evaluating", progress and rank == 0)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        images = torch.stack([item.image for item in chunk])
+        targets = _targets(scorer, images, chunk)
+        for method in settings.methods:
+            pending = [i for i, item in enumerate(chunk) if (item.key, method) not in done]
+            if not pending:
+                continue
+            sub = [chunk[i] for i in pending]
+            results = _score_method(model, adapter, scorer, method, images[pending], targets[pending], sub, settings)
+            if method == "gmar" and "head_ablation_auc" in settings.metrics:
+                weights = explain(model, images[pending], "gmar", target=targets[pending]).head_weights
+                keys = [item.key for item in sub]
+                _add_head_ablation(results, scorer, adapter, images[pending], targets[pending], weights, keys, settings)
+            if "sanity_spearman" in settings.metrics:
+                wanted = [i for i, item in enumerate(sub) if item.key in sanity_keys]
+                if wanted:
+                    _add_sanity(results, model, method, images[pending], targets[pending], wanted, settings)
+            for i, item in enumerate(sub):
+                store.write(item.key, method, results[i][0], results[i][1])
+        bar.update(len(chunk))
+        if after_batch is not None:
+            after_batch()
+    bar.close()
+    return store
+
+
+def _units(settings: Settings) -> list[str]:
+    return list(settings.methods)
+
+
+def _targets(scorer: M.Scorer, images: torch.Tensor, chunk: Sequence[Item]) -> torch.Tensor:
+    """The explained classes: the item's own, or the model's prediction."""
+    targets = [item.target for item in chunk]
+    if any(t is None for t in targets):
+        with torch.no_grad():
+            predicted = scorer.model(images).argmax(dim=1)
+        targets = [int(p) if t is None else t for t, p in zip(targets, predicted, strict=True)]
+    return torch.tensor(targets, dtype=torch.long)
+
+
+def _score_method(model, adapter, scorer, method, images, targets, items, settings) -> list[tuple[dict, dict]]:
+    wanted = set(settings.metrics)
+    heatmaps = explain(model, images, method, target=targets).heatmap
+    results: list[tuple[dict, dict]] = [({}, {}) for _ in items]
+
+    def put(name: str, values: torch.Tensor, rows: Sequence[int] | None = None) -> None:
+        for row, value in zip(range(len(items)) if rows is None else rows, values.tolist(), strict=True):
+            results[row][0][name] = value
+
+    if "deletion_auc" in wanted:
+        auc, curve = M.deletion(scorer, images, heatmaps, targets, settings.steps, settings.baseline)
+        put("deletion_auc", auc)
+        for i, c in enumerate(curve.tolist()):
+            results[i][1]["deletion"] = c
+    if "insertion_auc" in wanted:
+        auc, curve = M.insertion(scorer, images, heatmaps, targets, settings.steps, settings.blur_sigma)
+        put("insertion_auc", auc)
+        for i, c in enumerate(curve.tolist()):
+            results[i][1]["insertion"] = c
+    if "perturbation_positive" in wanted:
+        put("perturbation_positive", M.perturbation(scorer, images, heatmaps, targets, positive=True)[0])
+        put("perturbation_negative", M.perturbation(scorer, images, heatmaps, targets, positive=False)[0])
+    masked = [i for i, item in enumerate(items) if item.mask is not None]
+    if masked:
+        maps, masks = heatmaps[masked], torch.stack([items[i].mask for i in masked])
+        if "pointing_game" in wanted:
+            tolerance = settings.tolerance if settings.tolerance is not None else 15 * min(maps.shape[-2:]) / 224
+            put("pointing_game", M.pointing_game(maps, masks, tolerance), masked)
+        if "energy_pointing_game" in wanted:
+            put("energy_pointing_game", M.energy_pointing_game(maps, masks), masked)
+        if "pixel_auroc" in wanted:
+            put("pixel_auroc", M.pixel_auroc(maps, masks), masked)
+            put("pixel_ap", M.pixel_ap(maps, masks), masked)
+        if "segmentation_miou" in wanted:
+            accuracy, miou = M.segmentation(maps, masks)
+            put("segmentation_pixel_accuracy", accuracy, masked)
+            put("segmentation_miou", miou, masked)
+    several = [i for i, item in enumerate(items) if item.mask is not None and item.others is not None]
+    if several and "class_discrimination" in wanted:
+        target_masks = torch.stack([items[i].mask for i in several])
+        others = torch.stack([items[i].others for i in several])
+        put("class_discrimination", M.class_discrimination(heatmaps[several], target_masks, others), several)
+    return results
+
+
+def _add_head_ablation(results, scorer, adapter, images, targets, weights, keys, settings) -> None:
+    ranked = M.rank_heads(weights)
+    # Each item's random ranking comes from its own key, whatever batch or process it falls in.
+    generators = [torch.Generator().manual_seed(_seed(settings.seed, key)) for key in keys]
+    random = torch.stack([torch.randperm(ranked.shape[1], generator=g) for g in generators])
+    for name, ranking in (("gmar", ranked), ("random", random), ("reverse", ranked.flip(1))):
+        auc, curve = M.head_ablation(scorer, adapter, images, targets, ranking)
+        for i in range(len(results)):
+            results[i][0][f"head_ablation_auc[{name}]"] = float(auc[i])
+            results[i][1][f"head_ablation[{name}]"] = curve[i].tolist()
+
+
+def _seed(seed: int, key: str) -> int:
+    return zlib.crc32(f"{seed}:{key}".encode())
+
+
+def _add_sanity(results, model, method, images, targets, rows, settings) -> None:
+    picked = images[rows]
+
+    def heatmaps(net: nn.Module) -> torch.Tensor:
+        return explain(net, picked, method, target=targets[rows]).heatmap
+
+    steps = M.cascading_randomisation(model, heatmaps, seed=settings.seed)
+    for position, row in enumerate(rows):
+        values = [float(rho[position]) for _, rho in steps]
+        clean = [v for v in values if v == v]
+        results[row][0]["sanity_spearman"] = sum(clean) / len(clean) if clean else float("nan")
+        results[row][1]["sanity"] = values
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def report(store: Store, settings: Settings, out: Path) -> dict:
+    """Write ``results.csv``, ``results.md`` and the plots; return the summary table."""
+    table: dict[tuple[str, str], list[float]] = {}
+    for _, method, metric, value in store.scores():
+        if metric.startswith("head_ablation_auc["):
+            method, metric = metric[len("head_ablation_auc[") : -1], "head_ablation_auc"
+            method = f"heads:{method}"
+        table.setdefault((method, metric), []).append(float("nan") if value is None else value)
+    summary = {key: (*M.mean_ci(values), sum(v == v for v in values)) for key, values in table.items()}
+    metrics_present = [m for group in GROUPS.values() for m in group if any(k[1] == m for k in summary)]
+    methods_present = [m for m in settings.methods if any(k[0] == m for k in summary)]
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "metric", "mean", "ci95", "n", "better"])
+        for (method, metric), (mean, ci, n) in sorted(summary.items()):
+            writer.writerow([method, metric, f"{mean:.6f}", f"{ci:.6f}", n, M.DIRECTION[metric]])
+    (out / "results.md").write_text(_markdown(summary, methods_present, metrics_present, settings))
+    _plots(store, summary, methods_present, out)
+    return summary
+
+
+def _markdown(summary, methods, metrics, settings: Settings) -> str:
+    main = [m for m in metrics if m != "head_ablation_auc"]
+    lines = [
+        f"# gmar evaluate: {settings.model} on {settings.data}",
+        "",
+        "Mean over items with its 95 % confidence interval (± 1.96 standard errors); **bold**: the best",
+        "method per metric (↑ higher is better, ↓ lower is better); n: items with a value.",
+        "",
+    ]
+    if main:
+        lines.append("| method | " + " | ".join(f"{m} {_arrow(m)}" for m in main) + " |")
+        lines.append("|---|" + "---|" * len(main))
+        best = {m: _best(summary, methods, m) for m in main}
+        for method in methods:
+            cells = []
+            for metric in main:
+                if (method, metric) not in summary:
+                    cells.append("—")
+                    continue
+                mean, ci, n = summary[(method, metric)]
+                text = f"{mean:.3f} ± {ci:.3f}" if ci == ci else f"{mean:.3f}"
+                cells.append(f"**{text}**" if best[metric] == method else text)
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        counts = {m: max((summary[(x, m)][2] for x in methods if (x, m) in summary), default=0) for m in main}
+        lines += ["", "Items per metric: " + ", ".join(f"{m} {n}" for m, n in counts.items()) + "."]
+    heads = [k for k in summary if k[1] == "head_ablation_auc"]
+    if heads:
+        lines += [
+            "",
+            "## Head-importance faithfulness",
+            "",
+            "Heads switched off one by one in the order of a ranking; AUC of the target's probability over the",
+            "share removed (↓ lower: the ranking finds the heads that matter first).",
+            "",
+            "| ranking | head_ablation_auc ↓ | n |",
+            "|---|---|---|",
+        ]
+        for name in RANKINGS:
+            if (f"heads:{name}", "head_ablation_auc") in summary:
+                mean, ci, n = summary[(f"heads:{name}", "head_ablation_auc")]
+                lines.append(f"| {name} | {mean:.3f} ± {ci:.3f} | {n} |")
+    return "\n".join(lines) + "\n"
+
+
+def _arrow(metric: str) -> str:
+    return "↑" if M.DIRECTION[metric] == "higher" else "↓"
+
+
+def _best(summary, methods, metric) -> str | None:
+    values = [
+        (summary[(m, metric)][0], m)
+        for m in methods
+        if (m, metric) in summary and summary[(m, metric)][0] == summary[(m, metric)][0]
+    ]
+    if not values:
+        return None
+    return (max(values) if M.DIRECTION[metric] == "higher" else min(values))[1]
+
+
+def _plots(store: Store, summary, methods, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    for group, names in GROUPS.items():
+        names = [n for n in names if any((m, n) in summary for m in methods)]
+        if not names or group == "head_ablation":
+            continue
+        figure, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
+        for axis, name in zip(axes[0], names, strict=True):
+            present = [m for m in methods if (m, name) in summary]
+            means = [summary[(m, name)][0] for m in present]
+            errors = [0 if summary[(m, name)][1] != summary[(m, name)][1] else summary[(m, name)][1] for m in present]
+            axis.bar(range(len(present)), means, yerr=errors, color="tab:blue", capsize=3)
+            axis.set_xticks(range(len(present)), present, rotation=45, ha="right", fontsize=8)
+            axis.set_title(f"{name} {_arrow(name)}", fontsize=9)
+        figure.tight_layout()
+        figure.savefig(out / f"{group}.png", dpi=100)
+        plt.close(figure)
+    curves: dict[tuple[str, str], list[list[float]]] = {}
+    for _, method, curve, values in store.curves():
+        curves.setdefault((curve, method), []).append(values)
+    kinds = [("deletion", "deletion (↓ area)"), ("insertion", "insertion (↑ area)")]
+    if any(k[0] in dict(kinds) for k in curves):
+        figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        for axis, (kind, title) in zip(axes, kinds, strict=True):
+            for method in methods:
+                if (kind, method) in curves:
+                    mean = np.mean(np.array(curves[(kind, method)]), axis=0)
+                    axis.plot(np.linspace(0, 1, len(mean)), mean, label=method)
+            axis.set_xlabel("fraction of pixels")
+            axis.set_ylabel("target probability")
+            axis.set_title(title, fontsize=9)
+        axes[0].legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out / "deletion_insertion.png", dpi=100)
+        plt.close(figure)
+    ablations = {k[0]: v for k, v in curves.items() if k[0].startswith("head_ablation[")}
+    if ablations:
+        figure, axis = plt.subplots(figsize=(4.5, 3.5))
+        for kind, values in ablations.items():
+            mean = np.mean(np.array(values), axis=0)
+            axis.plot(np.linspace(0, 1, len(mean)), mean, label=kind[len("head_ablation[") : -1])
+        axis.set_xlabel("fraction of heads removed")
+        axis.set_ylabel("target probability")
+        axis.set_title("head ablation (↓ area)", fontsize=9)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out / "head_ablation.png", dpi=100)
+        plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------- misc
+
+
+def select_metrics(spec: str) -> list[str]:
+    """``all`` or comma-separated selector names (:data:`SELECTORS`) to metric names."""
+    names = list(SELECTORS) if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SELECTORS]
+    if unknown or not names:
+        raise GmarError(f"unknown metric(s) {', '.join(unknown) or spec!r}; choose from {', '.join(SELECTORS)}")
+    return [metric for name in names for metric in SELECTORS[name]]
+
+
+def select_methods(spec: str) -> list[str]:
+    names = available_methods() if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in available_methods()]
+    if unknown or not names:
+        raise GmarError(
+            f"unknown method(s) {', '.join(unknown) or spec!r}; choose from {', '.join(available_methods())}"
+        )
+    return names
+
+
+def distributed() -> tuple[int, int]:
+    """``(rank, world size)``; initialises a gloo process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class _Progress:
+    def __init__(self, total: int, done: int, label: str, enabled: bool) -> None:
+        self.total, self.done, self.label, self.enabled = total, done, label, enabled
+        self.start = self.last = time.perf_counter()
+        self.first = done
+        self._draw()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        now = time.perf_counter()
+        if now - self.last > 0.5 or self.done >= self.total:
+            self.last = now
+            self._draw()
+
+    def _draw(self) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = (self.done - self.first) / elapsed if elapsed > 0 else 0
+        left = (self.total - self.done) / rate if rate > 0 else float("nan")
+        filled = int(30 * self.done / max(self.total, 1))
+        eta = f", {left:.0f}s left" if math.isfinite(left) else ""
+        sys.stderr.write(f"\r{self.label}: [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} items{eta}  ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def iter_chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

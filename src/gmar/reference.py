@@ -1,0 +1,251 @@
+"""The reference ViT: a timm ``VisionTransformer`` trained on :mod:`gmar.data` scenes, shipped with gmar.
+
+``gmar.load_reference_model()`` loads the checkpoint in the package (no network); ``gmar
+train-reference`` reproduces it from its seed. The model is multi-label: class ``c`` is present
+when ``sigmoid(logit_c) > 0.5``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gmar.data import CLASSES, Scenes
+from gmar.errors import ModelLoadError
+
+CHECKPOINT = "reference_vit.safetensors"
+CARD = "reference_vit.md"
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """Architecture and training recipe of the reference model."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    embed_dim: int = 96
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 2.0
+    seed: int = 0
+    data_seed: int = 0
+    train_scenes: int = 40000
+    test_scenes: int = 2000
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 1.5e-3
+    warmup: int = 300
+    weight_decay: float = 0.05
+
+
+def build_reference_model(config: ReferenceConfig = ReferenceConfig()) -> nn.Module:
+    """The reference architecture with freshly initialised weights (seeded by ``config.seed``)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = VisionTransformer(
+            img_size=config.image_size,
+            patch_size=config.patch_size,
+            embed_dim=config.embed_dim,
+            depth=config.depth,
+            num_heads=config.num_heads,
+            mlp_ratio=config.mlp_ratio,
+            num_classes=len(CLASSES),
+            global_pool="token",
+        )
+    model.pretrained_cfg = {
+        **(getattr(model, "pretrained_cfg", None) or {}),
+        "label_names": list(CLASSES),
+        "mean": (0.0,) * 3,
+        "std": (1.0,) * 3,
+    }
+    return model
+
+
+def load_reference_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """The shipped reference ViT (or the checkpoint at ``path``), in eval mode. Needs no network."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file = Path(path) if path is not None else Path(str(resources.files("gmar") / "assets" / CHECKPOINT))
+    if not file.is_file():
+        raise ModelLoadError(f"no reference checkpoint at {file}; create one with gmar train-reference")
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    known = ReferenceConfig.__dataclass_fields__
+    config = ReferenceConfig(**{k: v for k, v in json.loads(metadata.get("config", "{}")).items() if k in known})
+    model = build_reference_model(config)
+    model.load_state_dict(load_file(str(file)))
+    return model.to(device).eval()
+
+
+def decide(logits: torch.Tensor) -> torch.Tensor:
+    """The predicted label set: ``sigmoid(logit) > 0.5``, as bool ``(B, C)``."""
+    return logits > 0
+
+
+@torch.no_grad()
+def exact_set_accuracy(model: nn.Module, scenes: Scenes, batch_size: int = 256) -> float:
+    """Share of scenes whose predicted label set is exactly the set of present classes."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for start in range(0, len(scenes), batch_size):
+            images, labels, _ = scenes.batch(range(start, min(start + batch_size, len(scenes))))
+            correct += int((decide(model(images)) == labels.bool()).all(dim=1).sum())
+    finally:
+        model.train(was_training)
+    return correct / max(1, len(scenes))
+
+
+def train_reference(
+    config: ReferenceConfig = ReferenceConfig(), out: str | Path | None = None, progress: bool = True
+) -> tuple[nn.Module, dict]:
+    """Train the reference model from its seed; returns it and a report (accuracy, time).
+
+    The loss is binary cross-entropy on every class plus a cross-entropy against the target spread
+    evenly over the present classes; the second term moves all logits from the first steps and gets
+    training off the plateau where attention has not yet found the objects.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    train = Scenes("train", config.train_scenes, seed=config.data_seed, image_size=config.image_size)
+    images, labels = _render(train, progress)
+    model = build_reference_model(config).train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: _lr_factor(step, config))
+    generator = torch.Generator().manual_seed(config.seed)
+    bar = _Bar(config.steps, "training", progress)
+    loss_avg = None
+    for step in range(config.steps):
+        index = torch.randint(len(train), (config.batch_size,), generator=generator)
+        batch = images[index].float().div_(255)
+        flip = torch.rand(config.batch_size, generator=generator) < 0.5
+        batch[flip] = batch[flip].flip(-1)
+        target = labels[index]
+        logits = model(batch)
+        spread = target / target.sum(dim=1, keepdim=True)
+        loss = (
+            F.binary_cross_entropy_with_logits(logits, target)
+            + torch.sum(-spread * F.log_softmax(logits, dim=1), dim=1).mean()
+        )
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        schedule.step()
+        loss_avg = float(loss) if loss_avg is None else 0.98 * loss_avg + 0.02 * float(loss)
+        bar.update(step + 1, f"loss {loss_avg:.3f}")
+    bar.close()
+    model.eval()
+    test = Scenes("test", config.test_scenes, seed=config.data_seed, image_size=config.image_size)
+    accuracy = exact_set_accuracy(model, test)
+    report = {
+        "test_exact_set_accuracy": accuracy,
+        "test_scenes": config.test_scenes,
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "threads": torch.get_num_threads(),
+        "final_loss": round(loss_avg or float("nan"), 4),
+    }
+    if out is not None:
+        save_reference(model, config, report, Path(out))
+    return model, report
+
+
+def save_reference(model: nn.Module, config: ReferenceConfig, report: dict, folder: Path) -> Path:
+    """Write the checkpoint (config in its metadata) and the model card into ``folder``."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CHECKPOINT
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"config": json.dumps(asdict(config)), "report": json.dumps(report)})
+    (folder / CARD).write_text(_card(config, report))
+    return path
+
+
+def _card(config: ReferenceConfig, report: dict) -> str:
+    size = sum(math.prod(s) for s in _shapes(config))
+    return f"""# gmar reference ViT
+
+A timm `VisionTransformer` trained from scratch, multi-label, on gmar's synthetic scenes
+(`gmar.data.Scenes`, classes: {", ".join(CLASSES)}). Shipped with gmar so that the benchmark runs
+offline; load it with `gmar.load_reference_model()`.
+
+- Architecture: {config.image_size}x{config.image_size} input, patch {config.patch_size} \
+({config.image_size // config.patch_size}x{config.image_size // config.patch_size} grid), width {config.embed_dim}, \
+{config.depth} blocks, {config.num_heads} heads, MLP ratio {config.mlp_ratio}, CLS token; {size:,} parameters.
+- Input: RGB in [0, 1], no normalisation. Decision: class present when `sigmoid(logit) > 0.5`.
+- Training: `gmar train-reference` (seed {config.seed}, data seed {config.data_seed}), {config.steps} steps of batch \
+{config.batch_size} over {config.train_scenes} train scenes with horizontal flips, AdamW (lr {config.lr}, weight \
+decay {config.weight_decay}, {config.warmup} warm-up steps, cosine decay), loss: binary cross-entropy plus \
+cross-entropy against the target spread over the present classes.
+- Test exact-set accuracy: **{report["test_exact_set_accuracy"]:.4f}** on {report["test_scenes"]} test scenes \
+(every present class and no other above the threshold).
+- Training time: {report["train_seconds"]} s with {report["threads"]} CPU threads.
+- Date: {time.strftime("%Y-%m-%d")}.
+"""
+
+
+def _shapes(config: ReferenceConfig) -> list[tuple[int, ...]]:
+    with torch.device("meta"):
+        return [tuple(p.shape) for p in build_reference_model(config).parameters()]
+
+
+def _lr_factor(step: int, config: ReferenceConfig) -> float:
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _render(scenes: Scenes, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """All scenes as uint8 images ``(N, 3, H, W)`` and float labels ``(N, C)``."""
+    size = scenes.image_size
+    images = torch.empty(len(scenes), 3, size, size, dtype=torch.uint8)
+    labels = torch.empty(len(scenes), len(CLASSES))
+    bar = _Bar(len(scenes), "rendering scenes", progress)
+    for i in range(len(scenes)):
+        scene = scenes[i]
+        images[i] = (scene.image * 255).round().to(torch.uint8)
+        labels[i] = scene.labels
+        bar.update(i + 1)
+    bar.close()
+    return images, labels
+
+
+class _Bar:
+    """A one-line progress bar on stderr (no dependency)."""
+
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self.total, self.label, self.enabled = total, label, enabled
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int, note: str = "") -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < 0.5 and done != self.total):
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / max(done, 1) * (self.total - done)
+        filled = int(30 * done / max(self.total, 1))
+        sys.stderr.write(
+            f"\r{self.label}: [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} "
+            f"{elapsed:.0f}s elapsed, {eta:.0f}s left {note}   "
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")

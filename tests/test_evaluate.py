@@ -1,0 +1,198 @@
+"""`gmar evaluate` end to end: outputs, kill-and-resume, two torchrun processes, and the data sources."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gmar.cli import main
+from gmar.reference import ReferenceConfig, build_reference_model, save_reference
+
+TINY = ReferenceConfig(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
+FAST = ["--methods", "gmar,gae", "--metrics", "deletion,perturbation,pointing,energy,head_ablation", "--steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """An untrained reference-architecture checkpoint (the harness does not care how good it is)."""
+    folder = tmp_path_factory.mktemp("tiny-reference")
+    report = {"test_exact_set_accuracy": 0.0, "test_scenes": 0, "train_seconds": 0.0, "threads": 1}
+    return save_reference(build_reference_model(TINY), TINY, report, folder)
+
+
+def evaluate_argv(checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    return ["evaluate", "--checkpoint", str(checkpoint), "--out", str(out), *extra]
+
+
+def read_csv(path: Path) -> dict[tuple[str, str], tuple[float, float, int]]:
+    with open(path) as handle:
+        return {
+            (r["method"], r["metric"]): (float(r["mean"]), float(r["ci95"]), int(r["n"]))
+            for r in csv.DictReader(handle)
+        }
+
+
+def assert_same_tables(a: Path, b: Path) -> None:
+    first, second = read_csv(a / "results.csv"), read_csv(b / "results.csv")
+    assert first.keys() == second.keys()
+    for key in first:
+        np.testing.assert_allclose(first[key][:2], second[key][:2], rtol=1e-4, atol=1e-5, err_msg=str(key))
+        assert first[key][2] == second[key][2], key
+
+
+def done_count(db: Path) -> int:
+    try:
+        with sqlite3.connect(db, timeout=5) as connection:
+            return connection.execute("SELECT COUNT(*) FROM done").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_writes_tables_plots_and_per_item_rows(checkpoint, tmp_path):
+    out = tmp_path / "run"
+    assert main(evaluate_argv(checkpoint, out, "--limit", "4", "--steps", "4", "--sanity-items", "2")) == 0
+    for name in ("results.md", "results.csv", "results.sqlite", "faithfulness.png", "localisation.png",
+                 "deletion_insertion.png", "head_ablation.png", "sanity.png", "discrimination.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+    table = read_csv(out / "results.csv")
+    methods = {m for m, _ in table}
+    assert {"gmar", "rollout", "legrad", "gradcam", "heads:gmar", "heads:random", "heads:reverse"} <= methods
+    with sqlite3.connect(out / "results.sqlite") as db:
+        items = db.execute("SELECT COUNT(DISTINCT item) FROM done").fetchone()[0]
+        rows = db.execute("SELECT COUNT(*) FROM scores WHERE method='gmar' AND metric='pointing_game'").fetchone()[0]
+    assert items == rows == table[("gmar", "pointing_game")][2]
+    assert table[("gmar", "sanity_spearman")][2] == 2  # --sanity-items
+    for (method, metric), (mean, _, _) in table.items():
+        if metric in ("pointing_game", "energy_pointing_game", "pixel_auroc", "pixel_ap", "segmentation_miou"):
+            assert 0.0 <= mean <= 1.0, (method, metric)
+    markdown = (out / "results.md").read_text()
+    assert "| gmar |" in markdown and "Head-importance faithfulness" in markdown and "**" in markdown
+
+
+def test_resume_after_kill_loses_nothing(checkpoint, tmp_path):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    argv = ["--limit", "24", "--batch-size", "2", *FAST]
+    assert main(evaluate_argv(checkpoint, whole, *argv)) == 0
+    total = done_count(whole / "results.sqlite")
+
+    command = [sys.executable, "-m", "gmar", *evaluate_argv(checkpoint, resumed, *argv)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while done_count(resumed / "results.sqlite") < 4 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stored = done_count(resumed / "results.sqlite")
+    assert 0 < stored < total, f"the kill must land mid-run (stored {stored} of {total})"
+    assert not (resumed / "results.csv").exists()
+
+    assert main(evaluate_argv(checkpoint, resumed, *argv)) == 0
+    assert done_count(resumed / "results.sqlite") == total
+    assert_same_tables(whole, resumed)
+
+
+def test_other_settings_in_the_same_folder_are_refused(checkpoint, tmp_path, capsys):
+    out = tmp_path / "mixed"
+    assert main(evaluate_argv(checkpoint, out, "--limit", "2", *FAST)) == 0
+    assert main(evaluate_argv(checkpoint, out, "--limit", "2", *FAST[:-1], "5")) == 2
+    assert "other settings (steps)" in capsys.readouterr().err
+
+
+def test_two_torchrun_processes_merge_to_the_single_process_table(checkpoint, tmp_path):
+    single, double = tmp_path / "single", tmp_path / "double"
+    argv = ["--limit", "6", *FAST]
+    assert main(evaluate_argv(checkpoint, single, *argv)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gmar",
+               *evaluate_argv(checkpoint, double, *argv)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("results in") == 1, "rank 0 alone writes the report"
+    assert_same_tables(single, double)
+
+
+def write_imagenet_seg(path: Path, count: int = 3) -> list[np.ndarray]:
+    """A file in gtsegs_ijcv.mat's layout: `value/img` and `value/gt` hold references to arrays
+    stored transposed ((3, W, H) and (W, H))."""
+    import h5py
+
+    rng = np.random.default_rng(0)
+    truths = []
+    with h5py.File(path, "w") as handle:
+        refs = handle.create_group("#refs#")
+        images = handle.create_dataset("value/img", (count, 1), dtype=h5py.ref_dtype)
+        gts = handle.create_dataset("value/gt", (count, 1), dtype=h5py.ref_dtype)
+        for i in range(count):
+            height, width = 40 + 8 * i, 56
+            picture = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+            truth = np.zeros((height, width), dtype=np.uint8)
+            truth[5:25, 10 + i : 40] = 1
+            truths.append(truth)
+            images[i, 0] = refs.create_dataset(f"img{i}", data=picture.transpose(2, 1, 0)).ref
+            gts[i, 0] = refs.create_dataset(f"gt{i}", data=truth.transpose(1, 0)).ref
+    return truths
+
+
+def test_imagenet_segmentation_file(tmp_path):
+    from gmar.evaluate import imagenet_seg_items
+    from gmar.preprocess import PreprocessConfig
+
+    path = tmp_path / "gtsegs_ijcv.mat"
+    truths = write_imagenet_seg(path)
+    config = PreprocessConfig(input_size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+    items = imagenet_seg_items(path, config, limit=None)
+    assert [i.key for i in items] == ["imagenet-seg/00000", "imagenet-seg/00001", "imagenet-seg/00002"]
+    for item, truth in zip(items, truths, strict=True):
+        assert item.image.shape == (3, 32, 32) and item.target is None
+        # The mask went through the image's own resize and centre crop (nearest neighbour).
+        from gmar.evaluate import _mask_to_input
+
+        assert torch.equal(item.mask, _mask_to_input(truth > 0, config))
+        assert 0 < int(item.mask.sum()) < 32 * 32
+    assert len(imagenet_seg_items(path, config, limit=2)) == 2
+
+    out = tmp_path / "seg"
+    argv = ["evaluate", "--model", "timm:test_vit", "--random-init", "--imagenet-seg", str(path), "--out", str(out),
+            "--methods", "rollout,gradcam", "--metrics", "pointing,energy,auroc,segmentation"]  # fmt: skip
+    assert main(argv) == 0
+    table = read_csv(out / "results.csv")
+    assert table[("gradcam", "segmentation_miou")][2] == 3
+
+
+def test_image_folder_with_masks_and_a_corrupt_image(tmp_path, capsys):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(images / f"{name}.png")
+    mask = np.zeros((48, 48), dtype=np.uint8)
+    mask[10:30, 10:30] = 255
+    Image.fromarray(mask).save(masks / "a.png")
+    (images / "c.jpg").write_bytes(b"not an image")
+    out = tmp_path / "folder"
+    argv = ["evaluate", "--model", "timm:test_vit", "--random-init", "--data", f"imagefolder:{images}",
+            "--masks", str(masks), "--out", str(out), "--methods", "gradcam", "--metrics", "deletion,pointing",
+            "--steps", "2"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "c.jpg" in err and "no mask for b.png" in err
+    table = read_csv(out / "results.csv")
+    assert table[("gradcam", "deletion_auc")][2] == 2 and table[("gradcam", "pointing_game")][2] == 1
+
+
+def test_scenes_need_a_model_with_the_scene_classes(tmp_path, capsys):
+    argv = ["evaluate", "--model", "timm:test_vit", "--random-init", "--out", str(tmp_path / "x"), "--limit", "1"]
+    assert main(argv) == 2
+    assert "the scenes have 6 classes" in capsys.readouterr().err
