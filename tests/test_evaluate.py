@@ -78,6 +78,8 @@ def test_writes_tables_plots_and_per_item_rows(checkpoint, tmp_path):
             assert 0.0 <= mean <= 1.0, (method, metric)
     markdown = (out / "results.md").read_text()
     assert "| gmar |" in markdown and "Head-importance faithfulness" in markdown and "**" in markdown
+    # The randomisation steps of a 2-block model: head, block 1, block 0, embeddings.
+    assert "| method | head | block 1 | block 0 | embeddings |" in markdown
 
 
 def test_resume_after_kill_loses_nothing(checkpoint, tmp_path):
@@ -196,3 +198,16 @@ def test_scenes_need_a_model_with_the_scene_classes(tmp_path, capsys):
     argv = ["evaluate", "--model", "timm:test_vit", "--random-init", "--out", str(tmp_path / "x"), "--limit", "1"]
     assert main(argv) == 2
     assert "the scenes have 6 classes" in capsys.readouterr().err
+
+
+def test_demo_writes_its_figures_and_table(checkpoint, tmp_path, monkeypatch, capsys):
+    import gmar.demo
+    from gmar.reference import load_reference_model
+
+    monkeypatch.setattr(gmar.demo, "load_reference_model", lambda: load_reference_model(checkpoint))
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--scenes", "3"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("scenes.png", "gmar_heads.png", "evaluation/results.md", "evaluation/results.csv"):
+        assert (tmp_path / "demo" / name).is_file(), name
+        assert str(tmp_path / "demo" / name.split("/")[0]) in printed
+    assert len(read_csv(tmp_path / "demo" / "evaluation" / "results.csv")) > 20

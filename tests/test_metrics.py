@@ -944,3 +944,22 @@ def test_the_shared_vit_is_untouched_by_the_module(vit):
     fresh = make_timm()
     for (name, a), (_, b) in zip(vit.state_dict().items(), fresh.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_class_discrimination_of_a_class_agnostic_map_sums_to_zero_over_three_objects():
+    """Three objects of different sizes, one map for every target: the scores cancel exactly."""
+    masks = torch.zeros(3, 12, 12, dtype=torch.bool)
+    masks[0, 0:3, 0:3] = True
+    masks[1, 5:9, 0:6] = True
+    masks[2, 8:12, 8:12] = True
+    heatmap = torch.rand(12, 12, generator=torch.Generator().manual_seed(4))
+    maps = heatmap.expand(3, 12, 12)
+    others = torch.stack([masks[[j for j in range(3) if j != t]] for t in range(3)])  # (3, 2, H, W)
+    scores = M.class_discrimination(maps, masks, others)
+    shares = torch.stack([(heatmap * m).sum() / heatmap.sum() for m in masks])
+    expected = torch.stack([shares[t] - shares[[j for j in range(3) if j != t]].mean() for t in range(3)])
+    torch.testing.assert_close(scores, expected)
+    assert abs(float(scores.sum())) < 1e-6
+    # Padding with an empty mask changes nothing.
+    padded = torch.cat([others, torch.zeros(3, 1, 12, 12, dtype=torch.bool)], dim=1)
+    torch.testing.assert_close(M.class_discrimination(maps, masks, padded), scores)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from gmar import viz
+from gmar.adapters import get_adapter
 from gmar.data import CLASSES, Scenes
 from gmar.evaluate import Settings, evaluate, report, scene_items, select_metrics
 from gmar.methods import available_methods, explain
@@ -23,7 +24,8 @@ def demo(out: Path, scenes: int = 100) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     model = load_reference_model()
     methods = available_methods()
-    test = Scenes("test", max(SHOWN) + 1)
+    size = get_adapter(model).preprocess_config().input_size[0]
+    test = Scenes("test", max(SHOWN) + 1, image_size=size)
     rows = [(test[i], cls) for i in SHOWN for cls in test[i].classes]
     images = torch.stack([scene.image for scene, _ in rows])
     targets = torch.tensor([cls for _, cls in rows])
@@ -53,7 +55,7 @@ def demo(out: Path, scenes: int = 100) -> list[str]:
         multi_label=True,
     )
     evaluation = out / "evaluation"
-    store = evaluate(model, scene_items(scenes), settings, evaluation, batch_size=32)
+    store = evaluate(model, scene_items(scenes, image_size=size), settings, evaluation, batch_size=32)
     report(store, settings, evaluation)
     store.close()
     seconds = time.perf_counter() - start

@@ -71,7 +71,7 @@ class Item:
     image: torch.Tensor  # (3, H, W) model input
     target: int | None = None  # None: the model's prediction
     mask: torch.Tensor | None = None  # (H, W) bool: the target's pixels
-    others: torch.Tensor | None = None  # (H, W) bool: the other objects' pixels (multi-object scenes)
+    others: torch.Tensor | None = None  # (K, H, W) bool: each other object's pixels (multi-object scenes)
 
 
 @dataclass
@@ -97,14 +97,14 @@ class Settings:
 
 
 def scene_items(limit: int | None, seed: int = 0, image_size: int = 64) -> list[Item]:
-    """Test scenes, one item per object present; ``others`` is the union of the other objects."""
+    """Test scenes, one item per object present; ``others`` holds the other objects' masks."""
     from gmar.data import Scenes
 
     scenes = Scenes("test", limit if limit is not None else 500, seed=seed, image_size=image_size)
     items = []
     for scene in scenes:
         for cls in scene.classes:
-            others = scene.masks[[c for c in scene.classes if c != cls]].any(dim=0) if len(scene.classes) > 1 else None
+            others = scene.masks[[c for c in scene.classes if c != cls]] if len(scene.classes) > 1 else None
             items.append(Item(f"scene{scene.index:05d}/c{cls}", scene.image, cls, scene.masks[cls], others))
     return items
 
@@ -202,6 +202,14 @@ class Store:
                 f"{self.path} holds results of a run with other settings ({differ}); use another --out or delete it"
             )
 
+    def set_meta(self, key: str, value: str) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else row[0]
+
     def done(self) -> set[tuple[str, str]]:
         return set(self.db.execute("SELECT item, method FROM done"))
 
@@ -251,6 +259,9 @@ def evaluate(
     scorer = M.Scorer(model, multi_label=settings.multi_label, batch_size=64)
     adapter = get_adapter(model)
     sanity_keys = {item.key for item in items[: settings.sanity_items]}
+    if "sanity_spearman" in settings.metrics:
+        labels = [label for label, _ in M.cascading_randomisation_steps(model)]
+        store.set_meta("sanity_steps", json.dumps(labels))
     bar = _Progress(len(mine), len(mine) - len(todo), "evaluating", progress and rank == 0)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
@@ -333,7 +344,10 @@ def _score_method(model, adapter, scorer, method, images, targets, items, settin
     several = [i for i, item in enumerate(items) if item.mask is not None and item.others is not None]
     if several and "class_discrimination" in wanted:
         target_masks = torch.stack([items[i].mask for i in several])
-        others = torch.stack([items[i].others for i in several])
+        most = max(items[i].others.shape[0] for i in several)
+        others = torch.zeros(len(several), most, *target_masks.shape[1:], dtype=torch.bool)
+        for row, i in enumerate(several):  # pad with empty masks, which the metric ignores
+            others[row, : items[i].others.shape[0]] = items[i].others
         put("class_discrimination", M.class_discrimination(heatmaps[several], target_masks, others), several)
     return results
 
@@ -387,7 +401,8 @@ def report(store: Store, settings: Settings, out: Path) -> dict:
         writer.writerow(["method", "metric", "mean", "ci95", "n", "better"])
         for (method, metric), (mean, ci, n) in sorted(summary.items()):
             writer.writerow([method, metric, f"{mean:.6f}", f"{ci:.6f}", n, M.DIRECTION[metric]])
-    (out / "results.md").write_text(_markdown(summary, methods_present, metrics_present, settings))
+    markdown = _markdown(summary, methods_present, metrics_present, settings)
+    (out / "results.md").write_text(markdown + _sanity_steps(store, methods_present))
     _plots(store, summary, methods_present, out)
     return summary
 
@@ -413,7 +428,7 @@ def _markdown(summary, methods, metrics, settings: Settings) -> str:
                     continue
                 mean, ci, n = summary[(method, metric)]
                 text = f"{mean:.3f} ± {ci:.3f}" if ci == ci else f"{mean:.3f}"
-                cells.append(f"**{text}**" if best[metric] == method else text)
+                cells.append(f"**{text}**" if method in best[metric] else text)
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         counts = {m: max((summary[(x, m)][2] for x in methods if (x, m) in summary), default=0) for m in main}
         lines += ["", "Items per metric: " + ", ".join(f"{m} {n}" for m, n in counts.items()) + "."]
@@ -436,19 +451,44 @@ def _markdown(summary, methods, metrics, settings: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sanity_steps(store: Store, methods: list[str]) -> str:
+    """Mean Spearman correlation per randomisation step and method, as a markdown section."""
+    labels = json.loads(store.meta("sanity_steps") or "[]")
+    curves: dict[str, list[list[float]]] = {}
+    for _, method, curve, values in store.curves():
+        if curve == "sanity":
+            curves.setdefault(method, []).append(values)
+    if not labels or not curves:
+        return ""
+    lines = [
+        "",
+        "## Sanity: cascading randomisation, step by step",
+        "",
+        "Spearman correlation of the map with the original after randomising from the head down to each step",
+        "(↓ lower: the map depends on what the model learned).",
+        "",
+        "| method | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    for method in methods:
+        if method in curves:
+            means = np.nanmean(np.array(curves[method], dtype=float), axis=0)
+            lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in means) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _arrow(metric: str) -> str:
     return "↑" if M.DIRECTION[metric] == "higher" else "↓"
 
 
-def _best(summary, methods, metric) -> str | None:
-    values = [
-        (summary[(m, metric)][0], m)
-        for m in methods
-        if (m, metric) in summary and summary[(m, metric)][0] == summary[(m, metric)][0]
-    ]
+def _best(summary, methods, metric) -> set[str]:
+    """The methods with the best mean (all of them when tied)."""
+    values = {m: summary[(m, metric)][0] for m in methods if (m, metric) in summary}
+    values = {m: v for m, v in values.items() if v == v}
     if not values:
-        return None
-    return (max(values) if M.DIRECTION[metric] == "higher" else min(values))[1]
+        return set()
+    best = max(values.values()) if M.DIRECTION[metric] == "higher" else min(values.values())
+    return {m for m, v in values.items() if abs(v - best) <= 1e-12}
 
 
 def _plots(store: Store, summary, methods, out: Path) -> None:

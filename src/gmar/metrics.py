@@ -265,15 +265,22 @@ def segmentation(heatmaps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Ten
 
 def class_discrimination(heatmaps: torch.Tensor, target_masks: torch.Tensor, other_masks: torch.Tensor) -> torch.Tensor:
     """For a scene with several objects, explained for one of them: the share of the positive
-    heatmap mass on the target object minus the share on the other present objects, in [-1, 1].
-    A class-agnostic method gives the same map for every target, so averaged over the targets of a
-    scene it scores about 0. **Higher is better.**
+    heatmap mass on the target object minus the mean share on each of the other present objects,
+    in [-1, 1]. A class-agnostic method gives every target of a scene the same map, so over the
+    targets of a scene its scores sum to exactly 0. **Higher is better.**
 
     Args:
         target_masks: ``(B, H, W)`` the explained object.
-        other_masks: ``(B, H, W)`` the union of the other objects in the scene.
+        other_masks: ``(B, K, H, W)`` the other objects, one mask each (all-False masks are
+            ignored, so scenes with fewer objects can be padded), or ``(B, H, W)`` for one.
     """
-    return energy_pointing_game(heatmaps, target_masks) - energy_pointing_game(heatmaps, other_masks)
+    if other_masks.ndim == heatmaps.ndim:
+        other_masks = other_masks[:, None]
+    target = energy_pointing_game(heatmaps, target_masks)
+    shares = torch.stack([energy_pointing_game(heatmaps, other_masks[:, k]) for k in range(other_masks.shape[1])], 1)
+    present = other_masks.flatten(2).any(dim=2).float()
+    mean_other = (shares * present).sum(dim=1) / present.sum(dim=1).clamp_min(1)
+    return target - mean_other
 
 
 # ------------------------------------------------------------------------------------------------ sanity
