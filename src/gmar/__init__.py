@@ -25,6 +25,7 @@ from gmar.methods import (
     explain,
 )
 from gmar.preprocess import PreprocessConfig, denormalise, load_image, preprocess
+from gmar.reference import load_reference_model
 from gmar.targets import TextTarget
 
 __version__ = "0.1.0"
@@ -55,6 +56,7 @@ __all__ = [
     "get_adapter",
     "load_image",
     "load_model",
+    "load_reference_model",
     "preprocess",
     "preprocess_config",
 ]

@@ -1,7 +1,7 @@
 """Seeded synthetic scenes with ground truth: the offline benchmark's data.
 
 Each scene holds one to three objects of different classes on a cluttered background. An object
-is a shape with its class's fill (solid, stripes, a checkerboard or dots, turned with the shape)
+is a shape with its class's fill (solid, stripes, a checkerboard, dots or a plaid, turned with the shape)
 at a random position, size, rotation and colour, so that a class can be told from any of its
 patches as well as from its outline. The clutter (strokes, dots, arcs of rings and corners of
 squares) belongs to no class, and some of it is cut from the very shapes the classes are made
@@ -30,9 +30,9 @@ FILLS = {
     "circle": "solid",
     "square": "stripes",
     "triangle": "checker",
-    "cross": "solid",
+    "cross": "dots",
     "ring": "solid",
-    "star": "dots",
+    "star": "plaid",
 }
 SPLITS = {"train": 0, "test": 1}
 
@@ -180,6 +180,8 @@ def _fill(kind: str, u: np.ndarray, v: np.ndarray, size: int) -> np.ndarray:
         return (np.floor(u / (period / 2)) + np.floor(v / (period / 2))) % 2 == 0
     if kind == "dots":
         return ((u % period) - period / 2) ** 2 + ((v % period) - period / 2) ** 2 > (period / 3.2) ** 2
+    if kind == "plaid":  # thin lines both ways
+        return ((u % period) > period / 4) & ((v % period) > period / 4)
     raise ValueError(f"unknown fill {kind!r}")
 
 

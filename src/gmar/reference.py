@@ -32,7 +32,7 @@ class ReferenceConfig:
 
     image_size: int = 64
     patch_size: int = 8
-    embed_dim: int = 96
+    embed_dim: int = 64
     depth: int = 4
     num_heads: int = 4
     mlp_ratio: float = 2.0
@@ -40,10 +40,10 @@ class ReferenceConfig:
     data_seed: int = 0
     train_scenes: int = 40000
     test_scenes: int = 2000
-    steps: int = 6000
+    steps: int = 18000
     batch_size: int = 64
-    lr: float = 1.5e-3
-    warmup: int = 300
+    lr: float = 2e-3
+    warmup: int = 500
     weight_decay: float = 0.05
 
 
