@@ -20,7 +20,7 @@ from gmar.adapters import get_adapter
 from gmar.errors import GmarError, ImageLoadError
 from gmar.evaluate import SELECTORS
 from gmar.loading import LoadedModel, load_model
-from gmar.methods import available_methods, explain, get_method
+from gmar.methods import available_methods, explain, get_method, select_methods
 from gmar.preprocess import denormalise, load_image, preprocess
 from gmar.targets import TextTarget
 
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    methods = _methods(args.method)
+    methods = select_methods(args.method)
     if args.batch_size < 1:
         raise GmarError("--batch-size must be at least 1")
     device = _device(args.device)
@@ -171,7 +171,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         imagenet_seg_items,
         report,
         scene_items,
-        select_methods,
         select_metrics,
     )
 
@@ -348,16 +347,6 @@ def _label(loaded: LoadedModel, index: int) -> str:
     if loaded.class_names and 0 <= index < len(loaded.class_names):
         return f"{loaded.class_names[index]} [{index}]"
     return f"class {index}"
-
-
-def _methods(spec: str) -> list[str]:
-    names = available_methods() if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
-    unknown = [m for m in names if m not in available_methods()]
-    if unknown or not names:
-        raise GmarError(
-            f"unknown method(s) {', '.join(unknown) or spec!r}; choose from {', '.join(available_methods())}"
-        )
-    return names
 
 
 def _options(method: str, args: argparse.Namespace) -> dict:

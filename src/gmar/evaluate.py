@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import sqlite3
 import sys
-import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,8 +27,9 @@ from torch import nn
 from gmar import metrics as M
 from gmar.adapters import get_adapter
 from gmar.errors import GmarError
-from gmar.methods import available_methods, explain
+from gmar.methods import explain
 from gmar.preprocess import PreprocessConfig, load_image, preprocess, resize_and_crop
+from gmar.progress import Progress
 
 #: metric groups as they are selected (``--metrics``) and plotted
 GROUPS = {
@@ -262,7 +261,7 @@ def evaluate(
     if "sanity_spearman" in settings.metrics:
         labels = [label for label, _ in M.cascading_randomisation_steps(model)]
         store.set_meta("sanity_steps", json.dumps(labels))
-    bar = _Progress(len(mine), len(mine) - len(todo), "evaluating", progress and rank == 0)
+    bar = Progress(len(mine), "evaluating", progress and rank == 0, done=len(mine) - len(todo), unit="items")
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         images = torch.stack([item.image for item in chunk])
@@ -283,7 +282,7 @@ def evaluate(
                     _add_sanity(results, model, method, images[pending], targets[pending], wanted, settings)
             for i, item in enumerate(sub):
                 store.write(item.key, method, results[i][0], results[i][1])
-        bar.update(len(chunk))
+        bar.update(advance=len(chunk))
         if after_batch is not None:
             after_batch()
     bar.close()
@@ -557,16 +556,6 @@ def select_metrics(spec: str) -> list[str]:
     return [metric for name in names for metric in SELECTORS[name]]
 
 
-def select_methods(spec: str) -> list[str]:
-    names = available_methods() if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in available_methods()]
-    if unknown or not names:
-        raise GmarError(
-            f"unknown method(s) {', '.join(unknown) or spec!r}; choose from {', '.join(available_methods())}"
-        )
-    return names
-
-
 def distributed() -> tuple[int, int]:
     """``(rank, world size)``; initialises a gloo process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -584,38 +573,3 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-class _Progress:
-    def __init__(self, total: int, done: int, label: str, enabled: bool) -> None:
-        self.total, self.done, self.label, self.enabled = total, done, label, enabled
-        self.start = self.last = time.perf_counter()
-        self.first = done
-        self._draw()
-
-    def update(self, count: int) -> None:
-        self.done += count
-        now = time.perf_counter()
-        if now - self.last > 0.5 or self.done >= self.total:
-            self.last = now
-            self._draw()
-
-    def _draw(self) -> None:
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.start
-        rate = (self.done - self.first) / elapsed if elapsed > 0 else 0
-        left = (self.total - self.done) / rate if rate > 0 else float("nan")
-        filled = int(30 * self.done / max(self.total, 1))
-        eta = f", {left:.0f}s left" if math.isfinite(left) else ""
-        sys.stderr.write(f"\r{self.label}: [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} items{eta}  ")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
-def iter_chunks(items: Sequence, size: int) -> Iterator[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

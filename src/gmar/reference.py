@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -21,6 +20,7 @@ from torch import nn
 
 from gmar.data import CLASSES, Scenes
 from gmar.errors import ModelLoadError
+from gmar.progress import Progress
 
 CHECKPOINT = "reference_vit.safetensors"
 CARD = "reference_vit.md"
@@ -126,7 +126,7 @@ def train_reference(
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: _lr_factor(step, config))
     generator = torch.Generator().manual_seed(config.seed)
-    bar = _Bar(config.steps, "training", progress)
+    bar = Progress(config.steps, "training", progress, unit="steps")
     loss_avg = None
     for step in range(config.steps):
         index = torch.randint(len(train), (config.batch_size,), generator=generator)
@@ -145,8 +145,9 @@ def train_reference(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
         schedule.step()
-        loss_avg = float(loss) if loss_avg is None else 0.98 * loss_avg + 0.02 * float(loss)
-        bar.update(step + 1, f"loss {loss_avg:.3f}")
+        value = loss.item()
+        loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
+        bar.update(step + 1, note=f"loss {loss_avg:.3f}")
     bar.close()
     model.eval()
     test = Scenes("test", config.test_scenes, seed=config.data_seed, image_size=config.image_size)
@@ -215,7 +216,7 @@ def _render(scenes: Scenes, progress: bool) -> tuple[torch.Tensor, torch.Tensor]
     size = scenes.image_size
     images = torch.empty(len(scenes), 3, size, size, dtype=torch.uint8)
     labels = torch.empty(len(scenes), len(CLASSES))
-    bar = _Bar(len(scenes), "rendering scenes", progress)
+    bar = Progress(len(scenes), "rendering scenes", progress, unit="scenes")
     for i in range(len(scenes)):
         scene = scenes[i]
         images[i] = (scene.image * 255).round().to(torch.uint8)
@@ -223,29 +224,3 @@ def _render(scenes: Scenes, progress: bool) -> tuple[torch.Tensor, torch.Tensor]
         bar.update(i + 1)
     bar.close()
     return images, labels
-
-
-class _Bar:
-    """A one-line progress bar on stderr (no dependency)."""
-
-    def __init__(self, total: int, label: str, enabled: bool) -> None:
-        self.total, self.label, self.enabled = total, label, enabled
-        self.start = self.last = time.perf_counter()
-
-    def update(self, done: int, note: str = "") -> None:
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last < 0.5 and done != self.total):
-            return
-        self.last = now
-        elapsed = now - self.start
-        eta = elapsed / max(done, 1) * (self.total - done)
-        filled = int(30 * done / max(self.total, 1))
-        sys.stderr.write(
-            f"\r{self.label}: [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} "
-            f"{elapsed:.0f}s elapsed, {eta:.0f}s left {note}   "
-        )
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")

@@ -22,6 +22,17 @@ def available_methods() -> list[str]:
     return list(METHODS)
 
 
+def select_methods(spec: str) -> list[str]:
+    """``"all"`` or comma-separated method names to a checked list (command lines)."""
+    from gmar.errors import GmarError
+
+    names = available_methods() if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise GmarError(f"unknown method(s) {', '.join(unknown) or spec!r}; choose from {', '.join(METHODS)}")
+    return names
+
+
 def get_method(name: str) -> type[Explainer]:
     try:
         return METHODS[name]
@@ -49,4 +60,5 @@ __all__ = [
     "available_methods",
     "explain",
     "get_method",
+    "select_methods",
 ]
