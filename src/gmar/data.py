@@ -1,12 +1,12 @@
 """Seeded synthetic scenes with ground truth: the offline benchmark's data.
 
 Each scene holds one to three objects of different classes on a cluttered background. An object
-is a shape with its class's fill (solid, stripes, a checkerboard, dots or a plaid, turned with the shape)
-at a random position, size, rotation and colour, so that a class can be told from any of its
-patches as well as from its outline. The clutter (strokes, dots, arcs of rings and corners of
-squares) belongs to no class, and some of it is cut from the very shapes the classes are made
-of, so an explanation that lights up "anything shape-like" is wrong in a telling way. Objects may
-sit close to each other but never overlap, so each object's pixel mask is exact.
+is a shape with its class's fill (solid, stripes, a checkerboard, dots or concentric rings, turned
+with the shape) at a random position, size, rotation and colour, so that a class can be told from
+any of its patches as well as from its outline. The clutter (strokes, dots, arcs of rings and
+corners of squares) belongs to no class, and some of it is cut from the very shapes the classes
+are made of, so an explanation that lights up "anything shape-like" is wrong in a telling way.
+Objects may sit close to each other but never overlap, so each object's pixel mask is exact.
 
 A scene is a pure function of ``(seed, split, index)``: ``Scenes("test")[17]`` is the same image on
 every machine. The train and test splits draw from different seed streams
@@ -32,7 +32,7 @@ FILLS = {
     "triangle": "checker",
     "cross": "dots",
     "ring": "solid",
-    "star": "plaid",
+    "star": "rings",
 }
 SPLITS = {"train": 0, "test": 1}
 
@@ -180,8 +180,8 @@ def _fill(kind: str, u: np.ndarray, v: np.ndarray, size: int) -> np.ndarray:
         return (np.floor(u / (period / 2)) + np.floor(v / (period / 2))) % 2 == 0
     if kind == "dots":
         return ((u % period) - period / 2) ** 2 + ((v % period) - period / 2) ** 2 > (period / 3.2) ** 2
-    if kind == "plaid":  # thin lines both ways
-        return ((u % period) > period / 4) & ((v % period) > period / 4)
+    if kind == "rings":  # concentric bands around the object's centre
+        return np.floor(np.sqrt(u**2 + v**2) / (period / 2)) % 2 == 0
     raise ValueError(f"unknown fill {kind!r}")
 
 
