@@ -57,6 +57,9 @@ class Recorder:
         detach_from: blocks with this index and above read a detached copy of their input that
             requires grad (None: the graph is left whole).
         norm_input_layer: record the tokens entering this block's first norm (None: none).
+        reduce_attention: if given, ``reduce_attention(layer, probabilities)`` is stored instead of
+            the probabilities (None drops the layer), so a forward-only method never holds more
+            than one layer's ``(B, H, N, N)`` at a time.
     """
 
     num_layers: int
@@ -64,21 +67,28 @@ class Recorder:
     keep_block_outputs: bool = False
     detach_from: int | None = None
     norm_input_layer: int | None = None
+    reduce_attention: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None
     attentions: list[torch.Tensor | None] = field(init=False)
+    reported: list[bool] = field(init=False)
+    num_tokens: int | None = field(init=False, default=None)
     head_outputs: list[torch.Tensor | None] = field(init=False)
     block_outputs: list[torch.Tensor | None] = field(init=False)
     norm_input: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.attentions = [None] * self.num_layers
+        self.reported = [False] * self.num_layers
         self.head_outputs = [None] * self.num_layers
         self.block_outputs = [None] * self.num_layers
 
     def attention(self, layer: int, probabilities: torch.Tensor) -> None:
         """Record the post-softmax attention ``(B, heads, N, N)`` of ``layer``."""
-        if self.attentions[layer] is not None:
+        if self.reported[layer]:
             raise CaptureError(f"layer {layer} ran twice in one forward pass; gmar captures one pass at a time")
-        self.attentions[layer] = probabilities
+        self.reported[layer] = True
+        self.num_tokens = probabilities.shape[-1]
+        reduce = self.reduce_attention
+        self.attentions[layer] = probabilities if reduce is None else reduce(layer, probabilities)
 
     def head_output(self, layer: int, heads: torch.Tensor) -> None:
         """Record the per-head context vectors ``(B, heads, N, head_dim)`` of ``layer``."""
@@ -91,12 +101,15 @@ class Captured:
     """What one captured forward pass produced."""
 
     output: torch.Tensor
-    attentions: list[torch.Tensor]
+    #: each layer's attention ``(B, H, N, N)``, or what ``Recorder.reduce_attention`` made of it
+    attentions: list[torch.Tensor | None]
     head_outputs: list[torch.Tensor] | None
     #: each block's output tokens in the block's own layout (see ``ModelAdapter.block_tokens``)
     block_outputs: list[torch.Tensor] | None = None
     #: the tokens entering the first norm of block ``Recorder.norm_input_layer``
     norm_input: torch.Tensor | None = None
+    #: the number of tokens ``N`` the attention ran over
+    num_tokens: int = 0
 
 
 def split_heads_hook(layer: int, num_heads: int, recorder: Recorder) -> Callable:
@@ -127,6 +140,7 @@ def capture(
     block_outputs: bool = False,
     detach_from: int | None = None,
     norm_input_layer: int | None = None,
+    reduce_attention: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> Iterator[Recorder]:
     """Instrument ``adapter.model`` for one forward pass; every hook and flag is undone on exit.
 
@@ -139,6 +153,7 @@ def capture(
         keep_block_outputs=block_outputs,
         detach_from=detach_from,
         norm_input_layer=norm_input_layer,
+        reduce_attention=reduce_attention,
     )
     with adapter.instrument(recorder), _instrument_blocks(adapter, recorder):
         yield recorder
@@ -190,8 +205,12 @@ def _norm_input_hook(recorder: Recorder) -> Callable:
 
 
 def collect(recorder: Recorder, output: torch.Tensor, model: nn.Module) -> Captured:
-    """Check that every layer reported and return the tensors; a missing layer is an error."""
-    missing = [i for i, a in enumerate(recorder.attentions) if a is None]
+    """Check that every layer reported and hand the tensors over; a missing layer is an error.
+
+    The recorder lets go of them, so that whoever holds the :class:`Captured` decides how long
+    each tensor lives.
+    """
+    missing = [i for i, reported in enumerate(recorder.reported) if not reported]
     name = type(model).__name__
     if len(missing) == recorder.num_layers:
         raise CaptureError(
@@ -205,10 +224,14 @@ def collect(recorder: Recorder, output: torch.Tensor, model: nn.Module) -> Captu
         raise CaptureError(f"block outputs of {name} were not captured")
     if recorder.norm_input_layer is not None and recorder.norm_input is None:
         raise CaptureError(f"the input of block {recorder.norm_input_layer}'s first norm of {name} was not captured")
-    return Captured(
+    captured = Captured(
         output=output,
-        attentions=list(recorder.attentions),  # type: ignore[arg-type]
-        head_outputs=list(recorder.head_outputs) if recorder.keep_head_outputs else None,  # type: ignore[arg-type]
-        block_outputs=list(recorder.block_outputs) if recorder.keep_block_outputs else None,  # type: ignore[arg-type]
+        attentions=recorder.attentions,
+        head_outputs=recorder.head_outputs if recorder.keep_head_outputs else None,  # type: ignore[arg-type]
+        block_outputs=recorder.block_outputs if recorder.keep_block_outputs else None,  # type: ignore[arg-type]
         norm_input=recorder.norm_input,
+        num_tokens=recorder.num_tokens or 0,
     )
+    recorder.attentions, recorder.head_outputs, recorder.block_outputs = [], [], []
+    recorder.norm_input = None
+    return captured

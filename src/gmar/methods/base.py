@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -16,11 +17,19 @@ from gmar.targets import Target, TextTarget, prepare_images, resolve_target
 
 
 class Explainer:
-    """Base class. A method sets ``name``, ``uses_gradients`` and implements :meth:`relevance`.
+    """Base class. A method sets ``name``, ``uses_gradients`` and implements :meth:`relevance`,
+    plus :meth:`reduce_attention` (forward-only methods) or :meth:`reduce_gradient` (gradient
+    methods), which turn one layer's capture into what :meth:`relevance` needs of that layer.
 
     Calling an explainer runs the model once (eval mode, parameters frozen, attention captured)
     and, for gradient methods, takes one ``torch.autograd.grad`` call for the whole batch. The
     model is left as it was found, also when the call raises.
+
+    With ``low_memory`` (the default) each layer is reduced as it arrives: a forward-only method
+    keeps one layer's attention at a time, and a gradient method reduces each layer's gradient
+    inside the backward pass (a tensor hook) instead of holding every layer's ``(B, H, N, N)``
+    gradient at once. ``low_memory = False`` is the plain path: all gradients first, then the
+    same reductions. Both give the same maps.
     """
 
     name: ClassVar[str]
@@ -28,6 +37,11 @@ class Explainer:
     #: The method reads fixed readout rows of the attention (the rollout family); an
     #: attention-pooled model (SigLIP's MAP head) has none.
     needs_readout_rows: ClassVar[bool] = True
+    #: Each gradient input lies on the graph of the ones before it (the layers are chained), so
+    #: the backward pass can stop at the first; False when every input is a dead end (LeGrad's
+    #: graph is cut between blocks).
+    chained_gradients: ClassVar[bool] = True
+    low_memory: bool = True
 
     def __init__(self, model: nn.Module, *, start_layer: int = 0) -> None:
         self.adapter = get_adapter(model)
@@ -58,10 +72,19 @@ class Explainer:
         """The captured tensors whose gradients the method needs (default: the attention)."""
         return captured.attentions
 
+    def reduce_attention(self, layer: int, attention: torch.Tensor) -> torch.Tensor | None:
+        """What a forward-only method keeps of layer ``layer``'s attention ``(B, H, N, N)``."""
+        return attention
+
+    def reduce_gradient(self, index: int, gradient: torch.Tensor, captured: Captured, layout: TokenLayout) -> Any:
+        """What a gradient method keeps of the gradient w.r.t. ``gradient_inputs(captured)[index]``."""
+        return gradient
+
     def relevance(
-        self, captured: Captured, gradients: list[torch.Tensor] | None, layout: TokenLayout
+        self, captured: Captured, reduced: list[Any], layout: TokenLayout
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The token map ``(B, h, w)`` and the head weights ``(B, L, H)`` or None."""
+        """The token map ``(B, h, w)`` and the head weights ``(B, L, H)`` or None, from each layer's
+        reduction (:meth:`reduce_gradient` for gradient methods, else :meth:`reduce_attention`)."""
         raise NotImplementedError
 
     def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
@@ -73,10 +96,13 @@ class Explainer:
             if inputs.is_inference():
                 inputs = inputs.clone()
             inputs.requires_grad_(self.uses_gradients)
-            with capture(self.adapter, **self.capture_options()) as recorder:
+            stream = self.low_memory and not self.uses_gradients
+            reduce = self.reduce_attention if stream else None
+            with capture(self.adapter, reduce_attention=reduce, **self.capture_options()) as recorder:
                 output = self.adapter.forward(inputs)
             captured = collect(recorder, output, self.model)
-            tokens = captured.attentions[0].shape[-1]
+            del recorder
+            tokens = captured.num_tokens
             if tokens != layout.num_tokens:
                 raise CaptureError(
                     f"captured attention over {tokens} tokens, but the token layout of "
@@ -86,9 +112,14 @@ class Explainer:
                 scores, classes = None, None  # class-agnostic: an embedding model needs no target here
             else:
                 scores, classes = resolve_target(output, target, is_classifier=self.adapter.is_classifier)
-            gradients = self.gradients(captured, scores, classes, target) if self.uses_gradients else None
+            if self.uses_gradients:
+                reduced = self.gradients(captured, scores, classes, target, layout)
+            elif stream:
+                reduced = captured.attentions
+            else:
+                reduced = [self.reduce_attention(i, a) for i, a in enumerate(captured.attentions)]
             with torch.no_grad():
-                token_map, head_weights = self.relevance(captured, gradients, layout)
+                token_map, head_weights = self.relevance(captured, reduced, layout)
         token_map = token_map.detach().float()
         return Explanation(
             method=self.name,
@@ -118,10 +149,34 @@ class Explainer:
         return images
 
     def gradients(
-        self, captured: Captured, scores: torch.Tensor, classes: torch.Tensor | None, target: Target
-    ) -> list[torch.Tensor]:
-        """Gradients of the summed scores w.r.t. :meth:`gradient_inputs`, in one ``autograd.grad`` call."""
-        return differentiate(scores.sum(), self.gradient_inputs(captured))
+        self,
+        captured: Captured,
+        scores: torch.Tensor,
+        classes: torch.Tensor | None,
+        target: Target,
+        layout: TokenLayout,
+    ) -> list[Any]:
+        """The reduced gradients of the summed scores w.r.t. :meth:`gradient_inputs`, one
+        ``autograd.grad`` call."""
+        return self.reduced_gradients(scores.sum(), list(self.gradient_inputs(captured)), captured, layout)
+
+    def reduced_gradients(
+        self,
+        objective: torch.Tensor,
+        inputs: list[torch.Tensor],
+        captured: Captured,
+        layout: TokenLayout,
+        retain_graph: bool = False,
+    ) -> list[Any]:
+        """``reduce_gradient(i, ∂ objective / ∂ inputs[i])`` for every input, in one backward pass."""
+
+        def reduce(index: int, gradient: torch.Tensor) -> Any:
+            with torch.no_grad():
+                return self.reduce_gradient(index, gradient, captured, layout)
+
+        if not self.low_memory:
+            return [reduce(i, g) for i, g in enumerate(differentiate(objective, inputs, retain_graph))]
+        return stream_gradients(objective, inputs, reduce, chained=self.chained_gradients, retain_graph=retain_graph)
 
 
 def _prompts(target: Target, batch: int) -> list[str] | None:
@@ -129,6 +184,50 @@ def _prompts(target: Target, batch: int) -> list[str] | None:
     if prompts is None:
         return None
     return list(prompts) * batch if len(prompts) == 1 else list(prompts)
+
+
+def stream_gradients(
+    objective: torch.Tensor,
+    inputs: list[torch.Tensor],
+    reduce: Callable[[int, torch.Tensor], Any],
+    *,
+    chained: bool,
+    retain_graph: bool = False,
+) -> list[Any]:
+    """``[reduce(i, ∂ objective / ∂ inputs[i])]``, each reduced inside the backward pass.
+
+    A tensor hook on every input reduces its gradient as soon as autograd has it; the gradient
+    then flows on (or is freed), so no more than one layer's full gradient exists at a time. The
+    backward pass runs to the first input when the inputs are ``chained`` (each later input lies
+    on the graph between the objective and the first one), else to every input. The inputs where
+    it stops hand autograd an all-zero stand-in without storage instead of their gradient, so
+    ``autograd.grad`` returns nothing large. An input the objective does not reach is reduced
+    from zeros, as :func:`differentiate` would give.
+    """
+    if not objective.requires_grad:
+        raise TargetError("the target scores do not depend on the model's output, so they have no gradient")
+    sinks = inputs[:1] if chained else inputs
+    stops = {id(t) for t in sinks}
+    results: list[Any] = [None] * len(inputs)
+    done = [False] * len(inputs)
+
+    def hook(index: int, stop: bool) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        def on_gradient(gradient: torch.Tensor) -> torch.Tensor | None:
+            results[index], done[index] = reduce(index, gradient), True
+            return gradient.new_zeros(()).expand_as(gradient) if stop else None
+
+        return on_gradient
+
+    handles = [t.register_hook(hook(i, id(t) in stops)) for i, t in enumerate(inputs) if t.requires_grad]
+    try:
+        torch.autograd.grad(objective, sinks, allow_unused=True, retain_graph=retain_graph)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for index, tensor in enumerate(inputs):
+        if not done[index]:
+            results[index] = reduce(index, torch.zeros_like(tensor))
+    return results
 
 
 def differentiate(

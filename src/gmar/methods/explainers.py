@@ -11,7 +11,7 @@ from gmar.errors import TargetError
 from gmar.explanation import min_max
 from gmar.layout import TokenLayout
 from gmar.methods import functional as Fn
-from gmar.methods.base import Explainer, differentiate
+from gmar.methods.base import Explainer
 from gmar.targets import Target, TextTarget, score_of
 
 
@@ -23,8 +23,11 @@ class RawAttention(Explainer):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
 
-    def relevance(self, captured: Captured, gradients: list[torch.Tensor] | None, layout: TokenLayout):
-        return Fn.readout_map(captured.attentions[-1].float().mean(dim=1), layout), None
+    def reduce_attention(self, layer: int, attention: torch.Tensor) -> torch.Tensor | None:
+        return attention.float().mean(dim=1) if layer == self.adapter.num_layers - 1 else None
+
+    def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
+        return Fn.readout_map(reduced[-1], layout), None
 
 
 class AttentionRollout(Explainer):
@@ -46,9 +49,11 @@ class AttentionRollout(Explainer):
         _check_ratio(discard_ratio)
         self.head_fusion, self.discard_ratio, self.residual = head_fusion, discard_ratio, residual
 
-    def relevance(self, captured: Captured, gradients: list[torch.Tensor] | None, layout: TokenLayout):
-        fused = [Fn.fuse_heads(a.float(), self.head_fusion) for a in captured.attentions[self.start_layer :]]
-        return _rollout_map(fused, self.discard_ratio, self.residual, layout), None
+    def reduce_attention(self, layer: int, attention: torch.Tensor) -> torch.Tensor | None:
+        return Fn.fuse_heads(attention.float(), self.head_fusion) if layer >= self.start_layer else None
+
+    def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
+        return _rollout_map(reduced[self.start_layer :], self.discard_ratio, self.residual, layout), None
 
 
 class GradientRollout(Explainer):
@@ -64,9 +69,11 @@ class GradientRollout(Explainer):
         _check_ratio(discard_ratio)
         self.discard_ratio, self.residual = discard_ratio, residual
 
-    def relevance(self, captured: Captured, gradients: list[torch.Tensor] | None, layout: TokenLayout):
-        fused = _gradient_weighted_layers(captured, gradients, self.start_layer)
-        return _rollout_map(fused, self.discard_ratio, self.residual, layout), None
+    def reduce_gradient(self, index: int, gradient: torch.Tensor, captured: Captured, layout: TokenLayout):
+        return _gradient_weighted_layer(index, gradient, captured, self.start_layer)
+
+    def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
+        return _rollout_map(reduced[self.start_layer :], self.discard_ratio, self.residual, layout), None
 
 
 class GMAR(Explainer):
@@ -104,14 +111,16 @@ class GMAR(Explainer):
     def gradient_inputs(self, captured: Captured) -> list[torch.Tensor]:
         return captured.head_outputs if self.head_grad == "output" else captured.attentions  # type: ignore[return-value]
 
-    def relevance(self, captured: Captured, gradients: list[torch.Tensor] | None, layout: TokenLayout):
-        weights = torch.stack(
-            [Fn.normalise_head_scores(Fn.head_scores(g.float(), self.norm)) for g in gradients],  # type: ignore[union-attr]
-            dim=1,
-        )
-        mixed = [Fn.mix_heads(a.float(), weights[:, i]) for i, a in enumerate(captured.attentions)]
-        token_map = _rollout_map(mixed[self.start_layer :], self.discard_ratio, self.residual, layout)
-        return token_map, weights
+    def reduce_gradient(self, index: int, gradient: torch.Tensor, captured: Captured, layout: TokenLayout):
+        weights = Fn.normalise_head_scores(Fn.head_scores(gradient.float(), self.norm))
+        attention, captured.attentions[index] = captured.attentions[index], None  # its last use here
+        mixed = Fn.mix_heads(attention.float(), weights) if index >= self.start_layer else None  # type: ignore[union-attr]
+        return weights, mixed
+
+    def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
+        weights = torch.stack([w for w, _ in reduced], dim=1)
+        mixed = [m for _, m in reduced[self.start_layer :]]
+        return _rollout_map(mixed, self.discard_ratio, self.residual, layout), weights
 
 
 class GAE(Explainer):
@@ -123,8 +132,11 @@ class GAE(Explainer):
     def __init__(self, model: nn.Module, start_layer: int = 0) -> None:
         super().__init__(model, start_layer=start_layer)
 
-    def relevance(self, captured: Captured, gradients: list[torch.Tensor] | None, layout: TokenLayout):
-        return Fn.readout_map(Fn.gae(_gradient_weighted_layers(captured, gradients, self.start_layer)), layout), None
+    def reduce_gradient(self, index: int, gradient: torch.Tensor, captured: Captured, layout: TokenLayout):
+        return _gradient_weighted_layer(index, gradient, captured, self.start_layer)
+
+    def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
+        return Fn.readout_map(Fn.gae(reduced[self.start_layer :]), layout), None
 
 
 class LeGrad(Explainer):
@@ -155,6 +167,7 @@ class LeGrad(Explainer):
     name = "legrad"
     uses_gradients = True
     needs_readout_rows = False
+    chained_gradients = False  # the graph is cut between blocks: each attention is a dead end
 
     def __init__(
         self,
@@ -178,7 +191,12 @@ class LeGrad(Explainer):
         return {"block_outputs": True, "detach_from": None if self.adapter.attention_pooled else self.start_layer}
 
     def gradients(
-        self, captured: Captured, scores: torch.Tensor, classes: torch.Tensor | None, target: Target
+        self,
+        captured: Captured,
+        scores: torch.Tensor,
+        classes: torch.Tensor | None,
+        target: Target,
+        layout: TokenLayout,
     ) -> list[torch.Tensor]:
         empty = self._empty_target(target) if self.correction else None
         outputs, attentions = [], []
@@ -188,14 +206,18 @@ class LeGrad(Explainer):
             outputs.append(output)
             attentions.append(pooler_attention if self.adapter.attention_pooled else captured.attentions[layer])
         objective = torch.stack([score_of(o, target, classes).sum() for o in outputs]).sum()
-        gradients = differentiate(objective, attentions, retain_graph=empty is not None)
+        maps = self.reduced_gradients(objective, attentions, captured, layout, retain_graph=empty is not None)
         if empty is not None:
-            gradients += differentiate(torch.stack([empty(o).sum() for o in outputs]).sum(), attentions)
-        return gradients
+            objective = torch.stack([empty(o).sum() for o in outputs]).sum()
+            maps += self.reduced_gradients(objective, attentions, captured, layout)
+        return maps
 
-    def relevance(self, captured: Captured, gradients: list[torch.Tensor] | None, layout: TokenLayout):
+    def reduce_gradient(self, index: int, gradient: torch.Tensor, captured: Captured, layout: TokenLayout):
+        return Fn.legrad_layer(gradient.float(), layout)
+
+    def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
         count = self.adapter.num_layers - self.start_layer
-        maps = [Fn.legrad_layer(g.float(), layout) for g in gradients]  # type: ignore[union-attr]
+        maps = reduced
         token_map = torch.stack(maps[:count]).sum(dim=0)
         if self.correction:
             empty = torch.stack(maps[count:]).sum(dim=0)
@@ -231,10 +253,12 @@ class GradCAM(Explainer):
     def gradient_inputs(self, captured: Captured) -> list[torch.Tensor]:
         return [captured.norm_input]  # type: ignore[list-item]
 
-    def relevance(self, captured: Captured, gradients: list[torch.Tensor] | None, layout: TokenLayout):
+    def reduce_gradient(self, index: int, gradient: torch.Tensor, captured: Captured, layout: TokenLayout):
         tokens = self.adapter.block_tokens
-        activations, grads = tokens(captured.norm_input).float(), tokens(gradients[0]).float()  # type: ignore
-        return Fn.token_gradcam(activations, grads, layout), None
+        return Fn.token_gradcam(tokens(captured.norm_input).float(), tokens(gradient).float(), layout)  # type: ignore
+
+    def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
+        return reduced[0], None
 
 
 def _check_ratio(discard_ratio: float) -> None:
@@ -242,12 +266,15 @@ def _check_ratio(discard_ratio: float) -> None:
         raise ValueError(f"discard_ratio must be in [0, 1), not {discard_ratio}")
 
 
-def _gradient_weighted_layers(
-    captured: Captured, gradients: list[torch.Tensor] | None, start_layer: int
-) -> list[torch.Tensor]:
-    """``mean_h ReLU(A_l ⊙ ∂y/∂A_l)`` for the layers from ``start_layer``, each with its own gradient."""
-    pairs = zip(captured.attentions, gradients, strict=True)  # type: ignore[arg-type]
-    return [Fn.gradient_weighted(a.float(), g.float()) for a, g in list(pairs)[start_layer:]]
+def _gradient_weighted_layer(
+    index: int, gradient: torch.Tensor, captured: Captured, start_layer: int
+) -> torch.Tensor | None:
+    """``mean_h ReLU(A_l ⊙ ∂y/∂A_l)`` of layer ``index`` (None below ``start_layer``). The captured
+    attention is let go here, its last use, so autograd can free it."""
+    attention, captured.attentions[index] = captured.attentions[index], None
+    if index < start_layer:
+        return None
+    return Fn.gradient_weighted(attention.float(), gradient.float())  # type: ignore[union-attr]
 
 
 def _rollout_map(fused: list[torch.Tensor], discard_ratio: float, residual: float, layout: TokenLayout) -> torch.Tensor:

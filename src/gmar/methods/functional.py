@@ -70,7 +70,7 @@ def rollout(layers: Sequence[torch.Tensor], residual: float = 1.0) -> torch.Tens
 
 def gradient_weighted(attention: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
     """``mean_h ReLU(A ⊙ ∂y/∂A)``: ``(B, H, N, N)`` twice to ``(B, N, N)``."""
-    return (attention * gradient).clamp_min(0).mean(dim=1)
+    return (attention * gradient).clamp_min_(0).mean(dim=1)
 
 
 def head_scores(gradient: torch.Tensor, norm: Norm = "l1") -> torch.Tensor:
