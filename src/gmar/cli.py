@@ -88,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="gmar-demo", metavar="DIR")
     d.add_argument("--scenes", type=int, default=100, help="scenes in the evaluation table (default 100)")
     d.set_defaults(func=run_demo)
+
+    b = commands.add_parser("bench", help="time and memory of every method against the model's forward/backward")
+    b.add_argument(
+        "--model", default="timm:vit_base_patch16_224", metavar="SPEC", help="random weights (default %(default)s)"
+    )
+    b.add_argument("--batch-size", default="8", metavar="N[,N...]", help="one or more batch sizes (default 8)")
+    b.add_argument("--resolution", default="", metavar="R[,R...]", help="input sides in pixels (default: the model's)")
+    b.add_argument("--methods", default="all", help="comma-separated, or 'all'")
+    b.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up round (default 5)")
+    b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    b.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    b.add_argument("--gradcam", action="store_true", help="also time pytorch-grad-cam's GradCAM (gmar[bench])")
+    b.add_argument("--out", default="gmar-bench", metavar="DIR")
+    b.set_defaults(func=run_bench)
     return parser
 
 
@@ -266,6 +281,45 @@ def run_train_reference(args: argparse.Namespace) -> int:
         f"{summary['train_seconds']} s; wrote {Path(args.out) / 'reference_vit.safetensors'} and its model card"
     )
     return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from gmar import bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = _int_list(args.batch_size, "--batch-size")
+    resolutions: list[int | None] = _int_list(args.resolution, "--resolution") if args.resolution else [None]  # type: ignore[assignment]
+    methods = select_methods(args.methods)
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else bench.cpu_name()
+    settings = []
+    for resolution in resolutions:
+        for batch in batches:
+            setting = bench.run_setting(
+                args.model,
+                batch,
+                resolution,
+                methods=methods,
+                repeats=args.repeats,
+                device=args.device,
+                memory=not args.no_memory,
+                gradcam=args.gradcam,
+            )
+            print(f"{bench.table(setting)}\n{where}, torch {torch.__version__}\n", flush=True)
+            settings.append(setting)
+    for path in bench.save(settings, Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise GmarError(f"{flag} takes comma-separated positive integers, not {text!r}") from None
+    if not values or min(values) < 1:
+        raise GmarError(f"{flag} takes comma-separated positive integers, not {text!r}")
+    return values
 
 
 def run_demo(args: argparse.Namespace) -> int:

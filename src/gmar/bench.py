@@ -1,0 +1,382 @@
+"""Speed and memory of every method against the model's own forward and backward pass.
+
+Two baselines, measured in the same process as the methods:
+
+- **F**: the model's forward under ``torch.inference_mode`` with its default attention
+  implementation (timm's fused kernel, Hugging Face's sdpa);
+- **FB**: forward plus backward of the summed target logits (the predicted classes) to the input
+  image, parameters frozen: the cost of a plain input gradient.
+
+Attention-only methods (``raw_attention``, ``rollout``) are reported against F, gradient methods
+against FB. Times are medians of ``repeats`` interleaved rounds after one warm-up round; a
+method's time is its whole call (``gmar.explain``, heatmaps included). Peak memory: on CUDA
+``torch.cuda.max_memory_allocated`` per case; on the CPU the peak resident memory of a fresh child
+process per case (Linux ``VmHWM``, reset after a warm-up call), reported both as the peak and as
+the rise above the process's resident memory before the call (model, input and runtime loaded).
+
+Weights are random: speed and memory do not depend on them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gmar.errors import GmarError
+from gmar.methods import available_methods, explain
+
+ATTENTION_ONLY = ("raw_attention", "rollout")
+GRADCAM_PACKAGE = "grad-cam"
+DEFAULT_MODEL = "timm:vit_base_patch16_224"
+
+
+@dataclass
+class Row:
+    """One case of one setting: seconds, and peak memory in bytes (None where not measured)."""
+
+    case: str
+    baseline: str | None
+    seconds: float
+    ratio: float | None = None
+    peak: int | None = None
+    peak_ratio: float | None = None
+    rise: int | None = None
+    rise_ratio: float | None = None
+
+
+@dataclass
+class Setting:
+    model: str
+    batch_size: int
+    resolution: int
+    device: str
+    threads: int
+    repeats: int
+    rows: list[Row] = field(default_factory=list)
+    gradcam_max_difference: float | None = None
+
+
+def build_model(spec: str, resolution: int | None, device: str) -> nn.Module:
+    """``spec`` with seeded random weights, in eval mode, taking ``resolution``-pixel square inputs.
+
+    ``timm:NAME`` takes any resolution (``dynamic_img_size`` where it differs from the model's own);
+    ``reference`` is gmar's reference ViT; other specs go through :func:`gmar.load_model`.
+    """
+    torch.manual_seed(0)
+    if spec == "reference":
+        from gmar.reference import build_reference_model
+
+        model = build_reference_model()
+    elif spec.startswith("timm:"):
+        import timm
+
+        name = spec.removeprefix("timm:")
+        native = timm.create_model(name, pretrained=False).patch_embed.img_size
+        options = {} if resolution is None or tuple(native) == (resolution, resolution) else {"dynamic_img_size": True}
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, **options)
+    else:
+        from gmar.loading import load_model
+
+        model = load_model(spec, pretrained=False).model
+    return model.to(device).eval()
+
+
+def input_size(model: nn.Module, resolution: int | None) -> tuple[int, int]:
+    if resolution is not None:
+        return (resolution, resolution)
+    from gmar.adapters import get_adapter
+
+    return tuple(get_adapter(model).preprocess_config().input_size)  # type: ignore[return-value]
+
+
+def forward(model: nn.Module, images: torch.Tensor) -> None:
+    """Baseline F."""
+    with torch.inference_mode():
+        model(images)
+
+
+def forward_backward(model: nn.Module, images: torch.Tensor) -> None:
+    """Baseline FB: the summed logits of the predicted classes, differentiated to the input image."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        inputs = images.detach().requires_grad_()
+        torch.autograd.grad(model(inputs).max(dim=-1).values.sum(), inputs)
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def cases(model: nn.Module, images: torch.Tensor, methods: Sequence[str], gradcam: bool) -> dict[str, Callable]:
+    """The measured calls, by name: the baselines, each method, and pytorch-grad-cam if asked."""
+    runs: dict[str, Callable] = {"F": lambda: forward(model, images), "FB": lambda: forward_backward(model, images)}
+    for method in methods:
+        runs[method] = lambda method=method: explain(model, images, method=method)
+    if gradcam:
+        runs[GRADCAM_PACKAGE] = _package_gradcam(model, images)
+    return runs
+
+
+def baseline_of(case: str) -> str | None:
+    if case in ("F", "FB"):
+        return None
+    return "F" if case in ATTENTION_ONLY else "FB"
+
+
+def time_cases(runs: dict[str, Callable], repeats: int, device: str) -> dict[str, float]:
+    """Median seconds per case over ``repeats`` interleaved rounds, after one warm-up round."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def cuda_peaks(runs: dict[str, Callable]) -> dict[str, tuple[int, int]]:
+    """Per case: (peak allocated bytes, rise above what was allocated before the call)."""
+    peaks = {}
+    for name, run in runs.items():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        peaks[name] = (peak, peak - before)
+    return peaks
+
+
+def cpu_peaks(spec: str, batch: int, resolution: int | None, names: Sequence[str], threads: int) -> dict:
+    """Per case, in a fresh child process: (peak resident bytes, rise above the resident bytes before)."""
+    context = multiprocessing.get_context("spawn")
+    peaks = {}
+    for name in names:
+        with context.Pool(1) as pool:
+            peaks[name] = pool.apply(_child_peak, (spec, batch, resolution, name, threads))
+    return peaks
+
+
+def _child_peak(spec: str, batch: int, resolution: int | None, name: str, threads: int) -> tuple[int, int]:
+    torch.set_num_threads(threads)
+    model = build_model(spec, resolution, "cpu")
+    images = torch.randn(batch, 3, *input_size(model, resolution), generator=torch.Generator().manual_seed(0))
+    methods = [name] if name in available_methods() else []
+    run = cases(model, images, methods, gradcam=name == GRADCAM_PACKAGE)[name]
+    run()  # warm-up: libraries' caches and the allocator's pools are then in place
+    _reset_peak()
+    before = _status("VmRSS")
+    run()
+    peak = _status("VmHWM")
+    return peak, peak - before
+
+
+def _reset_peak() -> None:
+    """Reset the process's peak resident memory (Linux ≥ 4.0), so it reflects one call."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError as error:
+        raise GmarError(f"cannot reset the peak resident memory on this system ({error}); use --no-memory") from None
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise GmarError(f"/proc/self/status has no {key}; CPU memory is measured on Linux only (use --no-memory)")
+
+
+def run_setting(
+    spec: str,
+    batch: int,
+    resolution: int | None,
+    *,
+    methods: Sequence[str] | None = None,
+    repeats: int = 5,
+    device: str = "cpu",
+    memory: bool = True,
+    gradcam: bool = False,
+) -> Setting:
+    """Measure every case for one model, batch size and resolution."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, not {repeats}")
+    methods = list(available_methods() if methods is None else methods)
+    model = build_model(spec, resolution, device)
+    size = input_size(model, resolution)
+    images = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(0)).to(device)
+    runs = cases(model, images, methods, gradcam)
+    setting = Setting(spec, batch, size[0], device, torch.get_num_threads(), repeats)
+    if gradcam:
+        setting.gradcam_max_difference = _gradcam_difference(model, images)
+    seconds = time_cases(runs, repeats, device)
+    peaks: dict = {}
+    if memory:
+        if device.startswith("cuda"):
+            peaks = cuda_peaks(runs)
+        else:
+            peaks = cpu_peaks(spec, batch, resolution, list(runs), torch.get_num_threads())
+    for name, value in seconds.items():
+        base = baseline_of(name)
+        row = Row(name, base, value)
+        if base is not None:
+            row.ratio = value / seconds[base]
+        if name in peaks:
+            row.peak, row.rise = peaks[name]
+            if base is not None:
+                row.peak_ratio = row.peak / peaks[base][0]
+                row.rise_ratio = row.rise / max(1, peaks[base][1])
+        setting.rows.append(row)
+    return setting
+
+
+def _package_gradcam(model: nn.Module, images: torch.Tensor) -> Callable[[], object]:
+    """pytorch-grad-cam's ``GradCAM`` on the tokens entering the last block (``blocks[-2]``'s
+    output), as its documentation sets it up for a ViT, explaining the predicted classes."""
+    try:
+        from pytorch_grad_cam import GradCAM as PackageGradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        raise GmarError(f"the comparison needs {GRADCAM_PACKAGE}: pip install 'gmar[bench]'") from None
+    from gmar.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    if adapter.family != "timm":
+        raise GmarError("the pytorch-grad-cam comparison is set up for timm ViTs only")
+    layout = adapter.token_layout(tuple(images.shape[-2:]))
+
+    def to_grid(tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, layout.patch_slice]
+        return patches.reshape(patches.shape[0], *layout.grid_size, patches.shape[-1]).permute(0, 3, 1, 2)
+
+    def run() -> object:
+        with torch.no_grad():
+            classes = model(images).argmax(dim=-1).tolist()
+        cam = PackageGradCAM(model=model, target_layers=[model.blocks[-2]], reshape_transform=to_grid)
+        try:
+            return cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in classes])
+        finally:
+            cam.activations_and_grads.release()
+
+    return run
+
+
+def _gradcam_difference(model: nn.Module, images: torch.Tensor) -> float:
+    """Largest pixel difference between pytorch-grad-cam's map and gmar's ``gradcam`` (both in [0, 1])."""
+    theirs = torch.from_numpy(_package_gradcam(model, images)())
+    ours = explain(model, images, method="gradcam").heatmap.cpu()
+    return float((theirs - ours).abs().max())
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+def table(setting: Setting) -> str:
+    """A Markdown table of one setting."""
+    head = (
+        f"{setting.model}, batch {setting.batch_size}, {setting.resolution}x{setting.resolution}, {setting.device}"
+        f"{'' if setting.device.startswith('cuda') else f' ({setting.threads} threads)'}, median of {setting.repeats}"
+    )
+    lines = [
+        head,
+        "",
+        "| case | ms | time ratio | peak MB | peak ratio | rise MB | rise ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in setting.rows:
+        ratio = f"{row.ratio:.2f}× {row.baseline}" if row.ratio is not None else "baseline"
+        lines.append(
+            f"| {row.case} | {row.seconds * 1e3:.1f} | {ratio} | {_mb(row.peak)} | {_x(row.peak_ratio)} "
+            f"| {_mb(row.rise)} | {_x(row.rise_ratio)} |"
+        )
+    if setting.gradcam_max_difference is not None:
+        lines += [
+            "",
+            f"pytorch-grad-cam against gmar gradcam: max pixel difference {setting.gradcam_max_difference:.1e}",
+        ]
+    return "\n".join(lines)
+
+
+def _mb(value: int | None) -> str:
+    return "–" if value is None else f"{value / 2**20:.0f}"
+
+
+def _x(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def save(settings: list[Setting], out: Path) -> list[Path]:
+    """Write ``bench.md``, ``bench.csv``, ``bench.json`` and, for several settings, ``scaling.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "bench.md", out / "bench.csv", out / "bench.json"]
+    paths[0].write_text("\n\n".join(table(s) for s in settings) + "\n")
+    with paths[1].open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model", "batch_size", "resolution", "device", *Row.__dataclass_fields__])
+        for s in settings:
+            for row in s.rows:
+                writer.writerow([s.model, s.batch_size, s.resolution, s.device, *asdict(row).values()])
+    paths[2].write_text(json.dumps([asdict(s) for s in settings], indent=1))
+    if len(settings) > 1:
+        paths.append(plot_scaling(settings, out / "scaling.png"))
+    return paths
+
+
+def plot_scaling(settings: list[Setting], path: Path) -> Path:
+    """Time ratio, time per image and peak-memory ratio of every case over the settings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"b{s.batch_size}\n{s.resolution}px" for s in settings]
+    names = [row.case for row in settings[0].rows]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name in names:
+        rows = [next((r for r in s.rows if r.case == name), None) for s in settings]
+        per_image = [r.seconds / s.batch_size * 1e3 if r else math.nan for r, s in zip(rows, settings, strict=True)]
+        axes[1].plot(labels, per_image, marker="o", label=name)
+        if name in ("F", "FB"):
+            continue
+        axes[0].plot(labels, [r.ratio if r and r.ratio else math.nan for r in rows], marker="o", label=name)
+        axes[2].plot(labels, [r.peak_ratio if r and r.peak_ratio else math.nan for r in rows], marker="o", label=name)
+    axes[0].set_title("time / baseline (F or FB)")
+    axes[1].set_title("ms per image")
+    axes[1].set_yscale("log")
+    axes[2].set_title("peak memory / baseline")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    figure.suptitle(f"{settings[0].model} on {settings[0].device}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine

@@ -1,0 +1,87 @@
+"""``gmar bench``: a smoke run on the reference model, and the pytorch-grad-cam map check."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import IMAGE, make_timm
+from gmar import bench
+from gmar.cli import main
+from gmar.methods import explain
+
+
+def test_bench_smoke_run_writes_every_case(tmp_path, capsys):
+    code = main(
+        [
+            "bench",
+            "--model",
+            "reference",
+            "--batch-size",
+            "2,4",
+            "--methods",
+            "gmar,rollout",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--gradcam",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "batch 2, 64x64" in printed and "batch 4, 64x64" in printed
+    settings = json.loads((tmp_path / "bench.json").read_text())
+    assert [s["batch_size"] for s in settings] == [2, 4]
+    for setting in settings:
+        rows = {row["case"]: row for row in setting["rows"]}
+        assert list(rows) == ["F", "FB", "gmar", "rollout", "grad-cam"]
+        assert rows["gmar"]["baseline"] == "FB" and rows["rollout"]["baseline"] == "F"
+        assert rows["grad-cam"]["baseline"] == "FB"
+        for name, row in rows.items():
+            assert row["seconds"] > 0
+            assert row["peak"] > 2**20 and 0 <= row["rise"] < row["peak"], name
+        assert rows["gmar"]["ratio"] == pytest.approx(rows["gmar"]["seconds"] / rows["FB"]["seconds"])
+        assert rows["rollout"]["peak_ratio"] == pytest.approx(rows["rollout"]["peak"] / rows["F"]["peak"])
+        assert setting["gradcam_max_difference"] < 1e-4
+    with (tmp_path / "bench.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 10
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+    assert "| gmar |" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_refuses_bad_lists(capsys):
+    assert main(["bench", "--model", "reference", "--batch-size", "0", "--no-memory"]) != 0
+    assert "--batch-size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options,size",
+    [({}, (IMAGE, IMAGE)), ({"reg_tokens": 3}, (IMAGE, IMAGE)), ({"dynamic_img_size": True}, (IMAGE, IMAGE + 16))],
+)
+def test_package_gradcam_gives_gmars_map(options, size):
+    """pytorch-grad-cam on ``blocks[-2]`` (the tokens entering the last block) is gmar's
+    ``gradcam`` at ``layer=-1``, to the package's 1e-7 normalisation epsilon."""
+    model = make_timm(**options)
+    images = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(0))
+    theirs = torch.from_numpy(bench._package_gradcam(model, images)())
+    ours = explain(model, images, method="gradcam").heatmap
+    assert theirs.shape == ours.shape
+    assert ours.amax(dim=(1, 2)).min() == 1.0, "non-trivial maps"
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    # The check can fail: another layer's map is far off.
+    other = explain(model, images, method="gradcam", layer=0).heatmap
+    assert (theirs - other).abs().max() > 0.1
+
+
+def test_package_gradcam_leaves_no_hooks():
+    model = make_timm()
+    images = torch.randn(2, 3, IMAGE, IMAGE)
+    bench._package_gradcam(model, images)()
+    for module in model.modules():
+        assert not module._forward_hooks and not module._backward_hooks
