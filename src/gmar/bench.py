@@ -12,7 +12,8 @@ against FB. Times are medians of ``repeats`` interleaved rounds after one warm-u
 method's time is its whole call (``gmar.explain``, heatmaps included). Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` per case; on the CPU the peak resident memory of a fresh child
 process per case (Linux ``VmHWM``, reset after a warm-up call), reported both as the peak and as
-the rise above the process's resident memory before the call (model, input and runtime loaded).
+the rise above the process's resident memory before its first call (model, input and runtime
+loaded).
 
 Weights are random: speed and memory do not depend on them.
 """
@@ -182,9 +183,9 @@ def _child_peak(spec: str, batch: int, resolution: int | None, name: str, thread
     images = torch.randn(batch, 3, *input_size(model, resolution), generator=torch.Generator().manual_seed(0))
     methods = [name] if name in available_methods() else []
     run = cases(model, images, methods, gradcam=name == GRADCAM_PACKAGE)[name]
-    run()  # warm-up: libraries' caches and the allocator's pools are then in place
+    before = _status("VmRSS")  # runtime, weights and input: what the call starts from
+    run()  # warm-up: libraries' caches are then in place, as they are for the timed calls
     _reset_peak()
-    before = _status("VmRSS")
     run()
     peak = _status("VmHWM")
     return peak, peak - before
