@@ -83,7 +83,8 @@ def build_model(spec: str, resolution: int | None, device: str) -> nn.Module:
         import timm
 
         name = spec.removeprefix("timm:")
-        native = timm.create_model(name, pretrained=False).patch_embed.img_size
+        with torch.device("meta"):  # the architecture's own input size, without initialising weights
+            native = timm.create_model(name, pretrained=False).patch_embed.img_size
         options = {} if resolution is None or tuple(native) == (resolution, resolution) else {"dynamic_img_size": True}
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False, **options)

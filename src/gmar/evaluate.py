@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from gmar import metrics as M
 from gmar.adapters import get_adapter
@@ -343,10 +344,8 @@ def _score_method(model, adapter, scorer, method, images, targets, items, settin
     several = [i for i, item in enumerate(items) if item.mask is not None and item.others is not None]
     if several and "class_discrimination" in wanted:
         target_masks = torch.stack([items[i].mask for i in several])
-        most = max(items[i].others.shape[0] for i in several)
-        others = torch.zeros(len(several), most, *target_masks.shape[1:], dtype=torch.bool)
-        for row, i in enumerate(several):  # pad with empty masks, which the metric ignores
-            others[row, : items[i].others.shape[0]] = items[i].others
+        # Padded with empty masks, which the metric ignores.
+        others = pad_sequence([items[i].others for i in several], batch_first=True)
         put("class_discrimination", M.class_discrimination(heatmaps[several], target_masks, others), several)
     return results
 

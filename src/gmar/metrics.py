@@ -277,7 +277,9 @@ def class_discrimination(heatmaps: torch.Tensor, target_masks: torch.Tensor, oth
     if other_masks.ndim == heatmaps.ndim:
         other_masks = other_masks[:, None]
     target = energy_pointing_game(heatmaps, target_masks)
-    shares = torch.stack([energy_pointing_game(heatmaps, other_masks[:, k]) for k in range(other_masks.shape[1])], 1)
+    batch, objects = other_masks.shape[:2]
+    repeated = heatmaps[:, None].expand(batch, objects, *heatmaps.shape[1:])
+    shares = energy_pointing_game(repeated.flatten(0, 1), other_masks.flatten(0, 1)).view(batch, objects)
     present = other_masks.flatten(2).any(dim=2).float()
     mean_other = (shares * present).sum(dim=1) / present.sum(dim=1).clamp_min(1)
     return target - mean_other
