@@ -79,9 +79,11 @@ def test_package_gradcam_gives_gmars_map(options, size):
     assert (theirs - other).abs().max() > 0.1
 
 
-def test_package_gradcam_leaves_no_hooks():
-    model = make_timm()
+def test_package_gradcam_leaves_the_model_as_it_was():
+    model = make_timm().train()
     images = torch.randn(2, 3, IMAGE, IMAGE)
     bench._package_gradcam(model, images)()
     for module in model.modules():
         assert not module._forward_hooks and not module._backward_hooks
+        assert module.training
+    assert all(p.grad is None for p in model.parameters()), "the package's backward must not leave .grad"

@@ -272,11 +272,19 @@ def _package_gradcam(model: nn.Module, images: torch.Tensor) -> Callable[[], obj
     def run() -> object:
         with torch.no_grad():
             classes = model(images).argmax(dim=-1).tolist()
+        # The package puts the model in eval mode and backpropagates into the parameters' .grad;
+        # both are undone afterwards, so the other cases see the model as it was.
+        modes = [(module, module.training) for module in model.modules()]
+        grads = [(param, param.grad) for param in model.parameters()]
         cam = PackageGradCAM(model=model, target_layers=[model.blocks[-2]], reshape_transform=to_grid)
         try:
             return cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in classes])
         finally:
             cam.activations_and_grads.release()
+            for module, training in modes:
+                module.training = training
+            for param, grad in grads:
+                param.grad = grad
 
     return run
 
