@@ -168,13 +168,32 @@ def cuda_peaks(runs: dict[str, Callable]) -> dict[str, tuple[int, int]]:
     return peaks
 
 
+#: glibc's threshold above which an allocation gets its own mapping, fixed for the memory children
+MMAP_THRESHOLD = ("MALLOC_MMAP_THRESHOLD_", "65536")
+
+
 def cpu_peaks(spec: str, batch: int, resolution: int | None, names: Sequence[str], threads: int) -> dict:
-    """Per case, in a fresh child process: (peak resident bytes, rise above the resident bytes before)."""
+    """Per case, in a fresh child process: (peak resident bytes, rise above the resident bytes before).
+
+    The children run with glibc's mmap threshold fixed at 64 KiB: every tensor then has its own
+    mapping, which goes back to the system when the tensor is freed, so the resident peak is the
+    peak of live memory. (By default glibc raises the threshold as large blocks are freed and keeps
+    freed heap memory, and the peak would depend on what the warm-up call left behind.)
+    """
     context = multiprocessing.get_context("spawn")
+    key, value = MMAP_THRESHOLD
+    previous = os.environ.get(key)
+    os.environ[key] = value  # read by the children's C library at start-up
     peaks = {}
-    for name in names:
-        with context.Pool(1) as pool:
-            peaks[name] = pool.apply(_child_peak, (spec, batch, resolution, name, threads))
+    try:
+        for name in names:
+            with context.Pool(1) as pool:
+                peaks[name] = pool.apply(_child_peak, (spec, batch, resolution, name, threads))
+    finally:
+        if previous is None:
+            os.environ.pop(key)
+        else:
+            os.environ[key] = previous
     return peaks
 
 

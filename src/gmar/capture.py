@@ -6,17 +6,25 @@ duration of a forward pass and checks that every layer reported exactly once. On
 keeps each block's output tokens, the tokens entering one block's first norm, and cuts the graph
 between blocks (each block then reads a detached copy of its input that requires grad, so a
 gradient taken at block ``l`` only sees block ``l``).
+
+Two ways to capture the attention itself. By default the adapter runs the model's explicit
+attention path and reports each layer's probabilities ``(B, H, N, N)``, which then lie on the
+graph. With an :class:`AttentionStream` the adapter hands each layer's ``q, k, v`` to
+:meth:`Recorder.attend` instead, and the stream computes the attention core in chunks of samples:
+no layer's full probabilities are kept, and a method sees them, with their gradient, one chunk at
+a time inside the backward pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from gmar.errors import CaptureError
 
@@ -60,6 +68,8 @@ class Recorder:
         reduce_attention: if given, ``reduce_attention(layer, probabilities)`` is stored instead of
             the probabilities (None drops the layer), so a forward-only method never holds more
             than one layer's ``(B, H, N, N)`` at a time.
+        stream: if given, adapters route each layer's attention core through :meth:`attend`
+            (the stream then applies ``reduce_attention`` itself, chunk by chunk).
     """
 
     num_layers: int
@@ -68,6 +78,7 @@ class Recorder:
     detach_from: int | None = None
     norm_input_layer: int | None = None
     reduce_attention: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None
+    stream: AttentionStream | None = None
     attentions: list[torch.Tensor | None] = field(init=False)
     reported: list[bool] = field(init=False)
     num_tokens: int | None = field(init=False, default=None)
@@ -83,12 +94,35 @@ class Recorder:
 
     def attention(self, layer: int, probabilities: torch.Tensor) -> None:
         """Record the post-softmax attention ``(B, heads, N, N)`` of ``layer``."""
+        self._report(layer, probabilities.shape[-1])
+        reduce = self.reduce_attention
+        self.attentions[layer] = probabilities if reduce is None else reduce(layer, probabilities)
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``softmax(q kᵀ · scale + mask) v`` for ``layer`` through :attr:`stream`: ``(B, H, N, d)``.
+
+        ``q, k, v`` are ``(B, H, N, d)``; ``mask`` is additive, broadcastable to ``(B, H, N, N)``.
+        """
+        if self.stream is None:
+            raise CaptureError("Recorder.attend needs an AttentionStream")
+        self._report(layer, k.shape[-2])
+        output, self.attentions[layer] = self.stream.attend(layer, q, k, v, scale, mask)
+        return output
+
+    def _report(self, layer: int, num_tokens: int) -> None:
         if self.reported[layer]:
             raise CaptureError(f"layer {layer} ran twice in one forward pass; gmar captures one pass at a time")
         self.reported[layer] = True
-        self.num_tokens = probabilities.shape[-1]
-        reduce = self.reduce_attention
-        self.attentions[layer] = probabilities if reduce is None else reduce(layer, probabilities)
+        self.num_tokens = num_tokens
 
     def head_output(self, layer: int, heads: torch.Tensor) -> None:
         """Record the per-head context vectors ``(B, heads, N, head_dim)`` of ``layer``."""
@@ -110,6 +144,8 @@ class Captured:
     norm_input: torch.Tensor | None = None
     #: the number of tokens ``N`` the attention ran over
     num_tokens: int = 0
+    #: the stream the attention ran through, if any (its backward pass gives the reduced gradients)
+    stream: AttentionStream | None = None
 
 
 def split_heads_hook(layer: int, num_heads: int, recorder: Recorder) -> Callable:
@@ -141,6 +177,7 @@ def capture(
     detach_from: int | None = None,
     norm_input_layer: int | None = None,
     reduce_attention: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+    stream: AttentionStream | None = None,
 ) -> Iterator[Recorder]:
     """Instrument ``adapter.model`` for one forward pass; every hook and flag is undone on exit.
 
@@ -154,6 +191,7 @@ def capture(
         detach_from=detach_from,
         norm_input_layer=norm_input_layer,
         reduce_attention=reduce_attention,
+        stream=stream,
     )
     with adapter.instrument(recorder), _instrument_blocks(adapter, recorder):
         yield recorder
@@ -231,7 +269,211 @@ def collect(recorder: Recorder, output: torch.Tensor, model: nn.Module) -> Captu
         block_outputs=recorder.block_outputs if recorder.keep_block_outputs else None,  # type: ignore[arg-type]
         norm_input=recorder.norm_input,
         num_tokens=recorder.num_tokens or 0,
+        stream=recorder.stream,
     )
     recorder.attentions, recorder.head_outputs, recorder.block_outputs = [], [], []
     recorder.norm_input = None
     return captured
+
+
+#: The most bytes one chunk of a layer's probabilities ``(samples, H, N, N)`` takes in an
+#: :class:`AttentionStream` (a chunk holds at least one sample).
+CHUNK_BYTES = 64 * 2**20
+
+GradientOf = Literal["attention", "output"]
+
+
+class AttentionStream:
+    """Every layer's attention core ``O = softmax(q kᵀ · scale + mask) v``, computed in chunks of
+    samples so that no layer's full probabilities ``P`` ``(B, H, N, N)`` outlive their use.
+
+    - Without gradients (forward-only methods) ``reduce_attention(layer, P)`` runs on each chunk as
+      it is formed, and the chunks' results are joined along the batch.
+    - With gradients the forward pass keeps only ``q, k, v``, as a fused kernel does. In
+      :meth:`backward` each chunk's ``P`` is formed again from ``q`` and ``k``, and the method's
+      ``reduce(index, gradient, P)`` gets it with the gradient it asked for: ``∂y/∂P = ∂y/∂O · vᵀ``
+      (``"attention"``) or ``∂y/∂O`` itself (``"output"``, the heads' outputs). The gradient goes on
+      to ``q, k, v`` (softmax's backward, written out) only where the pass must go on below.
+
+    ``reduce_attention`` and ``reduce`` work per sample, so joining chunks gives what one call on
+    the whole batch would (up to float rounding).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        reduce_attention: Callable[[int, torch.Tensor], Any] | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> None:
+        self.reduce_attention = reduce_attention
+        self.chunk_bytes = chunk_bytes
+        #: per layer, (q, k, v, scale, mask) while a gradient pass may still need them
+        self._inputs: list[tuple | None] = [None] * num_layers
+        self._anchors: list[torch.Tensor | None] = [None] * num_layers
+        self._pass: _Pass | None = None
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Any]:
+        """Layer ``layer``'s output ``(B, H, N, d)`` and, without gradients, its joined reduction."""
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+            outputs, parts = [], []
+            for rows in self._chunks(q, k):
+                p = _probabilities(q[rows], k[rows], scale, _rows(mask, rows))
+                parts.append(None if self.reduce_attention is None else self.reduce_attention(layer, p))
+                outputs.append(p @ v[rows])
+            return torch.cat(outputs), join_chunks(parts)
+        # The anchor is a scalar input of the layer's node, so a backward pass can be asked to
+        # reach exactly this layer (``autograd.grad(objective, anchor)``) and go no further.
+        anchor = q.new_zeros((), requires_grad=True)
+        self._anchors[layer] = anchor
+        self._inputs[layer] = (q, k, v, scale, mask)
+        return _StreamedAttention.apply(q, k, v, anchor, self, layer, scale, mask), None
+
+    def backward(
+        self,
+        objective: torch.Tensor,
+        layers: Sequence[int],
+        reduce: Callable[[int, torch.Tensor, torch.Tensor], Any],
+        *,
+        gradient_of: GradientOf = "attention",
+        chained: bool = True,
+        retain_graph: bool = False,
+    ) -> list[Any]:
+        """``[reduce(i, ∂ objective / ∂ X_i, P_i)]`` for the ``i``-th of ``layers``, one backward pass.
+
+        ``X`` is the layer's probabilities or its heads' outputs (``gradient_of``). ``chained``:
+        every later layer lies on the graph between the objective and the first of ``layers``, so
+        the pass stops there; otherwise it stops at each of them (a graph cut between blocks). A
+        layer the objective does not reach is reduced from a zero gradient.
+        """
+        if not objective.requires_grad:
+            from gmar.errors import TargetError
+
+            raise TargetError("the target scores do not depend on the model's output, so they have no gradient")
+        missing = [layer for layer in layers if self._inputs[layer] is None]
+        if missing:
+            raise CaptureError(f"layers {missing} were not streamed with gradients (or their pass is over)")
+        sinks = list(layers[:1]) if chained else list(layers)
+        run = _Pass({layer: i for i, layer in enumerate(layers)}, reduce, gradient_of, set(sinks), len(layers))
+        self._pass = run
+        try:
+            anchors = [self._anchors[layer] for layer in sinks]
+            torch.autograd.grad(objective, anchors, allow_unused=True, retain_graph=retain_graph)
+            for layer, index in run.position.items():
+                if not run.done[index]:  # not reached: its gradient is zero
+                    q, k, v, scale, mask = self._inputs[layer]  # type: ignore[misc]
+                    shape = (*q.shape[:-1], k.shape[-2]) if gradient_of == "attention" else (*q.shape[:-1], v.shape[-1])
+                    zeros = q.new_zeros(()).expand(shape)
+                    for rows in self._chunks(q, k):
+                        p = _probabilities(q[rows], k[rows], scale, _rows(mask, rows))
+                        run.results[index].append(reduce(index, zeros[rows], p))
+        finally:
+            self._pass = None
+            if not retain_graph:
+                self.close()
+        return [join_chunks(parts) for parts in run.results]
+
+    def close(self) -> None:
+        """Let go of every layer's ``q, k, v``. The graph's nodes refer to the stream, so until
+        then a graph that no backward pass consumed would be kept alive by a reference cycle."""
+        self._inputs = [None] * len(self._inputs)
+        self._anchors = [None] * len(self._anchors)
+
+    def _chunks(self, q: torch.Tensor, k: torch.Tensor) -> list[slice]:
+        batch, heads, queries = q.shape[:3]
+        per_sample = heads * queries * k.shape[-2] * q.element_size()
+        step = max(1, self.chunk_bytes // max(1, per_sample))
+        return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
+
+    def _backward(self, layer: int, q, k, v, scale: float, mask, grad_output: torch.Tensor, needs: tuple):
+        run = self._pass
+        index = None if run is None else run.position.get(layer)
+        go_on = (run is None or layer not in run.sinks) and any(needs)
+        if index is None and not go_on:
+            return None, None, None
+        grad_output = grad_output.to(q.dtype)
+        grads = [torch.empty_like(t) if go_on and need else None for t, need in zip((q, k, v), needs, strict=True)]
+        grad_q, grad_k, grad_v = grads
+        for rows in self._chunks(q, k):
+            p = _probabilities(q[rows], k[rows], scale, _rows(mask, rows))
+            g_o = grad_output[rows]
+            wants_p = run is not None and index is not None and run.gradient_of == "attention"
+            g_p = g_o @ v[rows].transpose(-2, -1) if go_on or wants_p else None
+            if index is not None:
+                run.results[index].append(run.reduce(index, g_p if run.gradient_of == "attention" else g_o, p))  # type: ignore[union-attr,arg-type]
+            if not go_on:
+                continue
+            if grad_v is not None:
+                grad_v[rows] = p.transpose(-2, -1) @ g_o
+            g_s = p * (g_p - (g_p * p).sum(dim=-1, keepdim=True))  # softmax's backward
+            if grad_q is not None:
+                grad_q[rows] = (g_s @ k[rows]) * scale
+            if grad_k is not None:
+                grad_k[rows] = (g_s.transpose(-2, -1) @ q[rows]) * scale
+        if index is not None:
+            run.done[index] = True  # type: ignore[union-attr]
+        return grad_q, grad_k, grad_v
+
+
+@dataclass
+class _Pass:
+    """One :meth:`AttentionStream.backward` call: where each layer's reduction goes."""
+
+    position: dict[int, int]
+    reduce: Callable[[int, torch.Tensor, torch.Tensor], Any]
+    gradient_of: GradientOf
+    sinks: set[int]
+    count: int
+    results: list[list] = field(init=False)
+    done: list[bool] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.results = [[] for _ in range(self.count)]
+        self.done = [False] * self.count
+
+
+class _StreamedAttention(torch.autograd.Function):
+    """The attention core as one autograd node that saves ``q, k, v`` and nothing ``N × N``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, anchor, stream: AttentionStream, layer: int, scale: float, mask):  # type: ignore[override]
+        ctx.save_for_backward(q, k, v)
+        ctx.stream, ctx.layer, ctx.scale, ctx.mask = stream, layer, scale, mask
+        chunks = stream._chunks(q, k)
+        return torch.cat([_probabilities(q[r], k[r], scale, _rows(mask, r)) @ v[r] for r in chunks])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):  # type: ignore[override]
+        q, k, v = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        grads = ctx.stream._backward(ctx.layer, q, k, v, ctx.scale, ctx.mask, grad_output, needs)
+        return (*grads, grad_output.new_zeros(()), None, None, None, None)
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+    scores = (q * scale) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores + mask
+    # at least float32 inside the softmax, as the models' own half-precision paths do
+    return scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+
+
+def _rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    if mask is None or mask.dim() < 4 or mask.shape[0] == 1:
+        return mask
+    return mask[rows]
+
+
+def join_chunks(parts: list) -> Any:
+    """Join per-chunk results along the batch: tensors are concatenated, tuples joined item by
+    item, None stays None."""
+    first = parts[0] if parts else None
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        return first if len(parts) == 1 else torch.cat(parts)
+    if isinstance(first, tuple):
+        return tuple(join_chunks([part[i] for part in parts]) for i in range(len(first)))
+    raise TypeError(f"cannot join chunk results of type {type(first).__name__}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from typing import ClassVar
 
 import torch
@@ -103,6 +103,25 @@ def remove_all(handles: list) -> Callable[[], None]:
         handles.clear()
 
     return remove
+
+
+def override_forward(stack: ExitStack, module: nn.Module, forward: Callable) -> None:
+    """Give ``module`` (this instance only) another ``forward`` until ``stack`` closes."""
+    own = module.__dict__.get("forward")
+    module.forward = forward
+    if own is None:
+        stack.callback(module.__dict__.pop, "forward", None)
+    else:
+        stack.callback(setattr, module, "forward", own)
+
+
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype, *, keep_where_true: bool) -> torch.Tensor | None:
+    """An attention mask as an additive float mask; a boolean mask marks the pairs kept
+    (``keep_where_true``, PyTorch's SDPA convention) or the pairs masked out (``nn.MultiheadAttention``)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    blocked = ~mask if keep_where_true else mask
+    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill(blocked, float("-inf"))
 
 
 def check_pooling(adapter: ModelAdapter, pooling: str) -> None:

@@ -10,9 +10,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from gmar.adapters.base import ModelAdapter, check_pooling, remove_all
+from gmar.adapters.base import ModelAdapter, additive_mask, check_pooling, remove_all
 from gmar.capture import Recorder, split_heads_hook
-from gmar.errors import UnsupportedModelError
+from gmar.errors import CaptureError, UnsupportedModelError
 from gmar.layout import TokenLayout
 from gmar.preprocess import PreprocessConfig
 
@@ -94,14 +94,20 @@ class HFAdapter(ModelAdapter):
         handles: list = []
         with ExitStack() as stack:
             previous = self.model.config._attn_implementation
-            if previous != "eager":
-                # sdpa and flash kernels return no probabilities: switch to eager for the call.
-                self.model.set_attn_implementation("eager")
+            # sdpa and flash kernels return no probabilities: switch to eager for the call, or to
+            # gmar's streamed core, which the attention modules call through the attention interface.
+            wanted = _register_streamed_attention() if recorder.stream is not None else "eager"
+            if previous != wanted:
+                self.model.set_attn_implementation(wanted)
                 stack.callback(self.model.set_attn_implementation, previous)
             stack.callback(remove_all(handles))
             for layer, attn in enumerate(self._attention):
                 heads = attn.config.num_attention_heads
-                handles.append(attn.register_forward_hook(partial(_record_probabilities, recorder, layer)))
+                if recorder.stream is not None:
+                    attn._gmar_route = (recorder, layer)
+                    stack.callback(delattr, attn, "_gmar_route")
+                else:
+                    handles.append(attn.register_forward_hook(partial(_record_probabilities, recorder, layer)))
                 handles.append(attn.o_proj.register_forward_pre_hook(split_heads_hook(layer, heads, recorder)))
             yield
 
@@ -145,6 +151,38 @@ class HFAdapter(ModelAdapter):
         if not names or any(n is None for n in names) or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
             return None
         return names  # type: ignore[return-value]
+
+
+STREAMED = "gmar_streamed"
+
+
+def _register_streamed_attention() -> str:
+    """Register gmar's attention function with transformers' attention interface; its name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(STREAMED, _streamed_attention)
+    return STREAMED
+
+
+def _streamed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """An attention function of the interface (eval mode): ``(B, N, H, d)`` out, no probabilities."""
+    route = getattr(module, "_gmar_route", None)
+    if route is None:
+        raise CaptureError(f"{type(module).__name__} ran gmar's attention outside a capture")
+    recorder, layer = route
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    mask = additive_mask(attention_mask, query.dtype, keep_where_true=True)
+    output = recorder.attend(layer, query, key, value, scale=scale, mask=mask)
+    return output.transpose(1, 2).contiguous(), None
 
 
 def _record_probabilities(recorder: Recorder, layer: int, module: nn.Module, args: tuple, output: tuple) -> None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gmar.adapters.base import ModelAdapter, check_pooling
+from gmar.adapters.base import ModelAdapter, additive_mask, check_pooling, override_forward
 from gmar.capture import Recorder
 from gmar.errors import CaptureError, InputSizeError, UnsupportedModelError
 from gmar.layout import TokenLayout
@@ -114,12 +114,7 @@ class OpenCLIPAdapter(ModelAdapter):
             for layer, attn in enumerate(self._attention):
                 # nn.MultiheadAttention computes its probabilities inside one functional call with
                 # nothing to hook: give this instance an explicit forward for the duration.
-                own = attn.__dict__.get("forward")
-                attn.forward = _ExplicitAttention(attn, layer, recorder)
-                if own is None:
-                    stack.callback(attn.__dict__.pop, "forward", None)
-                else:
-                    stack.callback(setattr, attn, "forward", own)
+                override_forward(stack, attn, _ExplicitAttention(attn, layer, recorder))
             yield
 
     @property
@@ -198,20 +193,26 @@ class _ExplicitAttention:
             return F.linear(x, weight, bias).view(batch, x.shape[1], heads, -1).transpose(1, 2)
 
         q, k, v = split(query, w_q, b_q), split(key, w_k, b_k), split(value, w_v, b_v)
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-        if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:
-                scores = scores.masked_fill(attn_mask, float("-inf"))
-            else:
-                scores = scores + attn_mask
-        probabilities = F.dropout(scores.softmax(dim=-1), attn.dropout, training=attn.training)
-        self.recorder.attention(self.layer, probabilities)
-        context = probabilities @ v
-        self.recorder.head_output(self.layer, context)
+        recorder, scale = self.recorder, q.shape[-1] ** -0.5
+        if recorder.stream is not None:
+            probabilities = None
+            mask = additive_mask(attn_mask, q.dtype, keep_where_true=False)
+            context = recorder.attend(self.layer, q, k, v, scale=scale, mask=mask)
+        else:
+            scores = (q * scale) @ k.transpose(-2, -1)
+            if attn_mask is not None:
+                if attn_mask.dtype == torch.bool:
+                    scores = scores.masked_fill(attn_mask, float("-inf"))
+                else:
+                    scores = scores + attn_mask
+            probabilities = F.dropout(scores.softmax(dim=-1), attn.dropout, training=attn.training)
+            recorder.attention(self.layer, probabilities)
+            context = probabilities @ v
+        recorder.head_output(self.layer, context)
         output = attn.out_proj(context.transpose(1, 2).reshape(batch, tokens, width))
         if not attn.batch_first:
             output = output.transpose(0, 1)
         weights = None
-        if need_weights:
+        if need_weights and probabilities is not None:
             weights = probabilities.mean(dim=1) if average_attn_weights else probabilities
         return output, weights

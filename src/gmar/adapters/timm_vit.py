@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gmar.adapters.base import ModelAdapter, check_pooling, remove_all
+from gmar.adapters.base import ModelAdapter, additive_mask, check_pooling, override_forward, remove_all
 from gmar.capture import Recorder, split_heads_hook
 from gmar.errors import InputSizeError, UnsupportedModelError
 from gmar.layout import TokenLayout
@@ -103,10 +103,14 @@ class TimmAdapter(ModelAdapter):
         with ExitStack() as stack:
             stack.callback(remove_all(handles))
             for layer, attn in enumerate(self._attention):
-                # The fused kernel never materialises the probabilities: take the explicit path.
-                stack.callback(setattr, attn, "fused_attn", attn.fused_attn)
-                attn.fused_attn = False
-                handles.append(attn.attn_drop.register_forward_hook(partial(_record_output, recorder, layer)))
+                if recorder.stream is not None:
+                    # gmar computes the attention core itself, from timm's q, k and v.
+                    override_forward(stack, attn, partial(_streamed_attention, attn, layer, recorder))
+                else:
+                    # The fused kernel never materialises the probabilities: take the explicit path.
+                    stack.callback(setattr, attn, "fused_attn", attn.fused_attn)
+                    attn.fused_attn = False
+                    handles.append(attn.attn_drop.register_forward_hook(partial(_record_output, recorder, layer)))
                 handles.append(attn.norm.register_forward_pre_hook(split_heads_hook(layer, attn.num_heads, recorder)))
             yield
 
@@ -177,6 +181,30 @@ def attention_pool(pool: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
     elif pool.pool == "avg":
         out = out.mean(1)
     return out, attention
+
+
+def _streamed_attention(
+    attn: nn.Module,
+    layer: int,
+    recorder: Recorder,
+    x: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """timm's ``Attention.forward`` (eval mode) with the core computed by ``recorder.attend``."""
+    batch, tokens, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if is_causal:
+        attn_mask = torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).tril()
+    mask = additive_mask(attn_mask, q.dtype, keep_where_true=True)
+    x = recorder.attend(layer, q, k, v, scale=attn.scale, mask=mask)
+    x = attn.norm(x.transpose(1, 2).reshape(batch, tokens, -1))
+    if gate is not None:
+        x = x * gate
+    return attn.proj_drop(attn.proj(x))
 
 
 def _record_output(recorder: Recorder, layer: int, module: nn.Module, args: tuple, output: torch.Tensor) -> None:

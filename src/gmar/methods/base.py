@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from gmar.adapters import get_adapter
-from gmar.capture import Captured, capture, collect, frozen_eval
+from gmar.capture import AttentionStream, Captured, GradientOf, capture, collect, frozen_eval
 from gmar.errors import CaptureError, TargetError, UnsupportedModelError
 from gmar.explanation import Explanation, min_max, upsample
 from gmar.layout import TokenLayout
@@ -25,11 +26,14 @@ class Explainer:
     and, for gradient methods, takes one ``torch.autograd.grad`` call for the whole batch. The
     model is left as it was found, also when the call raises.
 
-    With ``low_memory`` (the default) each layer is reduced as it arrives: a forward-only method
-    keeps one layer's attention at a time, and a gradient method reduces each layer's gradient
-    inside the backward pass (a tensor hook) instead of holding every layer's ``(B, H, N, N)``
-    gradient at once. ``low_memory = False`` is the plain path: all gradients first, then the
-    same reductions. Both give the same maps.
+    With ``low_memory`` (the default) the attention runs through an
+    :class:`~gmar.capture.AttentionStream`: each layer's core is computed in chunks of samples, a
+    forward-only method reduces each chunk as it is formed, and a gradient method reduces each
+    chunk's probabilities and gradient inside the backward pass, the probabilities formed again
+    from ``q`` and ``k`` there. No layer's ``(B, H, N, N)`` attention or gradient is ever held
+    whole, and the graph keeps only what a fused kernel keeps. ``low_memory = False`` is the
+    plain path: the model's explicit attention on the graph, all gradients first, then the same
+    reductions. Both give the same maps, up to float rounding.
     """
 
     name: ClassVar[str]
@@ -41,6 +45,9 @@ class Explainer:
     #: the backward pass can stop at the first; False when every input is a dead end (LeGrad's
     #: graph is cut between blocks).
     chained_gradients: ClassVar[bool] = True
+    #: What :meth:`reduce_gradient` gets the gradient of: each layer's attention probabilities
+    #: or its heads' outputs.
+    gradient_of: GradientOf = "attention"
     low_memory: bool = True
 
     def __init__(self, model: nn.Module, *, start_layer: int = 0) -> None:
@@ -66,18 +73,29 @@ class Explainer:
 
     def capture_options(self) -> dict:
         """Keyword arguments for :func:`gmar.capture.capture` (what the method needs recorded)."""
-        return {"head_outputs": self._needs_head_outputs()}
-
-    def gradient_inputs(self, captured: Captured) -> list[torch.Tensor]:
-        """The captured tensors whose gradients the method needs (default: the attention)."""
-        return captured.attentions
+        return {"head_outputs": self.uses_gradients and self.gradient_of == "output"}
 
     def reduce_attention(self, layer: int, attention: torch.Tensor) -> torch.Tensor | None:
-        """What a forward-only method keeps of layer ``layer``'s attention ``(B, H, N, N)``."""
+        """What a forward-only method keeps of layer ``layer``'s attention ``(B, H, N, N)``.
+
+        It must work per sample: it may be called on chunks of the batch, whose results are
+        concatenated.
+        """
         return attention
 
-    def reduce_gradient(self, index: int, gradient: torch.Tensor, captured: Captured, layout: TokenLayout) -> Any:
-        """What a gradient method keeps of the gradient w.r.t. ``gradient_inputs(captured)[index]``."""
+    def reduce_gradient(
+        self,
+        layer: int,
+        gradient: torch.Tensor,
+        attention: torch.Tensor | None,
+        captured: Captured,
+        layout: TokenLayout,
+    ) -> Any:
+        """What a gradient method keeps of layer ``layer``: ``gradient`` is the gradient w.r.t. the
+        layer's attention ``(B, H, N, N)`` or heads' outputs ``(B, H, N, d)`` (:attr:`gradient_of`),
+        ``attention`` the layer's probabilities. Per sample, like :meth:`reduce_attention`; the
+        result is a tensor, a tuple of tensors, or None.
+        """
         return gradient
 
     def relevance(
@@ -91,14 +109,24 @@ class Explainer:
         images = prepare_images(target, self._prepare(images))
         layout = self.adapter.token_layout(tuple(images.shape[-2:]))
         # inference_mode(False): gradient methods must work even when called under inference mode.
-        with torch.inference_mode(False), frozen_eval(self.model), torch.set_grad_enabled(self.uses_gradients):
+        with (
+            torch.inference_mode(False),
+            frozen_eval(self.model),
+            torch.set_grad_enabled(self.uses_gradients),
+            ExitStack() as cleanup,
+        ):
             inputs = images.detach()
             if inputs.is_inference():
                 inputs = inputs.clone()
             inputs.requires_grad_(self.uses_gradients)
-            stream = self.low_memory and not self.uses_gradients
-            reduce = self.reduce_attention if stream else None
-            with capture(self.adapter, reduce_attention=reduce, **self.capture_options()) as recorder:
+            stream = None
+            if self.low_memory:
+                stream = AttentionStream(
+                    self.adapter.num_layers, reduce_attention=None if self.uses_gradients else self.reduce_attention
+                )
+                # The stream and the graph refer to each other; closing it frees the graph at once.
+                cleanup.callback(stream.close)
+            with capture(self.adapter, stream=stream, **self.capture_options()) as recorder:
                 output = self.adapter.forward(inputs)
             captured = collect(recorder, output, self.model)
             del recorder
@@ -114,7 +142,7 @@ class Explainer:
                 scores, classes = resolve_target(output, target, is_classifier=self.adapter.is_classifier)
             if self.uses_gradients:
                 reduced = self.gradients(captured, scores, classes, target, layout)
-            elif stream:
+            elif stream is not None:
                 reduced = captured.attentions
             else:
                 reduced = [self.reduce_attention(i, a) for i, a in enumerate(captured.attentions)]
@@ -132,9 +160,6 @@ class Explainer:
             layout=layout,
             prompts=_prompts(target, token_map.shape[0]),
         )
-
-    def _needs_head_outputs(self) -> bool:
-        return False
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         if not isinstance(images, torch.Tensor):
@@ -156,23 +181,57 @@ class Explainer:
         target: Target,
         layout: TokenLayout,
     ) -> list[Any]:
-        """The reduced gradients of the summed scores w.r.t. :meth:`gradient_inputs`, one
-        ``autograd.grad`` call."""
-        return self.reduced_gradients(scores.sum(), list(self.gradient_inputs(captured)), captured, layout)
+        """Every layer's reduced gradient of the summed scores, one backward pass."""
+        return self.layer_gradients(scores.sum(), list(range(self.adapter.num_layers)), captured, layout)
+
+    def layer_gradients(
+        self,
+        objective: torch.Tensor,
+        layers: list[int],
+        captured: Captured,
+        layout: TokenLayout,
+        retain_graph: bool = False,
+    ) -> list[Any]:
+        """``reduce_gradient`` of each of ``layers`` (its attention's or heads' outputs' gradient,
+        :attr:`gradient_of`), in one backward pass."""
+        if captured.stream is not None:
+
+            def reduce(index: int, gradient: torch.Tensor, attention: torch.Tensor) -> Any:
+                with torch.no_grad():
+                    return self.reduce_gradient(layers[index], gradient, attention, captured, layout)
+
+            return captured.stream.backward(
+                objective,
+                layers,
+                reduce,
+                gradient_of=self.gradient_of,
+                chained=self.chained_gradients,
+                retain_graph=retain_graph,
+            )
+        source = captured.head_outputs if self.gradient_of == "output" else captured.attentions
+        if source is None:
+            raise CaptureError(f"{self.name}: the heads' outputs were not captured")
+        inputs = [source[layer] for layer in layers]
+        attentions = [captured.attentions[layer] for layer in layers]
+        return self.reduced_gradients(objective, inputs, attentions, captured, layout, retain_graph, layers=layers)
 
     def reduced_gradients(
         self,
         objective: torch.Tensor,
         inputs: list[torch.Tensor],
+        attentions: list[torch.Tensor | None],
         captured: Captured,
         layout: TokenLayout,
         retain_graph: bool = False,
+        layers: list[int] | None = None,
     ) -> list[Any]:
-        """``reduce_gradient(i, ∂ objective / ∂ inputs[i])`` for every input, in one backward pass."""
+        """``reduce_gradient(layers[i], ∂ objective / ∂ inputs[i], attentions[i])`` for every input,
+        in one backward pass (``layers`` defaults to the positions)."""
+        labels = list(range(len(inputs))) if layers is None else layers
 
         def reduce(index: int, gradient: torch.Tensor) -> Any:
             with torch.no_grad():
-                return self.reduce_gradient(index, gradient, captured, layout)
+                return self.reduce_gradient(labels[index], gradient, attentions[index], captured, layout)
 
         if not self.low_memory:
             return [reduce(i, g) for i, g in enumerate(differentiate(objective, inputs, retain_graph))]

@@ -69,8 +69,8 @@ class GradientRollout(Explainer):
         _check_ratio(discard_ratio)
         self.discard_ratio, self.residual = discard_ratio, residual
 
-    def reduce_gradient(self, index: int, gradient: torch.Tensor, captured: Captured, layout: TokenLayout):
-        return _gradient_weighted_layer(index, gradient, captured, self.start_layer)
+    def reduce_gradient(self, layer, gradient, attention, captured, layout):
+        return _gradient_weighted_layer(layer, gradient, attention, self.start_layer)
 
     def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
         return _rollout_map(reduced[self.start_layer :], self.discard_ratio, self.residual, layout), None
@@ -104,17 +104,11 @@ class GMAR(Explainer):
             raise ValueError(f"head_grad must be 'output' or 'attention', not {head_grad!r}")
         _check_ratio(discard_ratio)
         self.norm, self.head_grad, self.residual, self.discard_ratio = norm, head_grad, residual, discard_ratio
+        self.gradient_of = head_grad  # type: ignore[assignment]
 
-    def _needs_head_outputs(self) -> bool:
-        return self.head_grad == "output"
-
-    def gradient_inputs(self, captured: Captured) -> list[torch.Tensor]:
-        return captured.head_outputs if self.head_grad == "output" else captured.attentions  # type: ignore[return-value]
-
-    def reduce_gradient(self, index: int, gradient: torch.Tensor, captured: Captured, layout: TokenLayout):
+    def reduce_gradient(self, layer, gradient, attention, captured, layout):
         weights = Fn.normalise_head_scores(Fn.head_scores(gradient.float(), self.norm))
-        attention, captured.attentions[index] = captured.attentions[index], None  # its last use here
-        mixed = Fn.mix_heads(attention.float(), weights) if index >= self.start_layer else None  # type: ignore[union-attr]
+        mixed = Fn.mix_heads(attention.float(), weights) if layer >= self.start_layer else None  # type: ignore[union-attr]
         return weights, mixed
 
     def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
@@ -132,8 +126,8 @@ class GAE(Explainer):
     def __init__(self, model: nn.Module, start_layer: int = 0) -> None:
         super().__init__(model, start_layer=start_layer)
 
-    def reduce_gradient(self, index: int, gradient: torch.Tensor, captured: Captured, layout: TokenLayout):
-        return _gradient_weighted_layer(index, gradient, captured, self.start_layer)
+    def reduce_gradient(self, layer, gradient, attention, captured, layout):
+        return _gradient_weighted_layer(layer, gradient, attention, self.start_layer)
 
     def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
         return Fn.readout_map(Fn.gae(reduced[self.start_layer :]), layout), None
@@ -199,20 +193,25 @@ class LeGrad(Explainer):
         layout: TokenLayout,
     ) -> list[torch.Tensor]:
         empty = self._empty_target(target) if self.correction else None
-        outputs, attentions = [], []
-        for layer in range(self.start_layer, self.adapter.num_layers):
+        layers = list(range(self.start_layer, self.adapter.num_layers))
+        outputs, poolers = [], []
+        for layer in layers:
             tokens = self.adapter.block_tokens(captured.block_outputs[layer])  # type: ignore[index]
             output, pooler_attention = self.adapter.readout(tokens, self.pooling)
             outputs.append(output)
-            attentions.append(pooler_attention if self.adapter.attention_pooled else captured.attentions[layer])
-        objective = torch.stack([score_of(o, target, classes).sum() for o in outputs]).sum()
-        maps = self.reduced_gradients(objective, attentions, captured, layout, retain_graph=empty is not None)
+            poolers.append(pooler_attention)
+
+        def gradients(objective: torch.Tensor, retain_graph: bool) -> list:
+            if self.adapter.attention_pooled:  # each layer's map comes from the pooler's attention
+                return self.reduced_gradients(objective, poolers, poolers, captured, layout, retain_graph, layers)
+            return self.layer_gradients(objective, layers, captured, layout, retain_graph)
+
+        maps = gradients(torch.stack([score_of(o, target, classes).sum() for o in outputs]).sum(), empty is not None)
         if empty is not None:
-            objective = torch.stack([empty(o).sum() for o in outputs]).sum()
-            maps += self.reduced_gradients(objective, attentions, captured, layout)
+            maps += gradients(torch.stack([empty(o).sum() for o in outputs]).sum(), False)
         return maps
 
-    def reduce_gradient(self, index: int, gradient: torch.Tensor, captured: Captured, layout: TokenLayout):
+    def reduce_gradient(self, layer, gradient, attention, captured, layout):
         return Fn.legrad_layer(gradient.float(), layout)
 
     def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
@@ -250,10 +249,10 @@ class GradCAM(Explainer):
     def capture_options(self) -> dict:
         return {"norm_input_layer": self.layer}
 
-    def gradient_inputs(self, captured: Captured) -> list[torch.Tensor]:
-        return [captured.norm_input]  # type: ignore[list-item]
+    def gradients(self, captured, scores, classes, target, layout):
+        return self.reduced_gradients(scores.sum(), [captured.norm_input], [None], captured, layout)  # type: ignore[list-item]
 
-    def reduce_gradient(self, index: int, gradient: torch.Tensor, captured: Captured, layout: TokenLayout):
+    def reduce_gradient(self, layer, gradient, attention, captured, layout):
         tokens = self.adapter.block_tokens
         return Fn.token_gradcam(tokens(captured.norm_input).float(), tokens(gradient).float(), layout)  # type: ignore
 
@@ -267,12 +266,10 @@ def _check_ratio(discard_ratio: float) -> None:
 
 
 def _gradient_weighted_layer(
-    index: int, gradient: torch.Tensor, captured: Captured, start_layer: int
+    layer: int, gradient: torch.Tensor, attention: torch.Tensor | None, start_layer: int
 ) -> torch.Tensor | None:
-    """``mean_h ReLU(A_l ⊙ ∂y/∂A_l)`` of layer ``index`` (None below ``start_layer``). The captured
-    attention is let go here, its last use, so autograd can free it."""
-    attention, captured.attentions[index] = captured.attentions[index], None
-    if index < start_layer:
+    """``mean_h ReLU(A_l ⊙ ∂y/∂A_l)`` of ``layer`` (None below ``start_layer``)."""
+    if layer < start_layer:
         return None
     return Fn.gradient_weighted(attention.float(), gradient.float())  # type: ignore[union-attr]
 
