@@ -108,6 +108,22 @@ def test_gae_by_hand():
     torch.testing.assert_close(Fn.gae([b1, b2]), step1 + b2 @ step1)
 
 
+@pytest.mark.parametrize("residual", [1.0, 0.5])
+def test_readout_rows_from_the_left_equal_the_full_products(residual):
+    """rollout_readout and gae_readout are wᵀ R without forming R; readout weights over several
+    rows (a distilled model's two tokens, or all patches) included."""
+    generator = torch.Generator().manual_seed(11)
+    layers = [torch.rand(2, 9, 9, dtype=torch.float64, generator=generator) for _ in range(4)]
+    for weights in (torch.eye(9, dtype=torch.float64)[0], torch.rand(9, dtype=torch.float64, generator=generator)):
+        full = torch.einsum("n,bnm->bm", weights, Fn.rollout(layers, residual))
+        torch.testing.assert_close(Fn.rollout_readout(layers, weights, residual), full, rtol=1e-12, atol=0)
+        full = torch.einsum("n,bnm->bm", weights, Fn.gae(layers))
+        torch.testing.assert_close(Fn.gae_readout(layers, weights), full, rtol=1e-12, atol=0)
+    # the order matters: reversing the layers gives another answer
+    reverse = Fn.rollout_readout(layers[::-1], weights, residual)
+    assert not torch.allclose(reverse, Fn.rollout_readout(layers, weights, residual))
+
+
 def test_upsample_covers_each_patch_and_pads_uncovered_pixels():
     layout = TokenLayout(num_prefix_tokens=1, grid_size=(2, 2), patch_size=(2, 2))
     token_map = torch.tensor([[[1.0, 1.0], [1.0, 1.0]]])

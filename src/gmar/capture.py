@@ -296,7 +296,8 @@ class AttentionStream:
       to ``q, k, v`` (softmax's backward, written out) only where the pass must go on below.
 
     ``reduce_attention`` and ``reduce`` work per sample, so joining chunks gives what one call on
-    the whole batch would (up to float rounding).
+    the whole batch would (up to float rounding). ``reduce`` must not keep its gradient argument:
+    the buffer is reused for softmax's backward once it returns.
     """
 
     def __init__(
@@ -322,7 +323,7 @@ class AttentionStream:
                 p = _probabilities(q[rows], k[rows], scale, _rows(mask, rows))
                 parts.append(None if self.reduce_attention is None else self.reduce_attention(layer, p))
                 outputs.append(p @ v[rows])
-            return torch.cat(outputs), join_chunks(parts)
+            return join_chunks(outputs), join_chunks(parts)
         # The anchor is a scalar input of the layer's node, so a backward pass can be asked to
         # reach exactly this layer (``autograd.grad(objective, anchor)``) and go no further.
         anchor = q.new_zeros((), requires_grad=True)
@@ -406,7 +407,8 @@ class AttentionStream:
                 continue
             if grad_v is not None:
                 grad_v[rows] = p.transpose(-2, -1) @ g_o
-            g_s = p * (g_p - (g_p * p).sum(dim=-1, keepdim=True))  # softmax's backward
+            # softmax's backward, P ⊙ (G_P - rowsum(G_P ⊙ P)), in G_P's buffer
+            g_s = g_p.sub_((g_p * p).sum(dim=-1, keepdim=True)).mul_(p)  # type: ignore[union-attr]
             if grad_q is not None:
                 grad_q[rows] = (g_s @ k[rows]) * scale
             if grad_k is not None:
@@ -441,7 +443,7 @@ class _StreamedAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v)
         ctx.stream, ctx.layer, ctx.scale, ctx.mask = stream, layer, scale, mask
         chunks = stream._chunks(q, k)
-        return torch.cat([_probabilities(q[r], k[r], scale, _rows(mask, r)) @ v[r] for r in chunks])
+        return join_chunks([_probabilities(q[r], k[r], scale, _rows(mask, r)) @ v[r] for r in chunks])
 
     @staticmethod
     @once_differentiable

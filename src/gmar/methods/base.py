@@ -94,9 +94,10 @@ class Explainer:
         """What a gradient method keeps of layer ``layer``: ``gradient`` is the gradient w.r.t. the
         layer's attention ``(B, H, N, N)`` or heads' outputs ``(B, H, N, d)`` (:attr:`gradient_of`),
         ``attention`` the layer's probabilities. Per sample, like :meth:`reduce_attention`; the
-        result is a tensor, a tuple of tensors, or None.
+        result is a tensor, a tuple of tensors, or None, and must not be ``gradient`` itself (its
+        buffer may be reused once this returns).
         """
-        return gradient
+        raise NotImplementedError
 
     def relevance(
         self, captured: Captured, reduced: list[Any], layout: TokenLayout

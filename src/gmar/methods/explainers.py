@@ -130,7 +130,9 @@ class GAE(Explainer):
         return _gradient_weighted_layer(layer, gradient, attention, self.start_layer)
 
     def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
-        return Fn.readout_map(Fn.gae(reduced[self.start_layer :]), layout), None
+        layers = reduced[self.start_layer :]
+        weights = layout.readout_weights(dtype=layers[0].dtype, device=layers[0].device)
+        return layout.patch_map(Fn.gae_readout(layers, weights)), None
 
 
 class LeGrad(Explainer):
@@ -277,4 +279,5 @@ def _gradient_weighted_layer(
 def _rollout_map(fused: list[torch.Tensor], discard_ratio: float, residual: float, layout: TokenLayout) -> torch.Tensor:
     if discard_ratio:
         fused = [Fn.discard_lowest(m, discard_ratio, layout.num_prefix_tokens) for m in fused]
-    return Fn.readout_map(Fn.rollout(fused, residual), layout)
+    weights = layout.readout_weights(dtype=fused[0].dtype, device=fused[0].device)
+    return layout.patch_map(Fn.rollout_readout(fused, weights, residual))

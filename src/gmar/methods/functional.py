@@ -68,6 +68,27 @@ def rollout(layers: Sequence[torch.Tensor], residual: float = 1.0) -> torch.Tens
     return result
 
 
+def rollout_readout(layers: Sequence[torch.Tensor], weights: torch.Tensor, residual: float = 1.0) -> torch.Tensor:
+    """``wᵀ R`` for the rollout ``R = Â_L ··· Â_1`` of :func:`rollout`, without forming ``R``.
+
+    The row vector is multiplied into the layers from the left, last layer first: ``N²`` work per
+    layer instead of the ``N³`` of a matrix product (at 785 tokens, a batch of 8 and 12 layers,
+    0.15 instead of 93 GFLOP).
+
+    Args:
+        layers: fused matrices ``Ā_l`` ``(B, N, N)``, first layer first.
+        weights: ``w`` ``(N,)``, the readout rows' weights (see :func:`readout_map`).
+    Returns:
+        ``(B, N)``.
+    """
+    if not layers:
+        raise ValueError("rollout needs at least one layer")
+    row = weights.to(layers[0]).expand(layers[0].shape[0], 1, -1)
+    for matrix in reversed(layers):
+        row = row @ add_residual(matrix, residual)
+    return row.squeeze(1)
+
+
 def gradient_weighted(attention: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
     """``mean_h ReLU(A ⊙ ∂y/∂A)``: ``(B, H, N, N)`` twice to ``(B, N, N)``."""
     return (attention * gradient).clamp_min_(0).mean(dim=1)
@@ -108,6 +129,17 @@ def gae(layers: Sequence[torch.Tensor]) -> torch.Tensor:
     for matrix in layers:
         relevance = relevance + matrix @ relevance
     return relevance
+
+
+def gae_readout(layers: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """``wᵀ R`` for :func:`gae`'s ``R = (I + Ā_L) ··· (I + Ā_1)``, the row vector multiplied in
+    from the left (``N²`` per layer, as :func:`rollout_readout`): ``(N,)`` weights to ``(B, N)``."""
+    if not layers:
+        raise ValueError("gae needs at least one layer")
+    row = weights.to(layers[0]).expand(layers[0].shape[0], 1, -1)
+    for matrix in reversed(layers):
+        row = row + row @ matrix
+    return row.squeeze(1)
 
 
 def readout_map(matrix: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
