@@ -56,8 +56,8 @@ def frozen_eval(model: nn.Module) -> Iterator[None]:
 class Recorder:
     """Collects one attention tensor (and optionally one head-output tensor) per layer.
 
-    Adapters call :meth:`attention` and :meth:`head_output` from their hooks; block outputs and
-    the norm input are recorded by :func:`capture` itself.
+    Adapters call :meth:`attention` (or, with a stream, :meth:`attend`) and :meth:`head_output`
+    from their hooks; block outputs and the norm input are recorded by :func:`capture` itself.
 
     Attributes:
         keep_head_outputs: record per-head outputs ``O_l`` (graph-connected).
@@ -65,11 +65,9 @@ class Recorder:
         detach_from: blocks with this index and above read a detached copy of their input that
             requires grad (None: the graph is left whole).
         norm_input_layer: record the tokens entering this block's first norm (None: none).
-        reduce_attention: if given, ``reduce_attention(layer, probabilities)`` is stored instead of
-            the probabilities (None drops the layer), so a forward-only method never holds more
-            than one layer's ``(B, H, N, N)`` at a time.
-        stream: if given, adapters route each layer's attention core through :meth:`attend`
-            (the stream then applies ``reduce_attention`` itself, chunk by chunk).
+        stream: if given, adapters route each layer's attention core through :meth:`attend`, and
+            what the stream makes of it (a forward-only method's reduction, or nothing) is stored
+            instead of the probabilities.
     """
 
     num_layers: int
@@ -77,7 +75,6 @@ class Recorder:
     keep_block_outputs: bool = False
     detach_from: int | None = None
     norm_input_layer: int | None = None
-    reduce_attention: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None
     stream: AttentionStream | None = None
     attentions: list[torch.Tensor | None] = field(init=False)
     reported: list[bool] = field(init=False)
@@ -95,8 +92,7 @@ class Recorder:
     def attention(self, layer: int, probabilities: torch.Tensor) -> None:
         """Record the post-softmax attention ``(B, heads, N, N)`` of ``layer``."""
         self._report(layer, probabilities.shape[-1])
-        reduce = self.reduce_attention
-        self.attentions[layer] = probabilities if reduce is None else reduce(layer, probabilities)
+        self.attentions[layer] = probabilities
 
     def attend(
         self,
@@ -135,7 +131,7 @@ class Captured:
     """What one captured forward pass produced."""
 
     output: torch.Tensor
-    #: each layer's attention ``(B, H, N, N)``, or what ``Recorder.reduce_attention`` made of it
+    #: each layer's attention ``(B, H, N, N)``, or what the stream made of it (see ``Recorder``)
     attentions: list[torch.Tensor | None]
     head_outputs: list[torch.Tensor] | None
     #: each block's output tokens in the block's own layout (see ``ModelAdapter.block_tokens``)
@@ -176,7 +172,6 @@ def capture(
     block_outputs: bool = False,
     detach_from: int | None = None,
     norm_input_layer: int | None = None,
-    reduce_attention: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
     stream: AttentionStream | None = None,
 ) -> Iterator[Recorder]:
     """Instrument ``adapter.model`` for one forward pass; every hook and flag is undone on exit.
@@ -190,7 +185,6 @@ def capture(
         keep_block_outputs=block_outputs,
         detach_from=detach_from,
         norm_input_layer=norm_input_layer,
-        reduce_attention=reduce_attention,
         stream=stream,
     )
     with adapter.instrument(recorder), _instrument_blocks(adapter, recorder):
@@ -407,12 +401,13 @@ class AttentionStream:
                 continue
             if grad_v is not None:
                 grad_v[rows] = p.transpose(-2, -1) @ g_o
-            # softmax's backward, P ⊙ (G_P - rowsum(G_P ⊙ P)), in G_P's buffer
-            g_s = g_p.sub_((g_p * p).sum(dim=-1, keepdim=True)).mul_(p)  # type: ignore[union-attr]
+            # softmax's backward, G_S = P ⊙ (G_P - rowsum(G_P ⊙ P)), in G_P's buffer (one name
+            # for it, so the buffer goes when the next chunk's G_P takes the name)
+            g_p.sub_((g_p * p).sum(dim=-1, keepdim=True)).mul_(p)  # type: ignore[union-attr]
             if grad_q is not None:
-                grad_q[rows] = (g_s @ k[rows]) * scale
+                grad_q[rows] = (g_p @ k[rows]) * scale
             if grad_k is not None:
-                grad_k[rows] = (g_s.transpose(-2, -1) @ q[rows]) * scale
+                grad_k[rows] = (g_p.transpose(-2, -1) @ q[rows]) * scale  # type: ignore[union-attr]
         if index is not None:
             run.done[index] = True  # type: ignore[union-attr]
         return grad_q, grad_k, grad_v
