@@ -379,14 +379,15 @@ def plot_scaling(settings: list[Setting], path: Path) -> Path:
     labels = [f"b{s.batch_size}\n{s.resolution}px" for s in settings]
     names = [row.case for row in settings[0].rows]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name in names:
+    for index, name in enumerate(names):
+        style = {"marker": "o", "label": name, "color": f"C{index % 10}"}  # one colour per case in every panel
         rows = [next((r for r in s.rows if r.case == name), None) for s in settings]
         per_image = [r.seconds / s.batch_size * 1e3 if r else math.nan for r, s in zip(rows, settings, strict=True)]
-        axes[1].plot(labels, per_image, marker="o", label=name)
+        axes[1].plot(labels, per_image, **style)
         if name in ("F", "FB"):
             continue
-        axes[0].plot(labels, [r.ratio if r and r.ratio else math.nan for r in rows], marker="o", label=name)
-        axes[2].plot(labels, [r.peak_ratio if r and r.peak_ratio else math.nan for r in rows], marker="o", label=name)
+        axes[0].plot(labels, [r.ratio if r and r.ratio else math.nan for r in rows], **style)
+        axes[2].plot(labels, [r.peak_ratio if r and r.peak_ratio else math.nan for r in rows], **style)
     axes[0].set_title("time / baseline (F or FB)")
     axes[1].set_title("ms per image")
     axes[1].set_yscale("log")
