@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from gmar.errors import CaptureError
+from gmar.errors import CaptureError, TargetError
 
 if TYPE_CHECKING:
     from gmar.adapters.base import ModelAdapter
@@ -345,8 +345,6 @@ class AttentionStream:
         layer the objective does not reach is reduced from a zero gradient.
         """
         if not objective.requires_grad:
-            from gmar.errors import TargetError
-
             raise TargetError("the target scores do not depend on the model's output, so they have no gradient")
         missing = [layer for layer in layers if self._inputs[layer] is None]
         if missing:
@@ -392,10 +390,10 @@ class AttentionStream:
         grad_output = grad_output.to(q.dtype)
         grads = [torch.empty_like(t) if go_on and need else None for t, need in zip((q, k, v), needs, strict=True)]
         grad_q, grad_k, grad_v = grads
+        wants_p = run is not None and index is not None and run.gradient_of == "attention"
         for rows in self._chunks(q, k):
             p = _probabilities(q[rows], k[rows], scale, _rows(mask, rows))
             g_o = grad_output[rows]
-            wants_p = run is not None and index is not None and run.gradient_of == "attention"
             g_p = g_o @ v[rows].transpose(-2, -1) if go_on or wants_p else None
             if index is not None:
                 run.results[index].append(run.reduce(index, g_p if run.gradient_of == "attention" else g_o, p))  # type: ignore[union-attr,arg-type]
