@@ -212,3 +212,25 @@ def test_demo_writes_its_figures_and_table(checkpoint, tmp_path, monkeypatch, ca
         assert (tmp_path / "demo" / name).is_file(), name
         assert str(tmp_path / "demo" / name.split("/")[0]) in printed
     assert len(read_csv(tmp_path / "demo" / "evaluation" / "results.csv")) > 20
+
+
+def test_store_waits_while_another_process_switches_the_journal(tmp_path, monkeypatch):
+    """Two ranks opening the store at once: SQLite may refuse the WAL switch with "locked" at once."""
+    import sqlite3
+
+    from gmar import evaluate as E
+
+    refusals = []
+
+    class Busy(sqlite3.Connection):
+        def execute(self, sql, *args):
+            if sql.startswith("PRAGMA journal_mode") and len(refusals) < 3:
+                refusals.append(sql)
+                raise sqlite3.OperationalError("database is locked")
+            return super().execute(sql, *args)
+
+    connect = sqlite3.connect
+    monkeypatch.setattr(E.sqlite3, "connect", lambda path, **kw: connect(path, factory=Busy, **kw))
+    store = E.Store(tmp_path / "results.sqlite")
+    assert len(refusals) == 3
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

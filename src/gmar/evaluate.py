@@ -15,6 +15,7 @@ import json
 import os
 import sqlite3
 import sys
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -177,7 +178,17 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.db = sqlite3.connect(path, timeout=120)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        # Switching to WAL can fail at once with "database is locked" while another process does
+        # the same (SQLite returns busy there without waiting): try again for as long as the timeout.
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         self.db.executescript(
             """
             CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
