@@ -77,3 +77,81 @@ def test_train_reference_runs_a_few_steps(tmp_path):
         torch.equal(x, y) for x, y in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True)
     )
     assert "Test exact-set accuracy" in (tmp_path / CARD).read_text()
+
+
+class _Corners:
+    """Two 32×32 scenes with one object each, in a known patch: what ``_render`` must find."""
+
+    image_size = 32
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        from gmar.data import Scene
+
+        masks = torch.zeros(len(CLASSES), 32, 32, dtype=torch.bool)
+        labels = torch.zeros(len(CLASSES))
+        if index == 0:  # class 2 fills the top-right patch and half of the one below it
+            masks[2, 0:8, 24:32] = True
+            masks[2, 8:12, 24:32] = True
+            labels[2] = 1
+        else:  # class 4 covers 3 pixels of the bottom-left patch
+            masks[4, 31, 0:3] = True
+            labels[4] = 1
+        return Scene(torch.rand(3, 32, 32), labels, masks, index)
+
+
+def test_render_gives_each_patch_its_objects_cover_in_token_order():
+    from gmar.reference import _render
+
+    images, labels, cover = _render(_Corners(), progress=False, patch=8)
+    assert images.dtype == torch.uint8 and labels[0, 2] == 1 and labels[1, 4] == 1
+    assert cover.shape == (2, len(CLASSES), 16) and cover.dtype == torch.uint8
+    expected = torch.zeros(2, len(CLASSES), 16, dtype=torch.uint8)
+    expected[0, 2, 3] = 255  # row 0, column 3: timm's tokens run along rows
+    expected[0, 2, 7] = 128  # row 1, column 3: half covered (127.5 rounds to 128)
+    expected[1, 4, 12] = round(3 / 64 * 255)  # row 3, column 0
+    assert torch.equal(cover, expected)
+
+
+def test_the_token_loss_labels_patches_from_their_cover_and_follows_the_flip():
+    """``_loss`` against a hand computation: CLS terms plus BCE of the head on each patch token."""
+    import torch.nn.functional as F
+
+    from gmar.reference import _loss
+
+    config = ReferenceConfig(image_size=32, embed_dim=32, depth=2, num_heads=4, token_cover=0.3)
+    model = build_reference_model(config).eval()
+    batch = torch.rand(2, 3, 32, 32)
+    target = torch.zeros(2, len(CLASSES))
+    target[0, 2] = target[1, 4] = target[1, 0] = 1
+    cover = torch.zeros(2, len(CLASSES), 16, dtype=torch.uint8)
+    cover[0, 2, 3] = 255  # labelled, and flipped to column 0 below
+    cover[0, 2, 7] = 70  # 27 %: under token_cover, not labelled
+    cover[1, 4, 12] = 77  # 30 %: labelled
+    flip = torch.tensor([True, False])
+
+    features = model.forward_features(batch)
+    logits = features[:, 0] @ model.head.weight.T + model.head.bias
+    spread = target / target.sum(dim=1, keepdim=True)
+    cls_loss = F.binary_cross_entropy_with_logits(logits, target) - (spread * logits.log_softmax(dim=1)).sum(1).mean()
+    tokens = torch.zeros(2, 16, len(CLASSES))
+    tokens[0, 0, 2] = 1
+    tokens[1, 12, 4] = 1
+    patch_logits = features[:, 1:] @ model.head.weight.T + model.head.bias
+    token_loss = F.binary_cross_entropy_with_logits(patch_logits, tokens)
+
+    off = _loss(model, batch, target, cover, flip, ReferenceConfig(**{**config.__dict__, "token_loss": 0.0}))
+    torch.testing.assert_close(off, cls_loss)
+    torch.testing.assert_close(_loss(model, batch, target, cover, flip, config), cls_loss + token_loss)
+
+
+def test_training_restores_the_attention_flags():
+    from gmar.reference import train_reference
+
+    config = ReferenceConfig(image_size=32, embed_dim=32, depth=2, num_heads=4, train_scenes=16, test_scenes=4,
+                             steps=2, batch_size=4, warmup=1)  # fmt: skip
+    before = [block.attn.fused_attn for block in build_reference_model(config).blocks]
+    model, _ = train_reference(config, progress=False)
+    assert [block.attn.fused_attn for block in model.blocks] == before and not model.training
