@@ -136,9 +136,7 @@ def train_reference(
     fused = [block.attn.fused_attn for block in model.blocks]
     for block in model.blocks:
         block.attn.fused_attn = False
-    optimiser = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=False
-    )
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=False)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: _lr_factor(step, config))
     generator = torch.Generator().manual_seed(config.seed)
     bar = Progress(config.steps, "training", progress, unit="steps")
