@@ -95,6 +95,9 @@ def test_folder_of_images_and_all_methods(model_dir, inputs, tmp_path):
         (["explain", "--model", "timm:test_vit", "--random-init"], "no images given"),
         (["explain", "x.png", "--model", "timm:test_vit", "--method", "magic"], "unknown method"),
         (["explain", "x.png", "--model", "nowhere:thing"], "must be one of"),
+        (["train-reference", "--lr", "0"], "--lr must be positive, not 0.0"),
+        (["train-reference", "--train-scenes", "0"], "--train-scenes must be at least 1, not 0"),
+        (["train-reference", "--token-loss", "-1"], "--token-loss must be at least 0, not -1.0"),
     ],
 )
 def test_user_errors_are_one_line(argv, message, capsys):
@@ -142,3 +145,22 @@ def test_attention_pooled_model_gets_the_methods_that_explain_it(inputs, tmp_pat
     assert code == 2
     err = capsys.readouterr().err
     assert "pools its tokens with an attention head" in err and "legrad" in err and "Traceback" not in err
+
+
+def test_train_reference_options_reach_the_recipe(monkeypatch, tmp_path, capsys):
+    import gmar.reference
+
+    seen = []
+
+    def fake(config, out):
+        seen.append(config)
+        return None, {"test_exact_set_accuracy": 0.5, "test_scenes": 1, "train_seconds": 0.0}
+
+    monkeypatch.setattr(gmar.reference, "train_reference", fake)
+    argv = ["train-reference", "--out", str(tmp_path), "--steps", "40", "--lr", "3e-4", "--train-scenes", "500"]
+    assert main([*argv, "--token-loss", "0"]) == 0
+    assert main(["train-reference", "--out", str(tmp_path)]) == 0
+    changed, default = seen
+    assert (changed.steps, changed.lr, changed.train_scenes, changed.token_loss) == (40, 3e-4, 500, 0.0)
+    assert default == gmar.reference.ReferenceConfig()
+    assert "test exact-set accuracy 0.5000" in capsys.readouterr().out

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = commands.add_parser("train-reference", help="train the reference ViT on the synthetic scenes")
     t.add_argument("--out", default="gmar-reference", metavar="DIR")
     t.add_argument("--steps", type=int, help="training steps (default: the shipped recipe's)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default: the shipped recipe's)")
+    t.add_argument("--train-scenes", type=int, metavar="N", help="train scenes (default: the shipped recipe's)")
+    t.add_argument("--token-loss", type=float, metavar="W", help="weight of the per-patch loss; 0 turns it off")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     t.set_defaults(func=run_train_reference)
@@ -270,10 +273,15 @@ def run_train_reference(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = ReferenceConfig(seed=args.seed)
-    if args.steps is not None:
-        if args.steps < 1:
-            raise GmarError("--steps must be at least 1")
-        config = replace(config, steps=args.steps)
+    # option: the smallest value allowed (None: any positive number)
+    for option, low in (("steps", 1), ("lr", None), ("train_scenes", 1), ("token_loss", 0)):
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if not (value > 0 if low is None else value >= low):
+            flag = "--" + option.replace("_", "-")
+            raise GmarError(f"{flag} must be {'positive' if low is None else f'at least {low}'}, not {value}")
+        config = replace(config, **{option: value})
     print(f"gmar: training the reference ViT: {json.dumps(asdict(config))}")
     _, summary = train_reference(config, out=args.out)
     print(
