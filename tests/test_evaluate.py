@@ -78,6 +78,7 @@ def test_writes_tables_plots_and_per_item_rows(checkpoint, tmp_path):
             assert 0.0 <= mean <= 1.0, (method, metric)
     markdown = (out / "results.md").read_text()
     assert "| gmar |" in markdown and "Head-importance faithfulness" in markdown and "**" in markdown
+    assert "## gmar against rollout, item by item" in markdown and "| pointing_game ↑ | " in markdown
     # The randomisation steps of a 2-block model: head, block 1, block 0, embeddings.
     assert "| method | head | block 1 | block 0 | embeddings |" in markdown
 
@@ -234,3 +235,39 @@ def test_store_waits_while_another_process_switches_the_journal(tmp_path, monkey
     store = E.Store(tmp_path / "results.sqlite")
     assert len(refusals) == 3
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_gmar_against_rollout_item_by_item(tmp_path):
+    """The paired section against a hand computation: per-item differences, their CI, the verdict."""
+    import statistics
+
+    from gmar.evaluate import Store, _paired
+
+    store = Store(tmp_path / "results.sqlite")
+    deletion = {"a": (0.20, 0.30), "b": (0.30, 0.42), "c": (0.25, 0.33), "d": (0.10, 0.20)}  # gmar, rollout
+    pointing = {"a": (1.0, 0.0), "b": (0.0, 1.0), "c": (1.0, 1.0), "d": (0.0, 0.0)}
+    energy = {"a": (0.1, 0.3), "b": (0.2, 0.42), "c": (0.3, 0.48), "d": (0.1, 0.3)}
+    for item in "abcd":
+        for column, method in enumerate(("gmar", "rollout")):
+            scores = {
+                "deletion_auc": deletion[item][column],
+                "pointing_game": pointing[item][column],
+                "energy_pointing_game": energy[item][column],
+            }
+            store.write(item, method, scores, {})
+    store.write("e", "gmar", {"deletion_auc": 0.9, "pointing_game": float("nan")}, {})  # no rollout: not paired
+    store.write("f", "gmar", {"pointing_game": float("nan")}, {})
+    store.write("f", "rollout", {"pointing_game": 1.0}, {})  # gmar has no value: not paired
+
+    text = _paired(store, ["gmar", "rollout", "gae"], ["deletion_auc", "pointing_game", "energy_pointing_game"])
+    store.close()
+
+    def row(pairs):
+        differences = [g - r for g, r in pairs.values()]
+        ci = 1.96 * statistics.stdev(differences) / 2  # sqrt(4 items)
+        return f"{statistics.mean(differences):+.4f} ± {ci:.4f} | 4 |"
+
+    assert f"| deletion_auc ↓ | {row(deletion)} gmar better |" in text
+    assert f"| pointing_game ↑ | {row(pointing)} no clear difference |" in text
+    assert f"| energy_pointing_game ↑ | {row(energy)} rollout better |" in text
+    assert _paired(Store(tmp_path / "results.sqlite"), ["gmar", "gae"], ["deletion_auc"]) == ""

@@ -411,7 +411,8 @@ def report(store: Store, settings: Settings, out: Path) -> dict:
         for (method, metric), (mean, ci, n) in sorted(summary.items()):
             writer.writerow([method, metric, f"{mean:.6f}", f"{ci:.6f}", n, M.DIRECTION[metric]])
     markdown = _markdown(summary, methods_present, metrics_present, settings)
-    (out / "results.md").write_text(markdown + _sanity_steps(store, methods_present))
+    paired = _paired(store, methods_present, metrics_present)
+    (out / "results.md").write_text(markdown + paired + _sanity_steps(store, methods_present))
     _plots(store, summary, methods_present, out)
     return summary
 
@@ -458,6 +459,43 @@ def _markdown(summary, methods, metrics, settings: Settings) -> str:
                 mean, ci, n = summary[(f"heads:{name}", "head_ablation_auc")]
                 lines.append(f"| {name} | {mean:.3f} ± {ci:.3f} | {n} |")
     return "\n".join(lines) + "\n"
+
+
+#: The pair that GMAR's paper compares, reported item by item when both were evaluated.
+PAIR = ("gmar", "rollout")
+
+
+def _paired(store: Store, methods: list[str], metrics: list[str]) -> str:
+    """GMAR minus rollout per item (same items, so per-item noise cancels), as a markdown section."""
+    first, second = PAIR
+    if first not in methods or second not in methods:
+        return ""
+    values: dict[str, dict[str, dict[str, float]]] = {}
+    for item, method, metric, value in store.scores():
+        if method in PAIR and value is not None and value == value:
+            values.setdefault(metric, {}).setdefault(item, {})[method] = value
+    rows = []
+    for metric in metrics:
+        differences = [v[first] - v[second] for v in values.get(metric, {}).values() if len(v) == 2]
+        if len(differences) < 2:
+            continue
+        mean, ci = M.mean_ci(differences)
+        gain = mean if M.DIRECTION[metric] == "higher" else -mean
+        verdict = f"{first} better" if gain > ci else f"{second} better" if gain < -ci else "no clear difference"
+        rows.append(f"| {metric} {_arrow(metric)} | {mean:+.4f} ± {ci:.4f} | {len(differences)} | {verdict} |")
+    if not rows:
+        return ""
+    header = [
+        "",
+        f"## {first} against {second}, item by item",
+        "",
+        f"The mean of {first}'s score minus {second}'s on the same item, with its 95 % confidence interval;",
+        "a difference is clear when the interval excludes 0.",
+        "",
+        f"| metric | {first} − {second} | n | verdict |",
+        "|---|---|---|---|",
+    ]
+    return "\n".join(header + rows) + "\n"
 
 
 def _sanity_steps(store: Store, methods: list[str]) -> str:
