@@ -43,19 +43,21 @@ def test_the_card_states_config_seed_command_and_accuracy():
     card = (ASSETS / CARD).read_text()
     assert "gmar train-reference" in card and f"seed {config['seed']}" in card
     assert f"{report['test_exact_set_accuracy']:.4f}" in card and re.search(r"Date: \d{4}-\d\d-\d\d", card)
-    # The shipped model's measured figure (0.91); the goal is 0.95 (docs/evaluation.md).
-    assert report["test_exact_set_accuracy"] >= 0.89 and report["test_scenes"] >= 1000
+    # The issue's goal: at least 95 % exact-set accuracy on the test split, trained in 20 minutes.
+    assert report["test_exact_set_accuracy"] >= 0.95 and report["test_scenes"] >= 1000
     assert report["train_seconds"] <= 20 * 60
 
 
-def test_reference_accuracy_on_fresh_test_scenes():
-    """Exact-set accuracy on the first 400 test scenes agrees with the card's figure (on 2000)."""
+def test_reference_accuracy_on_the_test_split_is_the_cards():
+    """The shipped model, measured again here on the card's test scenes, gives the card's figure."""
     from safetensors import safe_open
 
     with safe_open(str(ASSETS / CHECKPOINT), framework="pt") as handle:
-        stated = json.loads(handle.metadata()["report"])["test_exact_set_accuracy"]
-    measured = exact_set_accuracy(gmar.load_reference_model(), Scenes("test", 400))
-    assert abs(measured - stated) < 0.06 and measured >= 0.85
+        report = json.loads(handle.metadata()["report"])
+    measured = exact_set_accuracy(gmar.load_reference_model(), Scenes("test", report["test_scenes"]))
+    assert measured >= 0.95
+    # to one scene: a logit within rounding of 0 may fall either side on another CPU
+    assert abs(measured - report["test_exact_set_accuracy"]) <= 1 / report["test_scenes"] + 1e-9
 
 
 def test_build_is_seeded_and_the_loader_refuses_a_missing_file(tmp_path):
