@@ -82,9 +82,10 @@ def test_train_reference_runs_a_few_steps(tmp_path):
 
 
 class _Corners:
-    """Two 32×32 scenes with one object each, in a known patch: what ``_render`` must find."""
+    """Two scenes with one object each, in a known patch: what ``_render`` must find."""
 
-    image_size = 32
+    def __init__(self, image_size: int = 32) -> None:
+        self.image_size = image_size
 
     def __len__(self) -> int:
         return 2
@@ -92,7 +93,8 @@ class _Corners:
     def __getitem__(self, index: int):
         from gmar.data import Scene
 
-        masks = torch.zeros(len(CLASSES), 32, 32, dtype=torch.bool)
+        size = self.image_size
+        masks = torch.zeros(len(CLASSES), size, size, dtype=torch.bool)
         labels = torch.zeros(len(CLASSES))
         if index == 0:  # class 2 fills the top-right patch and half of the one below it
             masks[2, 0:8, 24:32] = True
@@ -100,14 +102,16 @@ class _Corners:
             labels[2] = 1
         else:  # class 4 covers 3 pixels of the bottom-left patch
             masks[4, 31, 0:3] = True
+            masks[4, 32:, :] = True  # outside every patch when the image is 36 px: not counted
             labels[4] = 1
-        return Scene(torch.rand(3, 32, 32), labels, masks, index)
+        return Scene(torch.rand(3, size, size), labels, masks, index)
 
 
-def test_render_gives_each_patch_its_objects_cover_in_token_order():
+@pytest.mark.parametrize("size", [32, 36])  # 36: a 4x4 grid, the last 4 pixels in no patch
+def test_render_gives_each_patch_its_objects_cover_in_token_order(size):
     from gmar.reference import _render
 
-    images, labels, cover = _render(_Corners(), progress=False, patch=8)
+    images, labels, cover = _render(_Corners(size), progress=False, patch=8)
     assert images.dtype == torch.uint8 and labels[0, 2] == 1 and labels[1, 4] == 1
     assert cover.shape == (2, len(CLASSES), 16) and cover.dtype == torch.uint8
     expected = torch.zeros(2, len(CLASSES), 16, dtype=torch.uint8)

@@ -272,7 +272,7 @@ def _render(scenes: Scenes, progress: bool, patch: int) -> tuple[torch.Tensor, t
         images[i] = (scene.image * 255).round().to(torch.uint8)
         labels[i] = scene.labels
         masks = scene.masks[:, : grid * patch, : grid * patch].float()
-        share = masks.view(len(CLASSES), grid, patch, grid, patch).mean(dim=(2, 4))
+        share = masks.reshape(len(CLASSES), grid, patch, grid, patch).mean(dim=(2, 4))
         cover[i] = (share.flatten(1) * 255).round().to(torch.uint8)
         bar.update(i + 1)
     bar.close()
