@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -314,12 +315,8 @@ class AttentionStream:
     ) -> tuple[torch.Tensor, Any]:
         """Layer ``layer``'s output ``(B, H, N, d)`` and, without gradients, its joined reduction."""
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-            outputs, parts = [], []
-            for rows in self._chunks(q, k):
-                p = _probabilities(q[rows], k[rows], scale, _rows(mask, rows))
-                parts.append(None if self.reduce_attention is None else self.reduce_attention(layer, p))
-                outputs.append(p @ v[rows])
-            return join_chunks(outputs), join_chunks(parts)
+            reduce = self.reduce_attention
+            return self._forward(q, k, v, scale, mask, None if reduce is None else partial(reduce, layer))
         # The anchor is a scalar input of the layer's node, so a backward pass can be asked to
         # reach exactly this layer (``autograd.grad(objective, anchor)``) and go no further.
         anchor = q.new_zeros((), requires_grad=True)
@@ -374,6 +371,15 @@ class AttentionStream:
         then a graph that no backward pass consumed would be kept alive by a reference cycle."""
         self._inputs = [None] * len(self._inputs)
         self._anchors = [None] * len(self._anchors)
+
+    def _forward(self, q, k, v, scale: float, mask, reduce: Callable[[torch.Tensor], Any] | None = None):
+        """The core's output, chunk by chunk, and ``reduce`` of each chunk's probabilities, joined."""
+        outputs, parts = [], []
+        for rows in self._chunks(q, k):
+            p = _probabilities(q[rows], k[rows], scale, _rows(mask, rows))
+            parts.append(None if reduce is None else reduce(p))
+            outputs.append(p @ v[rows])
+        return join_chunks(outputs), join_chunks(parts)
 
     def _chunks(self, q: torch.Tensor, k: torch.Tensor) -> list[slice]:
         batch, heads, queries = q.shape[:3]
@@ -437,8 +443,7 @@ class _StreamedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, anchor, stream: AttentionStream, layer: int, scale: float, mask):  # type: ignore[override]
         ctx.save_for_backward(q, k, v)
         ctx.stream, ctx.layer, ctx.scale, ctx.mask = stream, layer, scale, mask
-        chunks = stream._chunks(q, k)
-        return join_chunks([_probabilities(q[r], k[r], scale, _rows(mask, r)) @ v[r] for r in chunks])
+        return stream._forward(q, k, v, scale, mask)[0]
 
     @staticmethod
     @once_differentiable
