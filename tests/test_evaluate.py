@@ -259,8 +259,9 @@ def test_gmar_against_rollout_item_by_item(tmp_path):
     store.write("f", "gmar", {"pointing_game": float("nan")}, {})
     store.write("f", "rollout", {"pointing_game": 1.0}, {})  # gmar has no value: not paired
 
-    text = _paired(store, ["gmar", "rollout", "gae"], ["deletion_auc", "pointing_game", "energy_pointing_game"])
+    rows = store.scores()
     store.close()
+    text = _paired(rows, ["gmar", "rollout", "gae"], ["deletion_auc", "pointing_game", "energy_pointing_game"])
 
     def row(pairs):
         differences = [g - r for g, r in pairs.values()]
@@ -270,4 +271,4 @@ def test_gmar_against_rollout_item_by_item(tmp_path):
     assert f"| deletion_auc ↓ | {row(deletion)} gmar better |" in text
     assert f"| pointing_game ↑ | {row(pointing)} no clear difference |" in text
     assert f"| energy_pointing_game ↑ | {row(energy)} rollout better |" in text
-    assert _paired(Store(tmp_path / "results.sqlite"), ["gmar", "gae"], ["deletion_auc"]) == ""
+    assert _paired(rows, ["gmar", "gae"], ["deletion_auc"]) == ""

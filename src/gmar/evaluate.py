@@ -397,7 +397,8 @@ def _add_sanity(results, model, method, images, targets, rows, settings) -> None
 def report(store: Store, settings: Settings, out: Path) -> dict:
     """Write ``results.csv``, ``results.md`` and the plots; return the summary table."""
     table: dict[tuple[str, str], list[float]] = {}
-    for _, method, metric, value in store.scores():
+    scores = store.scores()
+    for _, method, metric, value in scores:
         if metric.startswith("head_ablation_auc["):
             method, metric = metric[len("head_ablation_auc[") : -1], "head_ablation_auc"
             method = f"heads:{method}"
@@ -411,7 +412,7 @@ def report(store: Store, settings: Settings, out: Path) -> dict:
         for (method, metric), (mean, ci, n) in sorted(summary.items()):
             writer.writerow([method, metric, f"{mean:.6f}", f"{ci:.6f}", n, M.DIRECTION[metric]])
     markdown = _markdown(summary, methods_present, metrics_present, settings)
-    paired = _paired(store, methods_present, metrics_present)
+    paired = _paired(scores, methods_present, metrics_present)
     (out / "results.md").write_text(markdown + paired + _sanity_steps(store, methods_present))
     _plots(store, summary, methods_present, out)
     return summary
@@ -465,13 +466,14 @@ def _markdown(summary, methods, metrics, settings: Settings) -> str:
 PAIR = ("gmar", "rollout")
 
 
-def _paired(store: Store, methods: list[str], metrics: list[str]) -> str:
-    """GMAR minus rollout per item (same items, so per-item noise cancels), as a markdown section."""
+def _paired(scores: list[tuple[str, str, str, float | None]], methods: list[str], metrics: list[str]) -> str:
+    """GMAR minus rollout per item (same items, so per-item noise cancels), as a markdown section;
+    ``scores`` are the store's rows."""
     first, second = PAIR
     if first not in methods or second not in methods:
         return ""
     values: dict[str, dict[str, dict[str, float]]] = {}
-    for item, method, metric, value in store.scores():
+    for item, method, metric, value in scores:
         if method in PAIR and value is not None and value == value:
             values.setdefault(metric, {}).setdefault(item, {})[method] = value
     rows = []
