@@ -62,7 +62,8 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def first_norm(self, layer: int) -> nn.Module:
-        """The norm that block ``layer`` applies first (its input is the block's input tokens)."""
+        """The first module block ``layer`` applies to its input tokens (so that module's input is the
+        block's input): the first norm of a pre-norm block, the attention of a post-norm one."""
 
     def block_tokens(self, tensor: torch.Tensor) -> torch.Tensor:
         """A tensor in the blocks' token layout as ``(B, N, D)`` (OpenCLIP may run sequence-first)."""

@@ -88,7 +88,7 @@ class TimmAdapter(ModelAdapter):
         return TokenLayout(
             num_prefix_tokens=prefix,
             grid_size=grid,  # type: ignore[arg-type]
-            patch_size=tuple(embed.patch_size),  # type: ignore[arg-type]
+            patch_size=_pixels_per_token(embed),
             readout_prefix=readout,
             readout_patches=self._pool == "avg",
             attention_pooled=self.attention_pooled,
@@ -119,7 +119,10 @@ class TimmAdapter(ModelAdapter):
         return list(self.model.blocks)
 
     def first_norm(self, layer: int) -> nn.Module:
-        return self.model.blocks[layer].norm1
+        block = self.model.blocks[layer]
+        # A post-norm block (ResPostBlock) normalises the attention's output: its first module on
+        # the input tokens is the attention itself.
+        return block.attn if isinstance(block, _post_norm_blocks()) else block.norm1
 
     def head_projections(self) -> list[tuple[nn.Module, int]]:
         return [(attn.proj, attn.num_heads) for attn in self._attention]
@@ -156,6 +159,22 @@ class TimmAdapter(ModelAdapter):
         if names and len(names) == self.model.num_classes:
             return list(names)
         return None
+
+
+def _pixels_per_token(embed: nn.Module) -> tuple[int, int]:
+    """The pixels one token stands for along (H, W): the patch size of a plain patch embedding; for a
+    hybrid one (a convolutional stem, then a patch projection on its features) the stem's stride times
+    the projection's kernel, which timm states as ``feat_ratio``."""
+    ratio = getattr(embed, "feat_ratio", None)
+    if callable(ratio):
+        return tuple(int(r) for r in ratio(as_scalar=False))  # type: ignore[return-value]
+    return tuple(int(p) for p in embed.patch_size)  # type: ignore[return-value]
+
+
+def _post_norm_blocks() -> tuple[type, ...]:
+    from timm.models.vision_transformer import ResPostBlock
+
+    return (ResPostBlock,)
 
 
 def attention_pool(pool: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -237,8 +237,8 @@ class LeGrad(Explainer):
 
 
 class GradCAM(Explainer):
-    """Grad-CAM on ViT tokens: the tokens ``X`` entering block ``layer``'s first norm, prefix tokens
-    dropped, channel weights ``w_c = mean over patches of ∂y/∂X_c``, map ``ReLU(Σ_c w_c X_c)``."""
+    """Grad-CAM on ViT tokens: the tokens ``X`` entering block ``layer``, prefix tokens dropped, channel
+    weights ``w_c = mean over patches of ∂y/∂X_c``, map ``ReLU(Σ_c w_c X_c)``."""
 
     name = "gradcam"
     uses_gradients = True
