@@ -8,10 +8,10 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import IMAGE, spread
 from torch import nn
 
 import gmar
+from conftest import IMAGE, spread
 
 TOL = dict(atol=1e-5, rtol=1e-4)
 
