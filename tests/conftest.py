@@ -142,6 +142,14 @@ def clip_target(embedding: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(embedding, direction.expand_as(embedding), dim=-1)
 
 
+def make_torchvision(**kwargs) -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    options = dict(image_size=IMAGE, patch_size=PATCH, num_layers=3, num_heads=4, hidden_dim=32, mlp_dim=64)
+    options.update(kwargs)
+    return spread(VisionTransformer(num_classes=5, **options))
+
+
 FACTORIES = {
     "timm": make_timm,
     "timm_distilled": make_timm_distilled,
@@ -152,6 +160,7 @@ FACTORIES = {
     "hf_dinov2": make_hf_dinov2,
     "hf_dinov2_registers": make_hf_dinov2_registers,
     "openclip": make_clip,
+    "torchvision": make_torchvision,
 }
 
 

@@ -207,6 +207,29 @@ def trace_openclip(model: nn.Module, images: torch.Tensor) -> Trace:
     return Trace(embedding, attentions, outputs, lambda t: t, readout, 1, (gh, gw), stream)
 
 
+def trace_torchvision(model: nn.Module, images: torch.Tensor) -> Trace:
+    """torchvision's ``VisionTransformer``, written out from the weights."""
+    x = F.conv2d(images, model.conv_proj.weight, model.conv_proj.bias, stride=model.conv_proj.stride)
+    batch, width, gh, gw = x.shape
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([model.class_token.expand(batch, 1, width), x], dim=1) + model.encoder.pos_embedding
+    attentions, outputs, stream = [], [], [x]
+    for block in model.encoder.layers:
+        mha = block.self_attention
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+        a, o = _self_attention(_layer_norm(block.ln_1, x), w_q, b_q, w_k, b_k, w_v, b_v, mha.num_heads)
+        attentions.append(a)
+        outputs.append(o)
+        x = x + F.linear(_merge(o), mha.out_proj.weight, mha.out_proj.bias)
+        fc1, fc2 = block.mlp[0], block.mlp[3]
+        x = x + F.linear(F.gelu(F.linear(_layer_norm(block.ln_2, x), fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+        stream.append(x)
+    logits = model.heads(_layer_norm(model.encoder.ln, x[:, 0]))
+    readout = readout_weights(x.shape[1], 1, (0,), patches=False)
+    return Trace(logits, attentions, outputs, lambda t: t, readout, 1, (gh, gw), stream)
+
+
 #: Hugging Face class -> (prefix tokens before registers, readout prefix rows, head averages the patches)
 HF_HEADS = {
     "ViTForImageClassification": (1, (0,), False),
@@ -264,6 +287,8 @@ def trace(model: nn.Module, images: torch.Tensor) -> Trace:
         return trace_hf(model, images)
     if module.startswith("open_clip."):
         return trace_openclip(model, images)
+    if module.startswith("torchvision."):
+        return trace_torchvision(model, images)
     raise AssertionError(f"no reference forward for {type(model).__name__}")
 
 

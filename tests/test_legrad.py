@@ -91,6 +91,8 @@ def readout(name: str, net: nn.Module, tokens: torch.Tensor, pooling: str = "mod
         assert not visual.final_ln_after_pool and visual.pool_type == "tok"
         pooled = tokens.mean(dim=1) if pooling == "all_tokens" else tokens[:, 0]
         return ln(visual.ln_post, pooled) @ visual.proj
+    if name == "torchvision":
+        return linear(net.heads.head, ln(net.encoder.ln, tokens)[:, 0])
     raise AssertionError(name)
 
 

@@ -8,14 +8,16 @@ from gmar.adapters.base import ModelAdapter
 from gmar.adapters.hf_vit import HFAdapter
 from gmar.adapters.openclip_vit import OpenCLIPAdapter
 from gmar.adapters.timm_vit import TimmAdapter
+from gmar.adapters.torchvision_vit import TorchvisionAdapter
 from gmar.errors import UnsupportedModelError
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmAdapter, HFAdapter, OpenCLIPAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmAdapter, HFAdapter, OpenCLIPAdapter, TorchvisionAdapter)
 
 SUPPORTED = (
     "timm VisionTransformer (vit_*, deit_* incl. distilled, register tokens, global_pool='avg'); "
     "transformers ViTForImageClassification, DeiTForImageClassification(WithTeacher), "
-    "Dinov2(WithRegisters)ForImageClassification; OpenCLIP CLIP with a VisionTransformer image tower"
+    "Dinov2(WithRegisters)ForImageClassification; OpenCLIP CLIP with a VisionTransformer image tower; "
+    "torchvision VisionTransformer (vit_b_16, ...)"
 )
 
 
@@ -31,4 +33,4 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     raise UnsupportedModelError(f"{type(model).__name__} is not a supported model. gmar supports: {SUPPORTED}")
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "get_adapter", "HFAdapter", "OpenCLIPAdapter", "TimmAdapter"]
+__all__ = ["ADAPTERS", "HFAdapter", "ModelAdapter", "OpenCLIPAdapter", "TimmAdapter", "TorchvisionAdapter", "get_adapter"]
