@@ -33,4 +33,12 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     raise UnsupportedModelError(f"{type(model).__name__} is not a supported model. gmar supports: {SUPPORTED}")
 
 
-__all__ = ["ADAPTERS", "HFAdapter", "ModelAdapter", "OpenCLIPAdapter", "TimmAdapter", "TorchvisionAdapter", "get_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "HFAdapter",
+    "ModelAdapter",
+    "OpenCLIPAdapter",
+    "TimmAdapter",
+    "TorchvisionAdapter",
+    "get_adapter",
+]
