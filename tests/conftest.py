@@ -84,6 +84,33 @@ def make_hf_dinov2_registers(**kwargs) -> nn.Module:
     return spread(Dinov2WithRegistersForImageClassification(config))
 
 
+def make_hf_vit_msn(**kwargs) -> nn.Module:
+    from transformers import ViTMSNConfig, ViTMSNForImageClassification
+
+    return spread(ViTMSNForImageClassification(_hf_config(ViTMSNConfig, **kwargs)))
+
+
+def make_hf_ijepa(**kwargs) -> nn.Module:
+    from transformers import IJepaConfig, IJepaForImageClassification
+
+    return spread(IJepaForImageClassification(_hf_config(IJepaConfig, **kwargs)))
+
+
+def make_hf_vit_backbone(**kwargs) -> nn.Module:
+    """``ViTModel`` with its pooler (a dense layer and tanh on the CLS token): explained through its pooled output."""
+    from transformers import ViTConfig, ViTModel
+
+    config = _hf_config(ViTConfig, **kwargs)
+    return spread(ViTModel(config, add_pooling_layer=True))
+
+
+def make_hf_dinov2_backbone(**kwargs) -> nn.Module:
+    """``Dinov2Model``: its pooled output is the final-normed CLS token."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    return spread(Dinov2Model(_hf_config(Dinov2Config, mlp_ratio=2, **kwargs)))
+
+
 def make_clip(**vision) -> nn.Module:
     import open_clip
 
@@ -159,14 +186,22 @@ FACTORIES = {
     "hf_deit_teacher": make_hf_deit_teacher,
     "hf_dinov2": make_hf_dinov2,
     "hf_dinov2_registers": make_hf_dinov2_registers,
+    "hf_vit_msn": make_hf_vit_msn,
+    "hf_ijepa": make_hf_ijepa,
+    "hf_vit_backbone": make_hf_vit_backbone,
+    "hf_dinov2_backbone": make_hf_dinov2_backbone,
     "openclip": make_clip,
     "torchvision": make_torchvision,
 }
 
 
+#: models whose output is an embedding, not class logits
+EMBEDDING_MODELS = {"openclip", "hf_vit_backbone", "hf_dinov2_backbone"}
+
+
 def target_for(name: str):
-    """The target to explain with: a class for classifiers, a callable for CLIP."""
-    return clip_target if name == "openclip" else None
+    """The target to explain with: a class for classifiers, a callable for CLIP and backbones."""
+    return clip_target if name in EMBEDDING_MODELS else None
 
 
 @pytest.fixture

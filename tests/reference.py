@@ -236,7 +236,17 @@ HF_HEADS = {
     "DeiTForImageClassificationWithTeacher": (2, (0, 1), False),
     "Dinov2ForImageClassification": (1, (0,), True),
     "Dinov2WithRegistersForImageClassification": (1, (0,), True),
+    "ViTMSNForImageClassification": (1, (0,), False),
+    "IJepaForImageClassification": (0, (), True),
+    "ViTModel": (1, (0,), False),
+    "Dinov2Model": (1, (0,), False),
 }
+
+
+def hf_output(model: nn.Module, out) -> torch.Tensor:
+    """A Hugging Face model's explained output: a classifier's logits, a backbone's pooled output."""
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.pooler_output
 
 
 def trace_hf(model: nn.Module, images: torch.Tensor) -> Trace:
@@ -274,7 +284,7 @@ def trace_hf(model: nn.Module, images: torch.Tensor) -> Trace:
     n = attentions[0].shape[-1]
     assert n == prefix + grid[0] * grid[1]
     readout = readout_weights(n, prefix, rows, patches)
-    return Trace(out.logits, attentions, merged, split, readout, prefix, grid, list(out.hidden_states))
+    return Trace(hf_output(eager, out), attentions, merged, split, readout, prefix, grid, list(out.hidden_states))
 
 
 def trace(model: nn.Module, images: torch.Tensor) -> Trace:

@@ -19,6 +19,10 @@ EXPECTED = {
     "hf_deit_teacher": (2, (0, 1), False),
     "hf_dinov2": (1, (0,), True),
     "hf_dinov2_registers": (3, (0,), True),
+    "hf_vit_msn": (1, (0,), False),
+    "hf_ijepa": (0, (), True),
+    "hf_vit_backbone": (1, (0,), False),
+    "hf_dinov2_backbone": (1, (0,), False),
     "openclip": (1, (0,), False),
 }
 

@@ -80,8 +80,14 @@ def readout(name: str, net: nn.Module, tokens: torch.Tensor, pooling: str = "mod
         return linear(net.head, ln(net.fc_norm, x[:, net.num_prefix_tokens :].mean(dim=1)))
     if name.startswith("hf_"):
         x = ln(net.base_model.layernorm, tokens)
-        if name == "hf_vit":
+        if name in ("hf_vit", "hf_vit_msn"):
             return linear(net.classifier, x[:, 0])
+        if name == "hf_ijepa":
+            return linear(net.classifier, x.mean(dim=1))
+        if name == "hf_vit_backbone":
+            return torch.tanh(linear(net.pooler.dense, x[:, 0]))
+        if name == "hf_dinov2_backbone":
+            return x[:, 0]
         if name == "hf_deit_teacher":
             return (linear(net.cls_classifier, x[:, 0]) + linear(net.distillation_classifier, x[:, 1])) / 2
         registers = getattr(net.config, "num_register_tokens", 0) or 0
@@ -102,7 +108,7 @@ def model_output(name: str, net: nn.Module, images: torch.Tensor) -> torch.Tenso
         if name in ("openclip", "clip_text"):
             return net.encode_image(images)
         if name.startswith("hf_"):
-            return net(pixel_values=images).logits
+            return R.hf_output(net, net(pixel_values=images))
         return net(images)
 
 

@@ -9,6 +9,7 @@ import torch
 from torch.testing import assert_close
 
 import gmar
+import reference as R
 from conftest import FACTORIES, IMAGE, make_siglip, make_timm
 from gmar.capture import capture, collect, frozen_eval
 
@@ -33,7 +34,7 @@ def own_forward(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if hasattr(net, "encode_image"):
         return net.encode_image(x)
     if type(net).__module__.startswith("transformers."):
-        return net(pixel_values=x).logits
+        return R.hf_output(net, net(pixel_values=x))
     return net(x)
 
 

@@ -1,10 +1,12 @@
-"""Hugging Face transformers image classifiers: ViT, DeiT (with teacher), DINOv2 (with registers)."""
+"""Hugging Face transformers ViTs: the classifiers of ViT, ViT-MSN, DeiT (with teacher), DINOv2 (with registers)
+and I-JEPA, and their backbones (``ViTModel``, ``Dinov2Model``, ...), whose pooled output is explained."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -16,13 +18,36 @@ from gmar.errors import CaptureError, UnsupportedModelError
 from gmar.layout import TokenLayout
 from gmar.preprocess import PreprocessConfig
 
-#: class name -> (prefix tokens besides registers, readout prefix tokens, head averages patches)
-_LAYOUTS = {
-    "ViTForImageClassification": (1, (0,), False),
-    "DeiTForImageClassification": (2, (0,), False),
-    "DeiTForImageClassificationWithTeacher": (2, (0, 1), False),
-    "Dinov2ForImageClassification": (1, (0,), True),
-    "Dinov2WithRegistersForImageClassification": (1, (0,), True),
+
+@dataclass(frozen=True)
+class _Head:
+    """How a class's head reads the tokens leaving the encoder's final norm."""
+
+    #: prefix tokens before any registers (CLS; CLS and distillation for DeiT)
+    prefix: int
+    #: what the output is made of: "cls" (the first token), "teacher" (the mean of the CLS and
+    #: distillation heads), "cls+mean" (CLS concatenated with the mean of the patch tokens), "mean"
+    #: (the mean of all tokens, which are all patches), "pooler" (the backbone's pooler on the tokens,
+    #: or the CLS token where it has none)
+    reads: str
+    #: True for a backbone (``…Model``): its output is an embedding, explained through a callable target
+    backbone: bool = False
+
+
+_HEADS = {
+    "ViTForImageClassification": _Head(1, "cls"),
+    "ViTMSNForImageClassification": _Head(1, "cls"),
+    "DeiTForImageClassification": _Head(2, "cls"),
+    "DeiTForImageClassificationWithTeacher": _Head(2, "teacher"),
+    "Dinov2ForImageClassification": _Head(1, "cls+mean"),
+    "Dinov2WithRegistersForImageClassification": _Head(1, "cls+mean"),
+    "IJepaForImageClassification": _Head(0, "mean"),
+    "ViTModel": _Head(1, "pooler", backbone=True),
+    "ViTMSNModel": _Head(1, "pooler", backbone=True),
+    "DeiTModel": _Head(2, "pooler", backbone=True),
+    "Dinov2Model": _Head(1, "pooler", backbone=True),
+    "Dinov2WithRegistersModel": _Head(1, "pooler", backbone=True),
+    "IJepaModel": _Head(0, "mean", backbone=True),
 }
 
 
@@ -32,12 +57,15 @@ class HFAdapter(ModelAdapter):
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return type(model).__module__.startswith("transformers.") and any(
-            klass.__name__ in _LAYOUTS for klass in type(model).__mro__
+            klass.__name__ in _HEADS for klass in type(model).__mro__
         )
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self._kind = next(klass.__name__ for klass in type(model).__mro__ if klass.__name__ in _LAYOUTS)
+        self._kind = next(klass.__name__ for klass in type(model).__mro__ if klass.__name__ in _HEADS)
+        self._head = _HEADS[self._kind]
+        #: a backbone returns its pooled output, an embedding: targets are callables on it
+        self.is_classifier = not self._head.backbone  # type: ignore[misc]
         attention_class = getattr(model, "_can_record_outputs", {}).get("attentions")
         self._attention = [
             module
@@ -71,14 +99,20 @@ class HFAdapter(ModelAdapter):
     def token_layout(self, image_size: tuple[int, int]) -> TokenLayout:
         config = self.model.config
         patch = config.patch_size if isinstance(config.patch_size, (tuple, list)) else (config.patch_size,) * 2
-        prefix, readout, patches = _LAYOUTS[self._kind]
-        prefix += getattr(config, "num_register_tokens", 0) or 0
+        head = self._head
+        prefix = head.prefix + (getattr(config, "num_register_tokens", 0) or 0)
+        if head.reads == "teacher":
+            readout: tuple[int, ...] = (0, 1)
+        elif head.reads == "mean":
+            readout = ()
+        else:
+            readout = (0,)  # the class token (a pooler reads it too)
         return TokenLayout(
             num_prefix_tokens=prefix,
             grid_size=(image_size[0] // patch[0], image_size[1] // patch[1]),
             patch_size=tuple(patch),  # type: ignore[arg-type]
             readout_prefix=readout,
-            readout_patches=patches,
+            readout_patches=head.reads in ("cls+mean", "mean"),
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -87,7 +121,20 @@ class HFAdapter(ModelAdapter):
             size = self.model.config.image_size
             size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
             kwargs["interpolate_pos_encoding"] = tuple(images.shape[-2:]) != size
-        return self.model(pixel_values=images, **kwargs).logits
+        output = self.model(pixel_values=images, **kwargs)
+        if not self._head.backbone:
+            return output.logits
+        return self._pool(output.last_hidden_state, output.pooler_output)
+
+    def _pool(self, tokens: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """A backbone's embedding from its final-normed tokens: its pooler's output, the CLS token
+        where it has no pooler, the mean of the tokens for a model without a CLS token (I-JEPA)."""
+        if self._head.reads == "mean":
+            return tokens.mean(dim=1)
+        if pooled is not None:
+            return pooled
+        pooler = getattr(self.model, "pooler", None)
+        return pooler(tokens) if pooler is not None else tokens[:, 0]
 
     @contextmanager
     def instrument(self, recorder: Recorder) -> Iterator[None]:
@@ -126,11 +173,16 @@ class HFAdapter(ModelAdapter):
         check_pooling(self, pooling)
         model = self.model
         x = model.base_model.layernorm(tokens)
-        if self._kind == "DeiTForImageClassificationWithTeacher":
+        reads = self._head.reads
+        if self._head.backbone:
+            return self._pool(x), None
+        if reads == "teacher":
             return (model.cls_classifier(x[:, 0]) + model.distillation_classifier(x[:, 1])) / 2, None
-        if self._kind.startswith("Dinov2"):
+        if reads == "cls+mean":
             patches = x[:, 1 + (getattr(model.config, "num_register_tokens", 0) or 0) :]
             return model.classifier(torch.cat([x[:, 0], patches.mean(dim=1)], dim=1)), None
+        if reads == "mean":
+            return model.classifier(x.mean(dim=1)), None
         return model.classifier(x[:, 0]), None
 
     def preprocess_config(self) -> PreprocessConfig:
