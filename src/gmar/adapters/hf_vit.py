@@ -191,7 +191,7 @@ class HFAdapter(ModelAdapter):
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         # The model carries no normalisation; these are its family's defaults. `gmar.load_model`
         # reads the saved image processor instead, where there is one.
-        if self._kind.startswith("ViT"):
+        if self._kind in ("ViTForImageClassification", "ViTModel"):  # google/vit-*: mean and std 0.5
             return PreprocessConfig(
                 input_size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear"
             )  # type: ignore[arg-type]
