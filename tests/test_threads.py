@@ -178,3 +178,41 @@ def test_locks_do_not_keep_models_alive():
     del model
     gc.collect()
     assert reference() is None
+
+
+def test_text_targets_made_while_another_thread_explains():
+    from conftest import clip_tokenizer, make_clip_with_text
+
+    model = mixed_state(make_clip_with_text())
+    tokenizer = clip_tokenizer()
+    target = gmar.TextTarget(model, tokenizer, "a photo of a cat")
+    before = full_state(model)
+    want = gmar.explain(model, batch(0), method="gmar", target=target)
+    embeddings = target.embeddings.clone()
+    errors: list[BaseException] = []
+    made: list[gmar.TextTarget] = []
+
+    def explaining() -> None:
+        for _ in range(CALLS):
+            try:
+                assert_same_explanation(gmar.explain(model, batch(0), method="gmar", target=target), want)
+            except BaseException as error:  # every failure is reported below
+                errors.append(error)
+
+    def embedding() -> None:
+        for _ in range(CALLS):
+            try:
+                made.append(gmar.TextTarget(model, tokenizer, "a photo of a cat"))
+            except BaseException as error:  # every failure is reported below
+                errors.append(error)
+
+    threads = [threading.Thread(target=explaining), threading.Thread(target=embedding)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, f"{len(errors)} calls failed, first: {errors[0]!r}"
+    assert len(made) == CALLS
+    for other in made:
+        torch.testing.assert_close(other.embeddings, embeddings, rtol=1e-6, atol=1e-6)
+    assert full_state(model) == before

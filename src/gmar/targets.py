@@ -83,7 +83,7 @@ class TextTarget:
     * ``P`` prompts and ``P`` images: image ``i`` against prompt ``i``.
 
     The text embeddings are computed once, here, without gradients, with the model in eval mode
-    (its modes are restored).
+    (its modes are restored) and its lock held (:func:`gmar.capture.model_lock`).
 
     Args:
         model: the CLIP model (anything with ``encode_text``).
