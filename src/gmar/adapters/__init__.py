@@ -13,10 +13,15 @@ from gmar.errors import UnsupportedModelError
 ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmAdapter, HFAdapter, OpenCLIPAdapter)
 
 SUPPORTED = (
-    "timm VisionTransformer (vit_*, deit_* incl. distilled, register tokens, global_pool='avg'); "
-    "transformers ViTForImageClassification, DeiTForImageClassification(WithTeacher), "
-    "Dinov2(WithRegisters)ForImageClassification; OpenCLIP CLIP with a VisionTransformer image tower"
+    "timm VisionTransformer (vit_*, deit_*, register tokens, class_token=False with global_pool='avg', "
+    "SigLIP's global_pool='map') and VisionTransformerDistilled; "
+    "transformers ViTForImageClassification, DeiTForImageClassification, DeiTForImageClassificationWithTeacher, "
+    "Dinov2ForImageClassification, Dinov2WithRegistersForImageClassification; "
+    "OpenCLIP CLIP with a VisionTransformer image tower or a TimmModel tower on a timm ViT trunk (SigLIP-style)"
 )
+
+#: Wrappers for data-parallel training: gmar explains the model they wrap.
+PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
@@ -25,6 +30,11 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         return model
     # torch.compile wraps the module; hooks and flags belong on the original, which runs eagerly.
     model = getattr(model, "_orig_mod", model)
+    if isinstance(model, PARALLEL_WRAPPERS):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a wrapper for parallel training: pass `model.module` "
+            "(the model it wraps) to gmar instead"
+        )
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter(model)

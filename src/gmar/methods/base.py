@@ -11,7 +11,7 @@ from torch import nn
 
 from gmar.adapters import get_adapter
 from gmar.capture import AttentionStream, Captured, GradientOf, capture, collect, frozen_eval, model_lock
-from gmar.errors import CaptureError, TargetError, UnsupportedModelError
+from gmar.errors import CaptureError, InputSizeError, ModelLoadError, TargetError, UnsupportedModelError, warn
 from gmar.explanation import Explanation, min_max, upsample
 from gmar.layout import TokenLayout
 from gmar.targets import Target, TextTarget, prepare_images, resolve_target
@@ -174,9 +174,19 @@ class Explainer:
             images = images.unsqueeze(0)
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(f"images must be a float tensor (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise InputSizeError(f"empty batch: images has shape {tuple(images.shape)}; pass at least one image")
+        if any(t.is_meta for t in (*self.model.parameters(), *self.model.buffers())):
+            raise ModelLoadError(
+                f"the parameters of {type(self.model).__name__} are on the meta device (no weights loaded): "
+                "materialise them with model.to_empty(device=...) and load the weights (load_state_dict) first"
+            )
         parameter = next(self.model.parameters(), None)
         if parameter is not None:
             images = images.to(device=parameter.device, dtype=parameter.dtype)
+        broken = (~torch.isfinite(images)).flatten(start_dim=1).any(dim=1)
+        for index in broken.nonzero().flatten().tolist():
+            warn(f"images[{index}] holds NaN or Inf values; its explanation (map, target and score) is meaningless")
         return images
 
     def gradients(
