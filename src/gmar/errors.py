@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -45,6 +46,6 @@ _PACKAGE = str(Path(__file__).resolve().parent)
 def warn(message: str) -> None:
     """Issue a :class:`GmarWarning` attributed to the first caller outside gmar (the user's line)."""
     level, frame = 2, sys._getframe(1)
-    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE):
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE + os.sep):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, GmarWarning, stacklevel=level)
