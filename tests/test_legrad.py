@@ -140,7 +140,9 @@ def per_layer(name: str, net: nn.Module, images: torch.Tensor, score=None, pooli
     assert all(a.grad_fn is not None for a in t.attentions), "the reference graph must be connected"
     # The hand readout of the last block's tokens is the model's output: the readout is right.
     assert_close(readout(name, net, t.tokens[-1]), t.output, rtol=1e-5, atol=1e-6)
-    assert_close(readout(name, net, t.tokens[-1]), model_output(name, net, images), rtol=1e-5, atol=1e-6)
+    # Against the model's own forward (fused attention, another summation order) float32 rounding
+    # reaches 1.4e-6 on some CPUs: the same tolerance as every map comparison here.
+    assert_close(readout(name, net, t.tokens[-1]), model_output(name, net, images), **TOL)
     classes = None
     if score is None:
         score, classes = class_score(t.output), t.output.detach().argmax(dim=-1)
