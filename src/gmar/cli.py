@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--scenes", type=int, default=100, help="scenes in the evaluation table (default 100)")
     d.set_defaults(func=run_demo)
 
+    m = commands.add_parser("models", help="which model classes gmar explains: build each small, run every method")
+    m.add_argument("--zoo", default="", metavar="Z[,Z...]", help="timm, hf, openclip, torchvision (default: installed)")
+    m.add_argument("--out", metavar="FILE", help="write the table as markdown (docs/models.md is this output)")
+    m.set_defaults(func=run_models)
+
     b = commands.add_parser("bench", help="time and memory of every method against the model's forward/backward")
     b.add_argument(
         "--model", default="timm:vit_base_patch16_224", metavar="SPEC", help="random weights (default %(default)s)"
@@ -318,6 +323,39 @@ def run_bench(args: argparse.Namespace) -> int:
     for path in bench.save(settings, Path(args.out)):
         print(f"wrote {path}")
     return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from gmar import coverage
+
+    zoos = [z.strip() for z in args.zoo.split(",") if z.strip()] or coverage.installed_zoos()
+    unknown = [z for z in zoos if z not in coverage.CASES]
+    if unknown:
+        raise GmarError(f"--zoo takes {', '.join(coverage.CASES)}, not {', '.join(unknown)}")
+    missing = [z for z in zoos if z not in coverage.installed_zoos()]
+    if missing:
+        raise GmarError(f"{', '.join(missing)} not installed: pip install 'gmar[all]'")
+    results = []
+    for case in coverage.cases(zoos):
+        result = coverage.check(case)
+        marks = " ".join(coverage.SYMBOLS[o.status] for o in result.outcomes.values())
+        print(f"{case.zoo:11} {result.class_name:45} {marks}", file=sys.stderr, flush=True)
+        results.append(result)
+    text = coverage.markdown(results)
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and not out.read_text(errors="replace").startswith(coverage.HEADER):
+            raise GmarError(f"{out} exists and is not a table gmar models wrote; name another file")
+        out.write_text(text)
+        print(f"gmar: wrote {args.out}")
+    else:
+        print(text)
+    counts = coverage.summary(results)
+    print(
+        f"gmar: {len(results)} classes: {counts['every method']} explained by every method, "
+        f"{counts['some methods']} by some, {counts['none']} refused; {counts['failures']} failure(s)"
+    )
+    return 1 if counts["failures"] else 0
 
 
 def _int_list(text: str, flag: str) -> list[int]:
