@@ -62,11 +62,11 @@ def test_explain_writes_figures_and_reports_bad_inputs(model_dir, inputs, tmp_pa
     errors = [line for line in captured.err.splitlines() if line.startswith("gmar:")]
     assert len(errors) == 2
     assert "corrupt.jpg" in errors[0] and "missing.png" in errors[1]
-    for stem in ("cat", "dog"):
-        assert Image.open(out / f"{stem}.png").size[0] > 300
-        assert (out / f"{stem}_gmar_heads.png").is_file()
+    for name in ("cat.png", "dog.png"):
+        assert Image.open(out / f"{name}.png").size[0] > 300
+        assert (out / f"{name}_gmar_heads.png").is_file()
         for method in ("gmar", "rollout"):
-            heatmap = np.load(out / f"{stem}_{method}.npy")
+            heatmap = np.load(out / f"{name}_{method}.npy")
             assert heatmap.shape == (32, 32) and heatmap.min() == 0.0 and heatmap.max() == 1.0
     assert "wrote 2 figure(s)" in captured.out
 
@@ -75,7 +75,7 @@ def test_official_demo_flags(model_dir, inputs, tmp_path):
     (cat, _), _, _ = inputs
     out = tmp_path / "official"
     assert main(["--input", str(cat), "--output", str(out), "--pretrained", str(model_dir), "--norm", "l2"]) == 0
-    assert (out / "cat.png").is_file() and (out / "cat_gmar_heads.png").is_file()
+    assert (out / "cat.png.png").is_file() and (out / "cat.png_gmar_heads.png").is_file()
 
 
 def test_folder_of_images_and_all_methods(model_dir, inputs, tmp_path):
@@ -83,8 +83,9 @@ def test_folder_of_images_and_all_methods(model_dir, inputs, tmp_path):
     out = tmp_path / "folder"
     code = main(["explain", str(cat.parent), "--model", f"hf:{model_dir}", "--out", str(out), "--save-maps"])
     assert code == 2  # the corrupt file in the folder is reported, the others explained
-    assert sorted(p.name for p in out.glob("*_gmar.npy")) == ["cat_gmar.npy", "dog_gmar.npy"]
-    assert sorted(p.name for p in out.glob("cat_*.npy")) == sorted(f"cat_{m}.npy" for m in gmar.available_methods())
+    assert sorted(p.name for p in out.glob("*_gmar.npy")) == ["cat.png_gmar.npy", "dog.png_gmar.npy"]
+    expected = sorted(f"cat.png_{m}.npy" for m in gmar.available_methods())
+    assert sorted(p.name for p in out.glob("cat.png_*.npy")) == expected
     assert len(gmar.available_methods()) == 7
 
 
@@ -124,10 +125,10 @@ def test_example_images_with_a_random_timm_model(tmp_path):
     out = tmp_path / "example"
     assert main(["explain", "--example", "--model", "timm:test_vit", "--random-init", "--out", str(out)]) == 0
     assert {p.name for p in out.glob("*.png")} == {
-        "example_shapes.png",
-        "example_shapes_gmar_heads.png",
-        "example_stripes.png",
-        "example_stripes_gmar_heads.png",
+        "example_shapes.png.png",
+        "example_shapes.png_gmar_heads.png",
+        "example_stripes.png.png",
+        "example_stripes.png_gmar_heads.png",
     }
 
 
@@ -138,7 +139,7 @@ def test_attention_pooled_model_gets_the_methods_that_explain_it(inputs, tmp_pat
     assert (
         main(["explain", str(cat), "--model", "timm:test_vit3", "--random-init", "--out", str(out), "--save-maps"]) == 0
     )
-    assert sorted(p.name for p in out.glob("*.npy")) == ["cat_gradcam.npy", "cat_legrad.npy"]
+    assert sorted(p.name for p in out.glob("*.npy")) == ["cat.png_gradcam.npy", "cat.png_legrad.npy"]
     code = main(
         ["explain", str(cat), "--model", "timm:test_vit3", "--random-init", "--method", "gmar", "--out", str(out)]
     )
