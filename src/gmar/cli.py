@@ -196,6 +196,7 @@ def _text_target(args: argparse.Namespace, loaded: LoadedModel) -> TextTarget | 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from gmar.evaluate import (
+        REPORT_FILES,
         Settings,
         barrier,
         distributed,
@@ -211,6 +212,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or args.steps < 1:
         raise GmarError("--batch-size, --limit and --steps must be at least 1")
     device = _device(args.device)
+    OutputFolder(args.out).check(REPORT_FILES)  # before the work, not after it
     rank, world = distributed()
     model, config, multi_label = _evaluation_model(args, device)
     if get_adapter(model).attention_pooled:
@@ -309,6 +311,8 @@ def run_train_reference(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     from gmar import bench
 
+    _device(args.device)
+    OutputFolder(args.out).check(bench.FILES)
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = _int_list(args.batch_size, "--batch-size")
