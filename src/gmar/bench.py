@@ -37,6 +37,7 @@ from torch import nn
 from gmar.capture import model_lock
 from gmar.errors import GmarError
 from gmar.methods import available_methods, explain
+from gmar.outputs import OutputFolder
 
 ATTENTION_ONLY = ("raw_attention", "rollout")
 GRADCAM_PACKAGE = "grad-cam"
@@ -355,20 +356,30 @@ def _x(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}×"
 
 
+#: The files :func:`save` writes; none of them replaces a file gmar did not write.
+FILES = ("bench.md", "bench.csv", "bench.json", "scaling.png")
+
+
 def save(settings: list[Setting], out: Path) -> list[Path]:
     """Write ``bench.md``, ``bench.csv``, ``bench.json`` and, for several settings, ``scaling.png``."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "bench.md", out / "bench.csv", out / "bench.json"]
-    paths[0].write_text("\n\n".join(table(s) for s in settings) + "\n")
-    with paths[1].open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["model", "batch_size", "resolution", "device", *Row.__dataclass_fields__])
-        for s in settings:
-            for row in s.rows:
-                writer.writerow([s.model, s.batch_size, s.resolution, s.device, *asdict(row).values()])
-    paths[2].write_text(json.dumps([asdict(s) for s in settings], indent=1))
+    outputs = OutputFolder(out)
+    outputs.check(FILES)
+
+    def write_csv(path: Path) -> None:
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["model", "batch_size", "resolution", "device", *Row.__dataclass_fields__])
+            for s in settings:
+                for row in s.rows:
+                    writer.writerow([s.model, s.batch_size, s.resolution, s.device, *asdict(row).values()])
+
+    paths = [
+        outputs.write("bench.md", lambda path: path.write_text("\n\n".join(table(s) for s in settings) + "\n")),
+        outputs.write("bench.csv", write_csv),
+        outputs.write("bench.json", lambda path: path.write_text(json.dumps([asdict(s) for s in settings], indent=1))),
+    ]
     if len(settings) > 1:
-        paths.append(plot_scaling(settings, out / "scaling.png"))
+        paths.append(outputs.write("scaling.png", lambda path: plot_scaling(settings, path)))
     return paths
 
 

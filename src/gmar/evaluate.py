@@ -30,6 +30,7 @@ from gmar import metrics as M
 from gmar.adapters import get_adapter
 from gmar.errors import GmarError
 from gmar.methods import explain
+from gmar.outputs import OutputFolder
 from gmar.preprocess import PreprocessConfig, load_image, preprocess, resize_and_crop
 from gmar.progress import Progress
 
@@ -394,6 +395,15 @@ def _add_sanity(results, model, method, images, targets, rows, settings) -> None
 # ---------------------------------------------------------------------------------------------- report
 
 
+#: The files :func:`report` may write; none of them replaces a file gmar did not write.
+REPORT_FILES = (
+    "results.csv",
+    "results.md",
+    *(f"{group}.png" for group in GROUPS),
+    "deletion_insertion.png",
+)
+
+
 def report(store: Store, settings: Settings, out: Path) -> dict:
     """Write ``results.csv``, ``results.md`` and the plots; return the summary table."""
     table: dict[tuple[str, str], list[float]] = {}
@@ -406,15 +416,21 @@ def report(store: Store, settings: Settings, out: Path) -> dict:
     summary = {key: (*M.mean_ci(values), sum(v == v for v in values)) for key, values in table.items()}
     metrics_present = [m for group in GROUPS.values() for m in group if any(k[1] == m for k in summary)]
     methods_present = [m for m in settings.methods if any(k[0] == m for k in summary)]
-    with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["method", "metric", "mean", "ci95", "n", "better"])
-        for (method, metric), (mean, ci, n) in sorted(summary.items()):
-            writer.writerow([method, metric, f"{mean:.6f}", f"{ci:.6f}", n, M.DIRECTION[metric]])
+    outputs = OutputFolder(out)
+    outputs.check(REPORT_FILES)  # before writing any: a report is written whole or not at all
+
+    def write_csv(path: Path) -> None:
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["method", "metric", "mean", "ci95", "n", "better"])
+            for (method, metric), (mean, ci, n) in sorted(summary.items()):
+                writer.writerow([method, metric, f"{mean:.6f}", f"{ci:.6f}", n, M.DIRECTION[metric]])
+
+    outputs.write("results.csv", write_csv)
     markdown = _markdown(summary, methods_present, metrics_present, settings)
     paired = _paired(scores, methods_present, metrics_present)
-    (out / "results.md").write_text(markdown + paired + _sanity_steps(store, methods_present))
-    _plots(store, summary, methods_present, out)
+    outputs.write("results.md", lambda path: path.write_text(markdown + paired + _sanity_steps(store, methods_present)))
+    _plots(store, summary, methods_present, outputs)
     return summary
 
 
@@ -540,7 +556,7 @@ def _best(summary, methods, metric) -> set[str]:
     return {m for m, v in values.items() if abs(v - best) <= 1e-12}
 
 
-def _plots(store: Store, summary, methods, out: Path) -> None:
+def _plots(store: Store, summary, methods, out: OutputFolder) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -559,7 +575,7 @@ def _plots(store: Store, summary, methods, out: Path) -> None:
             axis.set_xticks(range(len(present)), present, rotation=45, ha="right", fontsize=8)
             axis.set_title(f"{name} {_arrow(name)}", fontsize=9)
         figure.tight_layout()
-        figure.savefig(out / f"{group}.png", dpi=100)
+        out.write(f"{group}.png", lambda path, figure=figure: figure.savefig(path, dpi=100))
         plt.close(figure)
     curves: dict[tuple[str, str], list[list[float]]] = {}
     for _, method, curve, values in store.curves():
@@ -577,7 +593,7 @@ def _plots(store: Store, summary, methods, out: Path) -> None:
             axis.set_title(title, fontsize=9)
         axes[0].legend(fontsize=7)
         figure.tight_layout()
-        figure.savefig(out / "deletion_insertion.png", dpi=100)
+        out.write("deletion_insertion.png", lambda path, figure=figure: figure.savefig(path, dpi=100))
         plt.close(figure)
     ablations = {k[0]: v for k, v in curves.items() if k[0].startswith("head_ablation[")}
     if ablations:
@@ -590,7 +606,7 @@ def _plots(store: Store, summary, methods, out: Path) -> None:
         axis.set_title("head ablation (↓ area)", fontsize=9)
         axis.legend(fontsize=7)
         figure.tight_layout()
-        figure.savefig(out / "head_ablation.png", dpi=100)
+        out.write("head_ablation.png", lambda path, figure=figure: figure.savefig(path, dpi=100))
         plt.close(figure)
 
 
