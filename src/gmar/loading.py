@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gmar.adapters import get_adapter
-from gmar.errors import ModelLoadError
+from gmar.errors import GmarError, ModelLoadError
 from gmar.preprocess import PreprocessConfig
 
 FAMILIES = ("timm", "hf", "openclip")
@@ -67,7 +67,7 @@ def load_model(
         with torch.random.fork_rng(devices=[]), _hub_offline_unless_reachable(from_hub, hub):
             torch.manual_seed(0)
             loaded = _LOADERS[family](name, from_hub, num_classes)
-    except ModelLoadError:
+    except GmarError:  # already one line: a load error, or a zoo version gmar does not support
         raise
     except ImportError as error:
         extra = {"timm": "timm", "hf": "hf", "openclip": "clip"}[family]
