@@ -213,3 +213,31 @@ def test_a_file_given_as_an_hf_directory(tmp_path):
     path.write_bytes(b"x")
     with pytest.raises(gmar.ModelLoadError, match="not a directory"):
         load_model(f"hf:{path}")
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    import socket
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+
+
+def test_a_local_directory_without_a_model_is_not_blamed_on_the_network(tmp_path, offline, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for spec in (f"hf:{tmp_path / 'empty'}", "hf:empty"):  # a path, and a name that is a folder here
+        with pytest.raises(gmar.ModelLoadError) as caught:
+            load_model(spec)
+        message = str(caught.value)
+        assert "unreachable" not in message and "no network" not in message and "\n" not in message
+        assert message.startswith(f"cannot load {spec}: ")
+
+
+def test_a_mistyped_timm_name_is_not_blamed_on_the_network(offline, capsys):
+    with pytest.raises(gmar.ModelLoadError, match="no timm model named 'vit_tiny_patch16_244'"):
+        load_model("timm:vit_tiny_patch16_244")
+    assert main(["explain", "--example", "--model", "timm:vit_tiny_patch16_244"]) == 2
+    assert "unreachable" not in one_error_line(capsys)

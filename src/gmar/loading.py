@@ -58,10 +58,11 @@ def load_model(
     it needs ``checkpoint`` or ``pretrained=False``, since a new head on hub weights is untrained.
     """
     family, name = parse_spec(spec)
-    from_hub = pretrained and checkpoint is None
-    _check_num_classes(family, num_classes, from_hub)
     if family == "hf":
         name = _local_directory(name)
+    local = family == "hf" and Path(name).is_dir()  # a saved model: nothing to fetch
+    from_hub = pretrained and checkpoint is None and not local
+    _check_num_classes(family, num_classes, pretrained and checkpoint is None)
     hub = _HubState()
     try:
         with torch.random.fork_rng(devices=[]), _hub_offline_unless_reachable(from_hub, hub):
@@ -267,6 +268,8 @@ def _first_line(error: BaseException) -> str:
 def _load_timm(name: str, from_hub: bool, num_classes: int | None) -> LoadedModel:
     import timm
 
+    if not name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(name):
+        raise ModelLoadError(f"timm:{name}: no timm model named {name!r}; timm.list_models('*vit*') lists them")
     head = {} if num_classes is None else {"num_classes": num_classes}
     model = timm.create_model(name, pretrained=from_hub, **head)
     adapter = get_adapter(model)
