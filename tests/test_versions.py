@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import gmar
-from conftest import make_clip, make_hf_vit, make_timm, target_for
+from conftest import make_clip, make_hf_vit, make_timm, make_torchvision, target_for
 from gmar.cli import main
 from test_capture import assert_same, snapshot
 
@@ -17,6 +17,7 @@ OLD = {
     "timm": (make_timm, "timm", "0.9.16", "timm"),
     "hf": (make_hf_vit, "transformers", "4.57.1", "hf"),
     "openclip": (make_clip, "open_clip_torch", "2.23.0", "clip"),
+    "torchvision": (make_torchvision, "torchvision", "0.12.0", "torchvision"),
 }
 
 
@@ -33,7 +34,7 @@ def test_old_zoo_is_refused_and_the_model_untouched(family, monkeypatch, images)
     model = factory()
     before = snapshot(model)
     pretend_installed(monkeypatch, distribution, version)
-    minimum = {"timm": "1.0.15", "hf": "5.0", "openclip": "3.0"}[family]
+    minimum = {"timm": "1.0.15", "hf": "5.0", "openclip": "3.0", "torchvision": "0.13"}[family]
     expected = (
         f"{distribution} {version} is installed; gmar needs {distribution}>={minimum}: pip install -U 'gmar[{extra}]'"
     )
@@ -91,6 +92,7 @@ def test_minimums_are_pyproject_extras():
         "timm": ("timm", *declared["timm"]),
         "hf": ("transformers", *declared["transformers"]),
         "openclip": ("open_clip_torch", *declared["open_clip_torch"]),
+        "torchvision": ("torchvision", *declared["torchvision"]),
     }
     from gmar.adapters import ADAPTERS
 

@@ -18,6 +18,7 @@ SUPPORTED: dict[str, tuple[str, str, str]] = {
     "timm": ("timm", "1.0.15", "timm"),
     "hf": ("transformers", "5.0", "hf"),
     "openclip": ("open_clip_torch", "3.0", "clip"),
+    "torchvision": ("torchvision", "0.13", "torchvision"),
 }
 
 _RELEASE = re.compile(r"^\s*v?(?:(\d+)!)?(\d+(?:\.\d+)*)")
