@@ -7,16 +7,27 @@ from torch import nn
 from gmar.adapters.base import ModelAdapter
 from gmar.adapters.hf_vit import HFAdapter
 from gmar.adapters.openclip_vit import OpenCLIPAdapter
+from gmar.adapters.timm_beit import TimmBeitAdapter
+from gmar.adapters.timm_eva import TimmEvaAdapter
 from gmar.adapters.timm_vit import TimmAdapter
 from gmar.adapters.torchvision_vit import TorchvisionAdapter
 from gmar.errors import UnsupportedModelError
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmAdapter, HFAdapter, OpenCLIPAdapter, TorchvisionAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    TimmAdapter,
+    TimmEvaAdapter,
+    TimmBeitAdapter,
+    HFAdapter,
+    OpenCLIPAdapter,
+    TorchvisionAdapter,
+)
 
 SUPPORTED = (
-    "timm VisionTransformer (vit_*, deit_* incl. distilled, register tokens, global_pool='avg'); "
+    "timm VisionTransformer (vit_*, deit_* incl. distilled, register tokens, global_pool='avg'), "
+    "Eva (eva02_*, *_dinov3, vit_pe_*, *_rope_*) and Beit (beit_*, beitv2_*); "
     "transformers ViTForImageClassification, DeiTForImageClassification(WithTeacher), "
-    "Dinov2(WithRegisters)ForImageClassification; OpenCLIP CLIP with a VisionTransformer image tower; "
+    "Dinov2(WithRegisters)ForImageClassification; OpenCLIP CLIP with a VisionTransformer image tower "
+    "or a timm tower of those (EVA02-*, PE-Core-*); "
     "torchvision VisionTransformer (vit_b_16, ...)"
 )
 
@@ -39,6 +50,8 @@ __all__ = [
     "ModelAdapter",
     "OpenCLIPAdapter",
     "TimmAdapter",
+    "TimmBeitAdapter",
+    "TimmEvaAdapter",
     "TorchvisionAdapter",
     "get_adapter",
 ]
