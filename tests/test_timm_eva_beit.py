@@ -280,3 +280,12 @@ def test_openclip_eva_tower_explains_like_its_trunk(arch, method):
     if method in ROLLOUT_FAMILY:
         g = R.differentiate(R.trace(net.visual.trunk, images), clip_target)
         assert_close(exp.token_map, R.reference_map(method, g), **TOL)
+
+
+def test_eva_loads_by_spec():
+    from gmar.loading import load_model
+
+    loaded = load_model("timm:eva02_tiny_patch14_224", pretrained=False)
+    assert type(gmar.get_adapter(loaded.model)).__name__ == "TimmEvaAdapter"
+    assert loaded.preprocess.input_size == (224, 224)
+    assert gmar.get_adapter(loaded.model).token_layout((224, 224)).grid_size == (16, 16)
