@@ -230,6 +230,220 @@ def trace_torchvision(model: nn.Module, images: torch.Tensor) -> Trace:
     return Trace(logits, attentions, outputs, lambda t: t, readout, 1, (gh, gw), stream)
 
 
+# ------------------------------------------------------------------- timm Eva (RoPE) and Beit (relative bias)
+
+
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    assert isinstance(module, nn.Linear), type(module)
+    return F.linear(x, module.weight, module.bias)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(B, N, heads * d)`` -> ``(B, heads, N, d)``."""
+    return x.view(*x.shape[:2], heads, -1).transpose(1, 2)
+
+
+def rotate(x: torch.Tensor, table: torch.Tensor, half: bool) -> torch.Tensor:
+    """RoPE: each pair of channels of ``x`` ``(..., N, d)`` turned by its angle, ``table`` ``(..., N, 2d)``
+    holding ``[sin | cos]`` per channel. Pairs are channels ``(2i, 2i+1)``, or ``(i, i + d/2)`` with ``half``."""
+    sin, cos = table.chunk(2, dim=-1)
+    d = x.shape[-1]
+    if half:
+        first, second = slice(0, d // 2), slice(d // 2, d)
+        assert torch.equal(sin[..., first], sin[..., second]), "a rotate-half table repeats its angles"
+        a, b, s, c = x[..., first], x[..., second], sin[..., first], cos[..., first]
+        return torch.cat([a * c - b * s, a * s + b * c], dim=-1)
+    assert torch.equal(sin[..., 0::2], sin[..., 1::2]), "an interleaved table repeats each angle twice"
+    a, b, s, c = x[..., 0::2], x[..., 1::2], sin[..., 0::2], cos[..., 0::2]
+    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+
+
+def _resample_grid(patch_pos: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """timm's position-embedding resampling for another grid: bicubic, antialiased."""
+    if tuple(old) == tuple(new):
+        return patch_pos
+    width = patch_pos.shape[-1]
+    grid = patch_pos.reshape(1, *old, width).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=new, mode="bicubic", antialias=True, align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], width)
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm ``Mlp`` (GELU), ``GluMlp`` (packed SwiGLU, gate first) or ``SwiGLU`` (separate gate); inner norm."""
+    kind = type(mlp).__name__
+    if kind == "GluMlp":
+        assert isinstance(mlp.act, nn.SiLU) and not mlp.gate_last
+        gate, value = _linear(mlp.fc1, x).chunk(2, dim=-1)
+        hidden = F.silu(gate) * value
+    elif kind == "SwiGLU":
+        assert isinstance(mlp.act, nn.SiLU)
+        hidden = F.silu(_linear(mlp.fc1_g, x)) * _linear(mlp.fc1_x, x)
+    else:
+        assert kind == "Mlp", kind
+        hidden = _activation(mlp.act, _linear(mlp.fc1, x))
+    return _linear(mlp.fc2, _layer_norm(mlp.norm, hidden))
+
+
+def _gamma(gamma: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return x if gamma is None else gamma * x
+
+
+def _embed_patches(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    conv = model.patch_embed.proj
+    x = F.conv2d(images, conv.weight, conv.bias, stride=conv.stride)
+    return _layer_norm(model.patch_embed.norm, x.flatten(2).transpose(1, 2)), tuple(x.shape[-2:])
+
+
+def _core(q, k, v, bias=None):
+    """``softmax(q kᵀ / sqrt(d) + bias)`` and its product with ``v``."""
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
+    attention = torch.softmax(logits if bias is None else logits + bias, dim=-1)
+    return attention, torch.einsum("bhij,bhjd->bhid", attention, v)
+
+
+def attention_pool(pool: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm ``AttentionPoolLatent`` (one latent, token output) on ``x``: output, attention ``(B, h, 1, N)``."""
+    assert pool.pos_embed is None and isinstance(pool.q_norm, nn.Identity) and pool.pool == "token"
+    heads = pool.num_heads
+    q = _heads(_linear(pool.q, pool.latent), heads).expand(x.shape[0], -1, -1, -1)
+    k, v = (_heads(t, heads) for t in _linear(pool.kv, x).chunk(2, dim=-1))
+    attention, out = _core(q, k, v)
+    out = _linear(pool.proj, _merge(out))
+    out = out + _mlp(pool.mlp, _layer_norm(pool.norm, out))
+    return out[:, 0], attention
+
+
+def trace_eva(model: nn.Module, images: torch.Tensor) -> Trace:
+    """timm ``Eva``, written out from the weights; RoPE applied here to ``q, k`` of the patch tokens from
+    the model's sin/cos table (``model.rope``), prefix tokens left as they are."""
+    x, grid = _embed_patches(model, images)
+    batch = x.shape[0]
+    prefix = [t for t in (model.cls_token, model.reg_token) if t is not None]
+    num_prefix = sum(t.shape[1] for t in prefix)
+    assert num_prefix == model.num_prefix_tokens
+    if model.pos_embed is not None:
+        pos_prefix = 0 if model.no_embed_class else num_prefix
+        pos = model.pos_embed
+        patch_pos = _resample_grid(pos[:, pos_prefix:], model.patch_embed.grid_size, grid)
+        pos = torch.cat([pos[:, :pos_prefix], patch_pos], dim=1)
+        if model.no_embed_class:
+            x = x + pos
+    x = torch.cat([t.expand(batch, -1, -1) for t in prefix] + [x], dim=1)
+    if model.pos_embed is not None and not model.no_embed_class:
+        x = x + pos
+    x = _layer_norm(model.norm_pre, x)
+    rope = model.rope
+    if rope is None:
+        table = None
+    elif model.dynamic_img_size or not hasattr(rope, "feat_shape"):
+        table = rope.get_embed(shape=grid)
+    else:
+        table = rope.get_embed()
+
+    attentions, outputs, stream = [], [], [x]
+    for index, block in enumerate(model.blocks):
+        assert type(block).__name__ == "EvaBlock", "the reference writes out pre-norm blocks"
+        attn = block.attn
+        assert attn.gate is None and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
+        h = _layer_norm(block.norm1, x)
+        heads, kv_heads = attn.num_heads, getattr(attn, "num_kv_heads", attn.num_heads)
+        if attn.qkv is not None:
+            w_q, w_k, w_v = attn.qkv.weight.chunk(3)
+            if getattr(attn, "q_bias", None) is not None:  # EvaAttention: q and v biases, no k bias
+                assert not attn.k_bias.any()
+                b_q, b_k, b_v = attn.q_bias, None, attn.v_bias
+            else:
+                b_q, b_k, b_v = attn.qkv.bias.chunk(3) if attn.qkv.bias is not None else (None, None, None)
+            q, k, v = (_heads(F.linear(h, w, b), heads) for w, b in ((w_q, b_q), (w_k, b_k), (w_v, b_v)))
+        else:
+            q = _heads(_linear(attn.q_proj, h), heads)
+            k, v = _heads(_linear(attn.k_proj, h), kv_heads), _heads(_linear(attn.v_proj, h), kv_heads)
+        if table is not None:
+            angles = table[index] if model.rope_mixed else table
+            q, k = (torch.cat([t[:, :, :num_prefix], rotate(t[:, :, num_prefix:], angles, attn.rotate_half)], 2)
+                    for t in (q, k))  # fmt: skip
+        # grouped-query attention: head i reads key/value head i // (heads / kv_heads)
+        k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+        a, o = _core(q, k, v)
+        attentions.append(a)
+        outputs.append(o)
+        x = x + _gamma(block.gamma_1, _linear(attn.proj, _layer_norm(attn.norm, _merge(o))))
+        x = x + _gamma(block.gamma_2, _mlp(block.mlp, _layer_norm(block.norm2, x)))
+        stream.append(x)
+    x = _layer_norm(model.norm, x)
+
+    n = x.shape[1]
+    if model.global_pool == "map":  # attention pooling over every token: no fixed readout rows
+        pooled, readout = attention_pool(model.attn_pool, x)[0], torch.zeros(n)
+    elif model.global_pool == "token":
+        pooled, readout = x[:, 0], readout_weights(n, num_prefix, (0,), patches=False)
+    else:
+        assert model.global_pool == "avg", model.global_pool
+        pooled, readout = x[:, num_prefix:].mean(dim=1), readout_weights(n, num_prefix, (), patches=True)
+    logits = _linear(model.head, _layer_norm(model.fc_norm, pooled))
+    return Trace(logits, attentions, outputs, lambda t: t, readout, num_prefix, grid, stream)
+
+
+def relative_position_bias(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """BEiT's bias ``(H, N, N)`` from its table ``((2h-1)(2w-1) + 3, H)``: patch pairs by their offset
+    ``(dy, dx)``; the last three rows are class-to-patch, patch-to-class and class-to-class."""
+    gh, gw = grid
+    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    dy = ys.flatten()[:, None] - ys.flatten()[None, :] + gh - 1
+    dx = xs.flatten()[:, None] - xs.flatten()[None, :] + gw - 1
+    pairs = dy * (2 * gw - 1) + dx  # (P, P)
+    count = (2 * gh - 1) * (2 * gw - 1)
+    assert table.shape[0] == count + 3
+    n = gh * gw + 1
+    index = torch.empty(n, n, dtype=torch.long)
+    index[1:, 1:] = pairs
+    index[0, :] = count  # the class token's query row
+    index[:, 0] = count + 1  # every query's class-token key column
+    index[0, 0] = count + 2
+    return table[index].permute(2, 0, 1)
+
+
+def trace_beit(model: nn.Module, images: torch.Tensor) -> Trace:
+    """timm ``Beit``, written out from the weights; each block's relative position bias (its own, the
+    shared one, or both) added to the attention logits here, from the bias tables."""
+    x, grid = _embed_patches(model, images)
+    batch = x.shape[0]
+    x = torch.cat([model.cls_token.expand(batch, -1, -1), x], dim=1)
+    if model.pos_embed is not None:
+        x = x + model.pos_embed
+    shared = None
+    if model.rel_pos_bias is not None:
+        shared = relative_position_bias(model.rel_pos_bias.relative_position_bias_table, grid)
+
+    attentions, outputs, stream = [], [], [x]
+    for block in model.blocks:
+        attn = block.attn
+        w_q, w_k, w_v = attn.qkv.weight.chunk(3)
+        assert attn.q_bias is not None and not attn.k_bias.any()
+        h = _layer_norm(block.norm1, x)
+        projections = ((w_q, attn.q_bias), (w_k, None), (w_v, attn.v_bias))
+        q, k, v = (_heads(F.linear(h, w, b), attn.num_heads) for w, b in projections)
+        bias = shared
+        if attn.relative_position_bias_table is not None:
+            own = relative_position_bias(attn.relative_position_bias_table, grid)
+            bias = own if bias is None else own + bias
+        a, o = _core(q, k, v, bias)
+        attentions.append(a)
+        outputs.append(o)
+        x = x + _gamma(block.gamma_1, _linear(attn.proj, _merge(o)))
+        x = x + _gamma(block.gamma_2, _mlp(block.mlp, _layer_norm(block.norm2, x)))
+        stream.append(x)
+    x = _layer_norm(model.norm, x)
+    n = x.shape[1]
+    if model.global_pool == "token":
+        pooled, readout = x[:, 0], readout_weights(n, 1, (0,), patches=False)
+    else:
+        assert model.global_pool == "avg", model.global_pool
+        pooled, readout = x[:, 1:].mean(dim=1), readout_weights(n, 1, (), patches=True)
+    logits = _linear(model.head, _layer_norm(model.fc_norm, pooled))
+    return Trace(logits, attentions, outputs, lambda t: t, readout, 1, grid, stream)
+
+
 #: Hugging Face class -> (prefix tokens before registers, readout prefix rows, head averages the patches)
 HF_HEADS = {
     "ViTForImageClassification": (1, (0,), False),
@@ -292,7 +506,7 @@ def trace(model: nn.Module, images: torch.Tensor) -> Trace:
     images = images.detach().clone().requires_grad_(True)
     module = type(model).__module__
     if module.startswith("timm."):
-        return trace_timm(model, images)
+        return {"Eva": trace_eva, "Beit": trace_beit}.get(type(model).__name__, trace_timm)(model, images)
     if module.startswith("transformers."):
         return trace_hf(model, images)
     if module.startswith("open_clip."):

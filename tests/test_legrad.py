@@ -78,6 +78,10 @@ def readout(name: str, net: nn.Module, tokens: torch.Tensor, pooling: str = "mod
             return linear(net.head, ln(net.fc_norm, x[:, 0]))
         assert net.global_pool == "avg"
         return linear(net.head, ln(net.fc_norm, x[:, net.num_prefix_tokens :].mean(dim=1)))
+    if name.startswith(("eva", "beit")):  # timm Eva / Beit: class token or mean of patches, then fc_norm
+        x = ln(net.norm, tokens)
+        pooled = x[:, 0] if net.global_pool == "token" else x[:, net.num_prefix_tokens :].mean(dim=1)
+        return linear(net.head, ln(net.fc_norm, pooled))
     if name.startswith("hf_"):
         x = ln(net.base_model.layernorm, tokens)
         if name in ("hf_vit", "hf_vit_msn"):

@@ -7,21 +7,32 @@ from torch import nn
 from gmar.adapters.base import ModelAdapter
 from gmar.adapters.hf_vit import HFAdapter
 from gmar.adapters.openclip_vit import OpenCLIPAdapter
+from gmar.adapters.timm_beit import TimmBeitAdapter
+from gmar.adapters.timm_eva import TimmEvaAdapter
 from gmar.adapters.timm_vit import TimmAdapter
 from gmar.adapters.torchvision_vit import TorchvisionAdapter
 from gmar.errors import UnsupportedModelError
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmAdapter, HFAdapter, OpenCLIPAdapter, TorchvisionAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    TimmAdapter,
+    TimmEvaAdapter,
+    TimmBeitAdapter,
+    HFAdapter,
+    OpenCLIPAdapter,
+    TorchvisionAdapter,
+)
 
 SUPPORTED = (
     "timm VisionTransformer (vit_*, deit_*, register tokens, class_token=False with global_pool='avg', "
-    "SigLIP's global_pool='map', hybrid patch embeddings, post-norm blocks) and VisionTransformerDistilled; "
+    "SigLIP's global_pool='map', hybrid patch embeddings, post-norm blocks), VisionTransformerDistilled, "
+    "Eva (eva02_*, *_dinov3, vit_pe_*, *_rope_*) and Beit (beit_*, beitv2_*); "
     "transformers ViTForImageClassification, ViTMSNForImageClassification, DeiTForImageClassification, "
     "DeiTForImageClassificationWithTeacher, Dinov2ForImageClassification, Dinov2WithRegistersForImageClassification, "
     "IJepaForImageClassification and the backbones ViTModel, ViTMSNModel, DeiTModel, Dinov2Model, "
     "Dinov2WithRegistersModel, IJepaModel; "
-    "OpenCLIP CLIP with a VisionTransformer image tower or a TimmModel tower on a timm ViT trunk (SigLIP-style); "
-    "torchvision VisionTransformer (vit_b_16, vit_l_16, ...)"
+    "OpenCLIP CLIP with a VisionTransformer image tower or a TimmModel tower on a timm trunk of those "
+    "(SigLIP, EVA02-*, PE-Core-*); torchvision VisionTransformer (vit_b_16, vit_l_16, ...). "
+    "docs/models.md lists every class"
 )
 
 #: Wrappers for data-parallel training: gmar explains the model they wrap.
@@ -51,6 +62,8 @@ __all__ = [
     "ModelAdapter",
     "OpenCLIPAdapter",
     "TimmAdapter",
+    "TimmBeitAdapter",
+    "TimmEvaAdapter",
     "TorchvisionAdapter",
     "get_adapter",
 ]

@@ -1,5 +1,6 @@
 """OpenCLIP models: the ``VisionTransformer`` image tower (``nn.MultiheadAttention`` blocks), and the
-``TimmModel`` tower with a timm ViT trunk (SigLIP-style, attention pooling)."""
+``TimmModel`` tower with a timm trunk gmar explains (a ViT as in SigLIP, with attention pooling; an
+Eva as in ``EVA02-*`` and ``PE-Core-*``)."""
 
 from __future__ import annotations
 
@@ -38,19 +39,12 @@ class OpenCLIPAdapter(ModelAdapter):
         from open_clip.timm_model import TimmModel
         from open_clip.transformer import VisionTransformer
 
-        from gmar.adapters.timm_vit import TimmAdapter
-
         name = type(model).__name__
         visual = model if isinstance(model, (VisionTransformer, TimmModel)) else getattr(model, "visual", None)
         self._visual = visual
-        self._trunk: TimmAdapter | None = None
+        self._trunk: ModelAdapter | None = None
         if isinstance(visual, TimmModel):
-            if not TimmAdapter.matches(visual.trunk):
-                raise UnsupportedModelError(
-                    f"{name}: timm trunk {type(visual.trunk).__name__} is not supported; gmar explains "
-                    "OpenCLIP timm towers whose trunk is a timm VisionTransformer"
-                )
-            self._trunk = TimmAdapter(visual.trunk)
+            self._trunk = _timm_trunk(name, visual.trunk)
             self.attention_pooled = self._trunk.attention_pooled
             self.extra_poolings = self._trunk.extra_poolings
             return
@@ -58,7 +52,7 @@ class OpenCLIPAdapter(ModelAdapter):
             tower = type(visual).__name__ if visual is not None else "no image tower"
             raise UnsupportedModelError(
                 f"{name}: image tower {tower} is not supported; gmar explains OpenCLIP models whose "
-                "`visual` is open_clip's VisionTransformer or a TimmModel with a timm ViT trunk"
+                "`visual` is open_clip's VisionTransformer or a TimmModel with a timm trunk gmar supports"
             )
         if visual.attn_pool is not None or visual.pool_type not in ("tok", "avg"):
             raise UnsupportedModelError(f"{name}: attentional pooling (CoCa-style towers) is not supported")
@@ -155,6 +149,19 @@ class OpenCLIPAdapter(ModelAdapter):
             std=tuple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),  # type: ignore[arg-type]
             interpolation=cfg.get("interpolation", "bicubic"),
         )
+
+
+def _timm_trunk(name: str, trunk: nn.Module) -> ModelAdapter:
+    """The adapter of a ``TimmModel`` tower's trunk: any timm family gmar explains (ViT, Eva, Beit, ...)."""
+    from gmar.adapters import ADAPTERS
+
+    for adapter in ADAPTERS:
+        if adapter.family == "timm" and adapter.matches(trunk):
+            return adapter(trunk)
+    raise UnsupportedModelError(
+        f"{name}: timm trunk {type(trunk).__name__} is not supported; gmar explains OpenCLIP timm towers whose "
+        "trunk is a timm VisionTransformer, Eva (EVA02-*, PE-Core-*) or Beit"
+    )
 
 
 def _global_pool(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
