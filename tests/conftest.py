@@ -45,6 +45,24 @@ def make_timm_distilled(**kwargs) -> nn.Module:
     return spread(VisionTransformerDistilled(**options))
 
 
+def make_cait(**kwargs) -> nn.Module:
+    """timm ``Cait``: two talking-heads self-attention layers over the patches, two class-attention layers."""
+    from timm.models.cait import Cait
+
+    options = dict(img_size=IMAGE, patch_size=PATCH, embed_dim=32, depth=2, depth_token_only=2, num_heads=4)
+    options.update(kwargs)
+    return spread(Cait(num_classes=5, **options))
+
+
+def make_timm_relpos(**kwargs) -> nn.Module:
+    """timm ``VisionTransformerRelPos``: a relative position bias (an MLP on log coordinates) in every attention."""
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+    options = dict(img_size=IMAGE, patch_size=PATCH, embed_dim=32, depth=3, num_heads=4, class_token=True)
+    options.update(kwargs)
+    return spread(VisionTransformerRelPos(num_classes=5, global_pool="token", **options))
+
+
 def _hf_config(config_class, **kwargs):
     options = dict(
         image_size=IMAGE,
@@ -192,6 +210,8 @@ FACTORIES = {
     "hf_dinov2_backbone": make_hf_dinov2_backbone,
     "openclip": make_clip,
     "torchvision": make_torchvision,
+    "cait": make_cait,
+    "timm_relpos": make_timm_relpos,
 }
 
 

@@ -24,6 +24,8 @@ EXPECTED = {
     "hf_vit_backbone": (1, (0,), False),
     "hf_dinov2_backbone": (1, (0,), False),
     "openclip": (1, (0,), False),
+    "cait": (1, (0,), False),
+    "timm_relpos": (1, (0,), False),
 }
 
 

@@ -34,7 +34,8 @@ from conftest import (
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 MODELS = {**FACTORIES, "timm_dynamic": lambda: make_timm(dynamic_img_size=True)}
-FAMILIES = list(MODELS)
+#: CaiT has its own tests below: only its class-attention layers have a score of their own
+FAMILIES = [name for name in MODELS if name != "cait"]
 ROLLOUT_FAMILY = ["raw_attention", "rollout", "grad_rollout", "gmar", "gae"]
 
 
@@ -70,6 +71,8 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def readout(name: str, net: nn.Module, tokens: torch.Tensor, pooling: str = "model") -> torch.Tensor:
     """Tokens ``(B, N, D)`` leaving a block -> the model's output, from the weights (not gmar's adapter)."""
     ln = R._layer_norm
+    if name == "timm_relpos":
+        return linear(net.head, ln(net.fc_norm, ln(net.norm, tokens)[:, 0]))
     if name.startswith("timm"):
         x = ln(net.norm, tokens)
         if hasattr(net, "dist_token"):  # DeiT distilled: mean of the two heads (eval mode)
@@ -99,6 +102,8 @@ def readout(name: str, net: nn.Module, tokens: torch.Tensor, pooling: str = "mod
         return ln(visual.ln_post, pooled) @ visual.proj
     if name == "torchvision":
         return linear(net.heads.head, ln(net.encoder.ln, tokens)[:, 0])
+    if name == "cait":  # tokens are [class token, patches]; the head reads the class token
+        return linear(net.head, ln(net.norm, tokens)[:, 0])
     raise AssertionError(name)
 
 
@@ -147,13 +152,15 @@ def per_layer(name: str, net: nn.Module, images: torch.Tensor, score=None, pooli
     maps = []
     for layer in range(layers):
         s_l = score(readout(name, net, t.tokens[layer + 1], pooling))
-        (grad,) = torch.autograd.grad(s_l.sum(), t.attentions[layer], retain_graph=True)
-        maps.append(layer_map(grad, t.grid))
+        # a CaiT self-attention layer's score (the class token, not yet touched) has no gradient there
+        (grad,) = torch.autograd.grad(s_l.sum(), t.attentions[layer], retain_graph=True, allow_unused=True)
+        grad = torch.zeros_like(t.attentions[layer]) if grad is None else grad
+        maps.append(layer_map(t.embedded(layer, grad, 0.0), t.grid))
     final = score(t.output)
     total = torch.autograd.grad(final.sum(), t.attentions)
     return LeGradRef(
         maps=torch.stack(maps),
-        total_maps=torch.stack([layer_map(g, t.grid) for g in total]),
+        total_maps=torch.stack([layer_map(t.embedded(i, g, 0.0), t.grid) for i, g in enumerate(total)]),
         output=t.output.detach(),
         final_scores=final.detach(),
         classes=classes,
@@ -220,6 +227,23 @@ def test_not_the_final_scores_gradient(name):
     plain = r.total_maps.sum(dim=0)
     gap = (plain - exp.token_map).abs().max() / exp.token_map.abs().max()
     assert gap > 0.05, f"LeGrad is indistinguishable from the final score's gradient (relative gap {gap:.3g})"
+
+
+def test_cait_class_attention_layers():
+    """CaiT: a layer's score is the head on its class token, which only the class-attention layers
+    (the last two) change; each of them explains itself, the self-attention layers' maps are zero."""
+    r = ref("cait")
+    assert r.maps.shape[0] == 4
+    assert (r.maps[:2] == 0).all() and (r.maps[2:].flatten(1).amax(dim=1) > 0).all()
+    assert not torch.allclose(r.maps[2], r.maps[3], atol=1e-4)
+    exp = legrad("cait")
+    assert torch.equal(exp.target, r.classes)
+    assert_close(exp.scores, r.final_scores, **TOL)
+    assert_close(exp.token_map, r.maps.sum(dim=0), **TOL)
+    assert_close(legrad("cait", start_layer=-1).token_map, r.maps[-1], **TOL)
+    assert_close(legrad("cait", start_layer=2).token_map, r.maps[2:].sum(dim=0), **TOL)
+    plain = r.total_maps.sum(dim=0)  # the final score's gradient at every layer is another map
+    assert (plain - exp.token_map).abs().max() / exp.token_map.abs().max() > 0.05
 
 
 # ----------------------------------------------------------------------------------------------- pooling

@@ -7,11 +7,20 @@ from torch import nn
 from gmar.adapters.base import ModelAdapter
 from gmar.adapters.hf_vit import HFAdapter
 from gmar.adapters.openclip_vit import OpenCLIPAdapter
+from gmar.adapters.timm_cait import CaitAdapter
+from gmar.adapters.timm_relpos import TimmRelPosAdapter
 from gmar.adapters.timm_vit import TimmAdapter
 from gmar.adapters.torchvision_vit import TorchvisionAdapter
 from gmar.errors import UnsupportedModelError
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmAdapter, HFAdapter, OpenCLIPAdapter, TorchvisionAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    TimmAdapter,
+    CaitAdapter,
+    TimmRelPosAdapter,
+    HFAdapter,
+    OpenCLIPAdapter,
+    TorchvisionAdapter,
+)
 
 SUPPORTED = (
     "timm VisionTransformer (vit_*, deit_* incl. distilled, register tokens, global_pool='avg'); "
@@ -35,10 +44,12 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 
 __all__ = [
     "ADAPTERS",
+    "CaitAdapter",
     "HFAdapter",
     "ModelAdapter",
     "OpenCLIPAdapter",
     "TimmAdapter",
+    "TimmRelPosAdapter",
     "TorchvisionAdapter",
     "get_adapter",
 ]

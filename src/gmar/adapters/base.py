@@ -106,14 +106,14 @@ def remove_all(handles: list) -> Callable[[], None]:
     return remove
 
 
-def override_forward(stack: ExitStack, module: nn.Module, forward: Callable) -> None:
-    """Give ``module`` (this instance only) another ``forward`` until ``stack`` closes."""
-    own = module.__dict__.get("forward")
-    module.forward = forward
+def override_forward(stack: ExitStack, module: nn.Module, forward: Callable, name: str = "forward") -> None:
+    """Give ``module`` (this instance only) another method ``name`` (``forward``) until ``stack`` closes."""
+    own = module.__dict__.get(name)
+    setattr(module, name, forward)
     if own is None:
-        stack.callback(module.__dict__.pop, "forward", None)
+        stack.callback(module.__dict__.pop, name, None)
     else:
-        stack.callback(setattr, module, "forward", own)
+        stack.callback(setattr, module, name, own)
 
 
 def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype, *, keep_where_true: bool) -> torch.Tensor | None:
