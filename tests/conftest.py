@@ -164,6 +164,27 @@ def make_siglip() -> nn.Module:
     return spread(model)
 
 
+def make_coca() -> nn.Module:
+    """OpenCLIP ``CoCa`` (as ``coca_ViT-B-32``): a ViT tower whose attentional pooler (3 queries here, 256
+    there) reads every token; the image embedding is the first query's output."""
+    import open_clip
+
+    vision_cfg = dict(
+        image_size=IMAGE,
+        patch_size=PATCH,
+        width=32,
+        layers=3,
+        head_width=8,
+        attentional_pool=True,
+        attn_pooler_heads=4,
+        attn_pooler_queries=3,
+        output_tokens=True,
+    )
+    text_cfg = dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1, embed_cls=True, output_tokens=True)
+    multimodal_cfg = dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1)
+    return spread(open_clip.CoCa(embed_dim=16, multimodal_cfg=multimodal_cfg, text_cfg=text_cfg, vision_cfg=vision_cfg))
+
+
 def make_clip_with_text(**vision) -> nn.Module:
     """A tiny OpenCLIP ``CLIP`` whose text tower takes the real tokenizer (vocabulary 49408, 77 tokens)."""
     import open_clip
