@@ -63,6 +63,26 @@ def make_timm_relpos(**kwargs) -> nn.Module:
     return spread(VisionTransformerRelPos(num_classes=5, global_pool="token", **options))
 
 
+def make_swin(kind: str) -> nn.Module:
+    """Swin / Swin-v2 (timm or transformers): two stages (1 and 2 blocks), 2x2 windows, 4x4 tokens at the end."""
+    stages = dict(patch_size=4, window_size=2, embed_dim=16)
+    if kind in ("timm_swin", "timm_swinv2"):
+        from timm.models.swin_transformer import SwinTransformer
+        from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+        cls = SwinTransformer if kind == "timm_swin" else SwinTransformerV2
+        return spread(cls(img_size=IMAGE, depths=(1, 2), num_heads=(2, 4), num_classes=5, **stages))
+    from transformers import SwinConfig, SwinForImageClassification, Swinv2Config, Swinv2ForImageClassification
+
+    config, cls = (
+        (SwinConfig, SwinForImageClassification) if kind == "hf_swin" else (Swinv2Config, Swinv2ForImageClassification)
+    )
+    return spread(cls(config(image_size=IMAGE, depths=[1, 2], num_heads=[2, 4], num_labels=5, **stages)))
+
+
+SWIN = ("timm_swin", "timm_swinv2", "hf_swin", "hf_swinv2")
+
+
 def _hf_config(config_class, **kwargs):
     options = dict(
         image_size=IMAGE,

@@ -130,6 +130,11 @@ class Recorder:
         output, self.attentions[layer] = self.stream.attend_probabilities(layer, probabilities, v)
         return output
 
+    def no_attention(self, layer: int, num_tokens: int) -> None:
+        """``layer`` ran over ``num_tokens`` tokens with no global attention to record (windowed
+        attention: see :attr:`ModelAdapter.no_global_attention`)."""
+        self._report(layer, num_tokens)
+
     def _report(self, layer: int, num_tokens: int) -> None:
         if self.reported[layer]:
             raise CaptureError(f"layer {layer} ran twice in one forward pass; gmar captures one pass at a time")

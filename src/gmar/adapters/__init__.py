@@ -7,6 +7,7 @@ from torch import nn
 from gmar.adapters.base import ModelAdapter
 from gmar.adapters.hf_vit import HFAdapter
 from gmar.adapters.openclip_vit import OpenCLIPAdapter
+from gmar.adapters.swin import SwinAdapter
 from gmar.adapters.timm_cait import CaitAdapter
 from gmar.adapters.timm_relpos import TimmRelPosAdapter
 from gmar.adapters.timm_vit import TimmAdapter
@@ -17,6 +18,7 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     TimmAdapter,
     CaitAdapter,
     TimmRelPosAdapter,
+    SwinAdapter,
     HFAdapter,
     OpenCLIPAdapter,
     TorchvisionAdapter,
@@ -48,6 +50,7 @@ __all__ = [
     "HFAdapter",
     "ModelAdapter",
     "OpenCLIPAdapter",
+    "SwinAdapter",
     "TimmAdapter",
     "TimmRelPosAdapter",
     "TorchvisionAdapter",

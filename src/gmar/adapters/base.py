@@ -27,6 +27,10 @@ class ModelAdapter(ABC):
     is_classifier: ClassVar[bool] = True
     #: Readout poolings :meth:`readout` takes besides ``"model"``.
     extra_poolings: ClassVar[tuple[str, ...]] = ()
+    #: Why the model has no global token-to-token attention, as "attends within ..." (None: it has).
+    #: Only methods that need no attention (Grad-CAM) explain such a model; its layers report
+    #: :meth:`Recorder.no_attention`.
+    no_global_attention: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
