@@ -25,9 +25,11 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
 )
 
 SUPPORTED = (
-    "timm VisionTransformer (vit_*, deit_* incl. distilled, register tokens, global_pool='avg'); "
+    "timm VisionTransformer (vit_*, deit_* incl. distilled, register tokens, global_pool='avg'), Cait, "
+    "VisionTransformerRelPos, SwinTransformer(V2) (gradcam only); "
     "transformers ViTForImageClassification, DeiTForImageClassification(WithTeacher), "
-    "Dinov2(WithRegisters)ForImageClassification; OpenCLIP CLIP with a VisionTransformer image tower; "
+    "Dinov2(WithRegisters)ForImageClassification, Swin(v2)ForImageClassification (gradcam only); "
+    "OpenCLIP CLIP and CoCa with a VisionTransformer image tower; "
     "torchvision VisionTransformer (vit_b_16, ...)"
 )
 
