@@ -45,6 +45,44 @@ def make_timm_distilled(**kwargs) -> nn.Module:
     return spread(VisionTransformerDistilled(**options))
 
 
+def make_cait(**kwargs) -> nn.Module:
+    """timm ``Cait``: two talking-heads self-attention layers over the patches, two class-attention layers."""
+    from timm.models.cait import Cait
+
+    options = dict(img_size=IMAGE, patch_size=PATCH, embed_dim=32, depth=2, depth_token_only=2, num_heads=4)
+    options.update(kwargs)
+    return spread(Cait(num_classes=5, **options))
+
+
+def make_timm_relpos(**kwargs) -> nn.Module:
+    """timm ``VisionTransformerRelPos``: a relative position bias (an MLP on log coordinates) in every attention."""
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+    options = dict(img_size=IMAGE, patch_size=PATCH, embed_dim=32, depth=3, num_heads=4, class_token=True)
+    options.update(kwargs)
+    return spread(VisionTransformerRelPos(num_classes=5, global_pool="token", **options))
+
+
+def make_swin(kind: str) -> nn.Module:
+    """Swin / Swin-v2 (timm or transformers): two stages (1 and 2 blocks), 2x2 windows, 4x4 tokens at the end."""
+    stages = dict(patch_size=4, window_size=2, embed_dim=16)
+    if kind in ("timm_swin", "timm_swinv2"):
+        from timm.models.swin_transformer import SwinTransformer
+        from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+        cls = SwinTransformer if kind == "timm_swin" else SwinTransformerV2
+        return spread(cls(img_size=IMAGE, depths=(1, 2), num_heads=(2, 4), num_classes=5, **stages))
+    from transformers import SwinConfig, SwinForImageClassification, Swinv2Config, Swinv2ForImageClassification
+
+    config, cls = (
+        (SwinConfig, SwinForImageClassification) if kind == "hf_swin" else (Swinv2Config, Swinv2ForImageClassification)
+    )
+    return spread(cls(config(image_size=IMAGE, depths=[1, 2], num_heads=[2, 4], num_labels=5, **stages)))
+
+
+SWIN = ("timm_swin", "timm_swinv2", "hf_swin", "hf_swinv2")
+
+
 def _hf_config(config_class, **kwargs):
     options = dict(
         image_size=IMAGE,
@@ -144,6 +182,27 @@ def make_siglip() -> nn.Module:
         num_classes=0,
     )
     return spread(model)
+
+
+def make_coca() -> nn.Module:
+    """OpenCLIP ``CoCa`` (as ``coca_ViT-B-32``): a ViT tower whose attentional pooler (3 queries here, 256
+    there) reads every token; the image embedding is the first query's output."""
+    import open_clip
+
+    vision_cfg = dict(
+        image_size=IMAGE,
+        patch_size=PATCH,
+        width=32,
+        layers=3,
+        head_width=8,
+        attentional_pool=True,
+        attn_pooler_heads=4,
+        attn_pooler_queries=3,
+        output_tokens=True,
+    )
+    text_cfg = dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1, embed_cls=True, output_tokens=True)
+    multimodal_cfg = dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1)
+    return spread(open_clip.CoCa(embed_dim=16, multimodal_cfg=multimodal_cfg, text_cfg=text_cfg, vision_cfg=vision_cfg))
 
 
 def make_clip_with_text(**vision) -> nn.Module:
@@ -250,6 +309,8 @@ FACTORIES = {
     "openclip": make_clip,
     "torchvision": make_torchvision,
     **EVA_BEIT,
+    "cait": make_cait,
+    "timm_relpos": make_timm_relpos,
 }
 
 

@@ -36,10 +36,17 @@ class Trace:
     grid: tuple[int, int]
     #: residual-stream tokens (B, N, D): tokens[l] enters block l, tokens[L] leaves the last block
     tokens: list[torch.Tensor] | None = None
+    #: CaiT: ``embed(l, X, value)`` puts layer ``l``'s own attention (or its gradient) into the
+    #: ``(B, H, N, N)`` of the whole sequence, ``value`` on the identity entries (1 for attention, 0 for
+    #: a gradient); None: the attentions are already ``(B, H, N, N)``
+    embed: Callable[[int, torch.Tensor, float], torch.Tensor] | None = None
 
     @property
     def head_outputs(self) -> list[torch.Tensor]:
         return [self.split_heads(t) for t in self.head_graph]
+
+    def embedded(self, layer: int, tensor: torch.Tensor, value: float) -> torch.Tensor:
+        return tensor if self.embed is None else self.embed(layer, tensor, value)
 
 
 @dataclass
@@ -444,6 +451,138 @@ def trace_beit(model: nn.Module, images: torch.Tensor) -> Trace:
     return Trace(logits, attentions, outputs, lambda t: t, readout, 1, grid, stream)
 
 
+def _relative_position_bias(rel_pos: nn.Module) -> torch.Tensor:
+    """timm ``RelPosMlp`` ('cr' mode) from its weights: an MLP on the log-spaced relative coordinates,
+    looked up per (query, key) patch pair, zero for the prefix tokens: ``(1, H, N, N)``."""
+    assert type(rel_pos).__name__ == "RelPosMlp" and rel_pos.mode == "cr", type(rel_pos).__name__
+    mlp = rel_pos.mlp
+    hidden = F.relu(F.linear(rel_pos.rel_coords_log, mlp.fc1.weight, mlp.fc1.bias))
+    table = F.linear(hidden, mlp.fc2.weight, mlp.fc2.bias).reshape(-1, rel_pos.num_heads)
+    area = rel_pos.window_area
+    bias = table[rel_pos.relative_position_index].reshape(area, area, -1).permute(2, 0, 1)
+    prefix = rel_pos.prefix_tokens
+    return F.pad(bias, (prefix, 0, prefix, 0))[None]
+
+
+def trace_timm_relpos(model: nn.Module, images: torch.Tensor) -> Trace:
+    """timm ``VisionTransformerRelPos`` (pre-norm blocks, per-block relative position MLP), from the weights."""
+    conv = model.patch_embed.proj
+    x = F.conv2d(images, conv.weight, conv.bias, stride=conv.stride)
+    batch, _, gh, gw = x.shape
+    x = x.flatten(2).transpose(1, 2)
+    num_prefix = model.num_prefix_tokens
+    if num_prefix:
+        x = torch.cat([model.cls_token.expand(batch, -1, -1), x], dim=1)
+    attentions, outputs, stream = [], [], [x]
+    for block in model.blocks:
+        attn = block.attn
+        assert isinstance(attn.q_norm, nn.Identity) and model.shared_rel_pos is None
+        h = _layer_norm(block.norm1, x)
+        q, k, v = (
+            F.linear(h, w, b).view(batch, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+            for w, b in zip(attn.qkv.weight.chunk(3), attn.qkv.bias.chunk(3), strict=True)
+        )
+        logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(attn.head_dim)
+        a = torch.softmax(logits + _relative_position_bias(attn.rel_pos), dim=-1)
+        o = torch.einsum("bhij,bhjd->bhid", a, v)
+        attentions.append(a)
+        outputs.append(o)
+        x = x + _scale(block.ls1, F.linear(_merge(o), attn.proj.weight, attn.proj.bias))
+        mlp = block.mlp
+        hidden = _activation(mlp.act, F.linear(_layer_norm(block.norm2, x), mlp.fc1.weight, mlp.fc1.bias))
+        x = x + _scale(block.ls2, F.linear(hidden, mlp.fc2.weight, mlp.fc2.bias))
+        stream.append(x)
+    x = _layer_norm(model.norm, x)
+    token = model.global_pool == "token"
+    pooled = x[:, 0] if token else x[:, num_prefix:].mean(dim=1)
+    logits = F.linear(_layer_norm(model.fc_norm, pooled), model.head.weight, model.head.bias)
+    readout = readout_weights(x.shape[1], num_prefix, (0,) if token else (), patches=not token)
+    return Trace(logits, attentions, outputs, lambda t: t, readout, num_prefix, (gh, gw), stream)
+
+
+def _heads_mix(scores: torch.Tensor, mix: nn.Linear) -> torch.Tensor:
+    """Talking heads: ``(B, H, N, M)`` mixed across heads by a ``Linear(H, H)``."""
+    return torch.einsum("bhij,gh->bgij", scores, mix.weight) + mix.bias[:, None, None]
+
+
+def trace_cait(model: nn.Module, images: torch.Tensor) -> Trace:
+    """timm ``Cait``, written out from the weights, as gmar defines its attention (docs/methods/attention.md).
+
+    The sequence is ``[class token, patches]`` throughout. A self-attention layer updates the patches
+    (its attention ``(B, H, P, P)`` is the talking-heads softmax mixed by ``proj_w``), a class-attention
+    layer the class token (its attention is the class token's row ``(B, H, 1, 1 + P)``); ``embed`` puts
+    either into ``(B, H, 1 + P, 1 + P)`` with identity entries for the token the layer leaves alone.
+    """
+    conv = model.patch_embed.proj
+    x = F.conv2d(images, conv.weight, conv.bias, stride=conv.stride)
+    batch, width, gh, gw = x.shape
+    x = x.flatten(2).transpose(1, 2) + model.pos_embed
+    sequence = torch.cat([model.cls_token.expand(batch, 1, width), x], dim=1)
+    attentions, outputs, stream = [], [], [sequence]
+
+    def mlp(block: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        hidden = _activation(
+            block.mlp.act, F.linear(_layer_norm(block.norm2, t), block.mlp.fc1.weight, block.mlp.fc1.bias)
+        )
+        return block.gamma_2 * F.linear(hidden, block.mlp.fc2.weight, block.mlp.fc2.bias)
+
+    for block in model.blocks:  # self-attention over the patches
+        attn = block.attn
+        cls, x = sequence[:, :1], sequence[:, 1:]
+        w_q, w_k, w_v = attn.qkv.weight.chunk(3)
+        b_q, b_k, b_v = attn.qkv.bias.chunk(3)
+        h = _layer_norm(block.norm1, x)
+
+        def heads(weight, bias, h=h, attn=attn):
+            return F.linear(h, weight, bias).view(batch, -1, attn.num_heads, width // attn.num_heads).transpose(1, 2)
+
+        q, k, v = heads(w_q, b_q), heads(w_k, b_k), heads(w_v, b_v)
+        logits = _heads_mix(torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1]), attn.proj_l)
+        a = _heads_mix(torch.softmax(logits, dim=-1), attn.proj_w)
+        o = torch.einsum("bhij,bhjd->bhid", a, v)
+        attentions.append(a)
+        outputs.append(o)
+        x = x + block.gamma_1 * F.linear(_merge(o), attn.proj.weight, attn.proj.bias)
+        x = x + mlp(block, x)
+        sequence = torch.cat([cls, x], dim=1)
+        stream.append(sequence)
+    for block in model.blocks_token_only:  # the class token reads [class token, patches]
+        attn = block.attn
+        cls, x = sequence[:, :1], sequence[:, 1:]
+        h = _layer_norm(block.norm1, sequence)
+
+        def heads(t, module, attn=attn):
+            return (
+                F.linear(t, module.weight, module.bias)
+                .view(batch, -1, attn.num_heads, width // attn.num_heads)
+                .transpose(1, 2)
+            )
+
+        q, k, v = heads(h[:, :1], attn.q), heads(h, attn.k), heads(h, attn.v)
+        a = torch.softmax(torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1]), dim=-1)
+        o = torch.einsum("bhij,bhjd->bhid", a, v)
+        attentions.append(a)
+        outputs.append(o)
+        cls = cls + block.gamma_1 * F.linear(_merge(o), attn.proj.weight, attn.proj.bias)
+        cls = cls + mlp(block, cls)
+        sequence = torch.cat([cls, x], dim=1)
+        stream.append(sequence)
+    logits = F.linear(_layer_norm(model.norm, sequence)[:, 0], model.head.weight, model.head.bias)
+    tokens = sequence.shape[1]
+    self_attention_layers = len(model.blocks)
+
+    def embed(layer: int, tensor: torch.Tensor, value: float) -> torch.Tensor:
+        if layer < self_attention_layers:  # the class token: an identity row and column
+            corner = torch.zeros(tokens, tokens)
+            corner[0, 0] = value
+            return F.pad(tensor, (1, 0, 1, 0)) + corner
+        eye = value * torch.eye(tokens)[1:]  # the patches: identity rows
+        return torch.cat([tensor, eye.expand(*tensor.shape[:2], -1, -1)], dim=2)
+
+    readout = readout_weights(tokens, 1, (0,), patches=False)
+    return Trace(logits, attentions, outputs, lambda t: t, readout, 1, (gh, gw), stream, embed)
+
+
 #: Hugging Face class -> (prefix tokens before registers, readout prefix rows, head averages the patches)
 HF_HEADS = {
     "ViTForImageClassification": (1, (0,), False),
@@ -505,6 +644,10 @@ def trace(model: nn.Module, images: torch.Tensor) -> Trace:
     """A graph-connected forward of ``model`` on ``images`` (which are made to require grad)."""
     images = images.detach().clone().requires_grad_(True)
     module = type(model).__module__
+    if type(model).__name__ == "Cait":
+        return trace_cait(model, images)
+    if type(model).__name__ == "VisionTransformerRelPos":
+        return trace_timm_relpos(model, images)
     if module.startswith("timm."):
         return {"Eva": trace_eva, "Beit": trace_beit}.get(type(model).__name__, trace_timm)(model, images)
     if module.startswith("transformers."):
@@ -534,9 +677,9 @@ def differentiate(t: Trace, target=None) -> Gradients:
         output=t.output.detach(),
         scores=scores.detach(),
         classes=classes,
-        attentions=[a.detach() for a in t.attentions],
+        attentions=[t.embedded(i, a.detach(), 1.0) for i, a in enumerate(t.attentions)],
         head_outputs=[o.detach() for o in t.head_outputs],
-        grad_attentions=list(grads[:layers]),
+        grad_attentions=[t.embedded(i, g, 0.0) for i, g in enumerate(grads[:layers])],
         grad_head_outputs=[t.split_heads(g) for g in grads[layers:]],
         readout=t.readout,
         num_prefix=t.num_prefix,

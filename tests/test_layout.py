@@ -30,6 +30,8 @@ EXPECTED = {
     "eva_rope_mixed": (1, (0,), False),
     "beit": (1, (), True),
     "beit_shared": (1, (0,), False),
+    "cait": (1, (0,), False),
+    "timm_relpos": (1, (0,), False),
 }
 
 

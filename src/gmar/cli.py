@@ -142,9 +142,9 @@ def run_explain(args: argparse.Namespace) -> int:
     paths = _image_paths(args)
     outputs = OutputFolder(args.out, inputs=paths)
     loaded = _load(args, device)
-    if args.method.strip() == "all" and get_adapter(loaded.model).attention_pooled:
-        # An attention-pooled model has no readout token for the rollout family.
-        methods = [m for m in methods if not get_method(m).needs_readout_rows]
+    if args.method.strip() == "all":  # the methods defined for this model
+        adapter = get_adapter(loaded.model)
+        methods = [m for m in methods if get_method(m).refusal(adapter) is None]
     text_target = _text_target(args, loaded)
     target = args.target if text_target is None else text_target
     # Several prompts explain one image at a time (the image is repeated once per prompt).

@@ -105,7 +105,7 @@ class TimmAdapter(ModelAdapter):
         return TokenLayout(
             num_prefix_tokens=prefix,
             grid_size=grid,  # type: ignore[arg-type]
-            patch_size=_pixels_per_token(embed),
+            patch_size=pixels_per_token(embed),
             readout_prefix=readout,
             readout_patches=self._pool == "avg",
             attention_pooled=self.attention_pooled,
@@ -170,28 +170,38 @@ class TimmAdapter(ModelAdapter):
         return model.head(x), attention
 
     def preprocess_config(self) -> PreprocessConfig:
-        from timm.data import resolve_data_config
-
-        config = resolve_data_config({}, model=self.model)
-        # The data config falls back to 224x224 for a model built without a pretrained config (or
-        # with another img_size); the patch embedding states the size the model really takes.
-        return PreprocessConfig(
-            input_size=tuple(self.model.patch_embed.img_size),  # type: ignore[arg-type]
-            mean=tuple(config["mean"]),  # type: ignore[arg-type]
-            std=tuple(config["std"]),  # type: ignore[arg-type]
-            interpolation=config.get("interpolation", "bicubic"),
-            crop_pct=config.get("crop_pct", 1.0),
-        )
+        return timm_preprocess_config(self.model)
 
     def class_names(self) -> list[str] | None:
-        cfg = getattr(self.model, "pretrained_cfg", None) or {}
-        names = cfg.get("label_names")
-        if names and len(names) == self.model.num_classes:
-            return list(names)
-        return None
+        return timm_class_names(self.model)
 
 
-def _pixels_per_token(embed: nn.Module) -> tuple[int, int]:
+def timm_preprocess_config(model: nn.Module) -> PreprocessConfig:
+    """How to prepare an image for a timm model, from its pretrained config and patch embedding."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=model)
+    # The data config falls back to 224x224 for a model built without a pretrained config (or
+    # with another img_size); the patch embedding states the size the model really takes.
+    return PreprocessConfig(
+        input_size=tuple(model.patch_embed.img_size),  # type: ignore[arg-type]
+        mean=tuple(config["mean"]),  # type: ignore[arg-type]
+        std=tuple(config["std"]),  # type: ignore[arg-type]
+        interpolation=config.get("interpolation", "bicubic"),
+        crop_pct=config.get("crop_pct", 1.0),
+    )
+
+
+def timm_class_names(model: nn.Module) -> list[str] | None:
+    """The class names a timm model's pretrained config carries, if they match its head."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("label_names")
+    if names and len(names) == model.num_classes:
+        return list(names)
+    return None
+
+
+def pixels_per_token(embed: nn.Module) -> tuple[int, int]:
     """The pixels one token stands for along (H, W): the patch size of a plain patch embedding; for a
     hybrid one (a convolutional stem, then a patch projection on its features) the stem's stride times
     the projection's kernel, which timm states as ``feat_ratio``."""
