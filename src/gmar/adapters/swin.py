@@ -26,6 +26,7 @@ _HF = ("SwinForImageClassification", "Swinv2ForImageClassification")
 
 
 class SwinAdapter(ModelAdapter):
+    family = "timm"  # "hf" for a transformers Swin (set per instance)
     no_global_attention = "attends within shifted windows"
 
     @classmethod
@@ -37,9 +38,9 @@ class SwinAdapter(ModelAdapter):
         )
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
         self._hf = type(model).__module__.startswith("transformers.")
-        self.family = "hf" if self._hf else "timm"  # type: ignore[misc]
+        self.family = "hf" if self._hf else "timm"  # type: ignore[misc]  # before the base checks its version
+        super().__init__(model)
         last_stage = model.base_model.encoder.layers[-1] if self._hf else model.layers[-1]
         self._blocks = list(last_stage.blocks)
 
