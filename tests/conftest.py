@@ -45,6 +45,44 @@ def make_timm_distilled(**kwargs) -> nn.Module:
     return spread(VisionTransformerDistilled(**options))
 
 
+def make_cait(**kwargs) -> nn.Module:
+    """timm ``Cait``: two talking-heads self-attention layers over the patches, two class-attention layers."""
+    from timm.models.cait import Cait
+
+    options = dict(img_size=IMAGE, patch_size=PATCH, embed_dim=32, depth=2, depth_token_only=2, num_heads=4)
+    options.update(kwargs)
+    return spread(Cait(num_classes=5, **options))
+
+
+def make_timm_relpos(**kwargs) -> nn.Module:
+    """timm ``VisionTransformerRelPos``: a relative position bias (an MLP on log coordinates) in every attention."""
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+    options = dict(img_size=IMAGE, patch_size=PATCH, embed_dim=32, depth=3, num_heads=4, class_token=True)
+    options.update(kwargs)
+    return spread(VisionTransformerRelPos(num_classes=5, global_pool="token", **options))
+
+
+def make_swin(kind: str) -> nn.Module:
+    """Swin / Swin-v2 (timm or transformers): two stages (1 and 2 blocks), 2x2 windows, 4x4 tokens at the end."""
+    stages = dict(patch_size=4, window_size=2, embed_dim=16)
+    if kind in ("timm_swin", "timm_swinv2"):
+        from timm.models.swin_transformer import SwinTransformer
+        from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+        cls = SwinTransformer if kind == "timm_swin" else SwinTransformerV2
+        return spread(cls(img_size=IMAGE, depths=(1, 2), num_heads=(2, 4), num_classes=5, **stages))
+    from transformers import SwinConfig, SwinForImageClassification, Swinv2Config, Swinv2ForImageClassification
+
+    config, cls = (
+        (SwinConfig, SwinForImageClassification) if kind == "hf_swin" else (Swinv2Config, Swinv2ForImageClassification)
+    )
+    return spread(cls(config(image_size=IMAGE, depths=[1, 2], num_heads=[2, 4], num_labels=5, **stages)))
+
+
+SWIN = ("timm_swin", "timm_swinv2", "hf_swin", "hf_swinv2")
+
+
 def _hf_config(config_class, **kwargs):
     options = dict(
         image_size=IMAGE,
@@ -146,6 +184,27 @@ def make_siglip() -> nn.Module:
     return spread(model)
 
 
+def make_coca() -> nn.Module:
+    """OpenCLIP ``CoCa`` (as ``coca_ViT-B-32``): a ViT tower whose attentional pooler (3 queries here, 256
+    there) reads every token; the image embedding is the first query's output."""
+    import open_clip
+
+    vision_cfg = dict(
+        image_size=IMAGE,
+        patch_size=PATCH,
+        width=32,
+        layers=3,
+        head_width=8,
+        attentional_pool=True,
+        attn_pooler_heads=4,
+        attn_pooler_queries=3,
+        output_tokens=True,
+    )
+    text_cfg = dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1, embed_cls=True, output_tokens=True)
+    multimodal_cfg = dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1)
+    return spread(open_clip.CoCa(embed_dim=16, multimodal_cfg=multimodal_cfg, text_cfg=text_cfg, vision_cfg=vision_cfg))
+
+
 def make_clip_with_text(**vision) -> nn.Module:
     """A tiny OpenCLIP ``CLIP`` whose text tower takes the real tokenizer (vocabulary 49408, 77 tokens)."""
     import open_clip
@@ -177,6 +236,63 @@ def make_torchvision(**kwargs) -> nn.Module:
     return spread(VisionTransformer(num_classes=5, **options))
 
 
+# ------------------------------------------------------------- timm Eva (RoPE) and Beit (relative position bias)
+
+
+def make_eva(**kwargs) -> nn.Module:
+    """EVA-02-like ``Eva``: the head reads the class token; absolute and rotary ('cat') positions;
+    fused qkv with separate q/v biases; packed SwiGLU MLP."""
+    from timm.models.eva import Eva
+
+    options = dict(img_size=IMAGE, patch_size=PATCH, embed_dim=32, depth=3, num_heads=4, num_classes=5)
+    options.update(mlp_ratio=4 * 2 / 3, swiglu_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(4, 4))
+    options.update(global_pool="token")
+    options.update(kwargs)
+    return spread(Eva(**options))
+
+
+def make_eva_pe(**kwargs) -> nn.Module:
+    """Perception-Encoder-like ``Eva`` (``vit_pe_core_*``): ``AttentionRope``, a norm before the blocks,
+    'xy' rope grid with offset, attention pooling (``global_pool='map'``)."""
+    options = dict(attn_type="rope", global_pool="map", use_pre_transformer_norm=True, rope_grid_offset=1.0)
+    options.update(rope_grid_indexing="xy", attn_pool_num_heads=2, attn_pool_mlp_ratio=2.0, swiglu_mlp=False)
+    options.update(kwargs)
+    return make_eva(**options)
+
+
+#: EVA-02 B/L: separate q/k/v, SwiGLU with its own norm, a norm inside attention, mean of patches
+#: with fc_norm, any input size.
+EVA02_LARGE = dict(qkv_fused=False, scale_mlp=True, scale_attn_inner=True, global_pool="avg", dynamic_img_size=True)
+#: DINOv3: register tokens, its own rotate-half RoPE, no absolute positions, layer scale, mean of patches.
+DINOV3 = dict(global_pool="avg", dynamic_img_size=True, qkv_bias=False, init_values=0.1, rope_type="dinov3")
+DINOV3.update(rope_temperature=100, rope_rotate_half=True, use_abs_pos_emb=False, num_reg_tokens=2, use_fc_norm=False)
+#: RoPE-Mixed ViT: AttentionRope, per-block, per-head learned frequencies, layer scale, the class token.
+ROPE_MIXED = dict(attn_type="rope", rope_type="mixed", rope_temperature=10.0, rope_grid_indexing="xy")
+ROPE_MIXED.update(use_abs_pos_emb=False, init_values=0.1)
+#: Plain MLPs where the model family has them.
+GELU_MLP = dict(swiglu_mlp=False, mlp_ratio=2)
+#: BEiT with one bias shared by every block, absolute positions and the class token.
+BEIT_SHARED = dict(use_rel_pos_bias=False, use_shared_rel_pos_bias=True, use_abs_pos_emb=True, global_pool="token")
+
+EVA_BEIT = {
+    "eva": make_eva,
+    "eva_avg": lambda: make_eva(**EVA02_LARGE),
+    "eva_dinov3": lambda: make_eva(**DINOV3, **GELU_MLP),
+    "eva_rope_mixed": lambda: make_eva(**ROPE_MIXED, **GELU_MLP),
+    "beit": lambda: make_beit(),  # its own relative position bias in every block, mean of patches
+    "beit_shared": lambda: make_beit(**BEIT_SHARED),
+}
+
+
+def make_beit(**kwargs) -> nn.Module:
+    from timm.models.beit import Beit
+
+    options = dict(img_size=IMAGE, patch_size=PATCH, embed_dim=32, depth=3, num_heads=4, num_classes=5, mlp_ratio=2)
+    options.update(use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1)
+    options.update(kwargs)
+    return spread(Beit(**options))
+
+
 FACTORIES = {
     "timm": make_timm,
     "timm_distilled": make_timm_distilled,
@@ -192,6 +308,9 @@ FACTORIES = {
     "hf_dinov2_backbone": make_hf_dinov2_backbone,
     "openclip": make_clip,
     "torchvision": make_torchvision,
+    **EVA_BEIT,
+    "cait": make_cait,
+    "timm_relpos": make_timm_relpos,
 }
 
 

@@ -36,10 +36,17 @@ class Trace:
     grid: tuple[int, int]
     #: residual-stream tokens (B, N, D): tokens[l] enters block l, tokens[L] leaves the last block
     tokens: list[torch.Tensor] | None = None
+    #: CaiT: ``embed(l, X, value)`` puts layer ``l``'s own attention (or its gradient) into the
+    #: ``(B, H, N, N)`` of the whole sequence, ``value`` on the identity entries (1 for attention, 0 for
+    #: a gradient); None: the attentions are already ``(B, H, N, N)``
+    embed: Callable[[int, torch.Tensor, float], torch.Tensor] | None = None
 
     @property
     def head_outputs(self) -> list[torch.Tensor]:
         return [self.split_heads(t) for t in self.head_graph]
+
+    def embedded(self, layer: int, tensor: torch.Tensor, value: float) -> torch.Tensor:
+        return tensor if self.embed is None else self.embed(layer, tensor, value)
 
 
 @dataclass
@@ -230,6 +237,352 @@ def trace_torchvision(model: nn.Module, images: torch.Tensor) -> Trace:
     return Trace(logits, attentions, outputs, lambda t: t, readout, 1, (gh, gw), stream)
 
 
+# ------------------------------------------------------------------- timm Eva (RoPE) and Beit (relative bias)
+
+
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    assert isinstance(module, nn.Linear), type(module)
+    return F.linear(x, module.weight, module.bias)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(B, N, heads * d)`` -> ``(B, heads, N, d)``."""
+    return x.view(*x.shape[:2], heads, -1).transpose(1, 2)
+
+
+def rotate(x: torch.Tensor, table: torch.Tensor, half: bool) -> torch.Tensor:
+    """RoPE: each pair of channels of ``x`` ``(..., N, d)`` turned by its angle, ``table`` ``(..., N, 2d)``
+    holding ``[sin | cos]`` per channel. Pairs are channels ``(2i, 2i+1)``, or ``(i, i + d/2)`` with ``half``."""
+    sin, cos = table.chunk(2, dim=-1)
+    d = x.shape[-1]
+    if half:
+        first, second = slice(0, d // 2), slice(d // 2, d)
+        assert torch.equal(sin[..., first], sin[..., second]), "a rotate-half table repeats its angles"
+        a, b, s, c = x[..., first], x[..., second], sin[..., first], cos[..., first]
+        return torch.cat([a * c - b * s, a * s + b * c], dim=-1)
+    assert torch.equal(sin[..., 0::2], sin[..., 1::2]), "an interleaved table repeats each angle twice"
+    a, b, s, c = x[..., 0::2], x[..., 1::2], sin[..., 0::2], cos[..., 0::2]
+    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+
+
+def _resample_grid(patch_pos: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """timm's position-embedding resampling for another grid: bicubic, antialiased."""
+    if tuple(old) == tuple(new):
+        return patch_pos
+    width = patch_pos.shape[-1]
+    grid = patch_pos.reshape(1, *old, width).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=new, mode="bicubic", antialias=True, align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], width)
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm ``Mlp`` (GELU), ``GluMlp`` (packed SwiGLU, gate first) or ``SwiGLU`` (separate gate); inner norm."""
+    kind = type(mlp).__name__
+    if kind == "GluMlp":
+        assert isinstance(mlp.act, nn.SiLU) and not mlp.gate_last
+        gate, value = _linear(mlp.fc1, x).chunk(2, dim=-1)
+        hidden = F.silu(gate) * value
+    elif kind == "SwiGLU":
+        assert isinstance(mlp.act, nn.SiLU)
+        hidden = F.silu(_linear(mlp.fc1_g, x)) * _linear(mlp.fc1_x, x)
+    else:
+        assert kind == "Mlp", kind
+        hidden = _activation(mlp.act, _linear(mlp.fc1, x))
+    return _linear(mlp.fc2, _layer_norm(mlp.norm, hidden))
+
+
+def _gamma(gamma: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return x if gamma is None else gamma * x
+
+
+def _embed_patches(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    conv = model.patch_embed.proj
+    x = F.conv2d(images, conv.weight, conv.bias, stride=conv.stride)
+    return _layer_norm(model.patch_embed.norm, x.flatten(2).transpose(1, 2)), tuple(x.shape[-2:])
+
+
+def _core(q, k, v, bias=None):
+    """``softmax(q kᵀ / sqrt(d) + bias)`` and its product with ``v``."""
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
+    attention = torch.softmax(logits if bias is None else logits + bias, dim=-1)
+    return attention, torch.einsum("bhij,bhjd->bhid", attention, v)
+
+
+def attention_pool(pool: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm ``AttentionPoolLatent`` (one latent, token output) on ``x``: output, attention ``(B, h, 1, N)``."""
+    assert pool.pos_embed is None and isinstance(pool.q_norm, nn.Identity) and pool.pool == "token"
+    heads = pool.num_heads
+    q = _heads(_linear(pool.q, pool.latent), heads).expand(x.shape[0], -1, -1, -1)
+    k, v = (_heads(t, heads) for t in _linear(pool.kv, x).chunk(2, dim=-1))
+    attention, out = _core(q, k, v)
+    out = _linear(pool.proj, _merge(out))
+    out = out + _mlp(pool.mlp, _layer_norm(pool.norm, out))
+    return out[:, 0], attention
+
+
+def trace_eva(model: nn.Module, images: torch.Tensor) -> Trace:
+    """timm ``Eva``, written out from the weights; RoPE applied here to ``q, k`` of the patch tokens from
+    the model's sin/cos table (``model.rope``), prefix tokens left as they are."""
+    x, grid = _embed_patches(model, images)
+    batch = x.shape[0]
+    prefix = [t for t in (model.cls_token, model.reg_token) if t is not None]
+    num_prefix = sum(t.shape[1] for t in prefix)
+    assert num_prefix == model.num_prefix_tokens
+    if model.pos_embed is not None:
+        pos_prefix = 0 if model.no_embed_class else num_prefix
+        pos = model.pos_embed
+        patch_pos = _resample_grid(pos[:, pos_prefix:], model.patch_embed.grid_size, grid)
+        pos = torch.cat([pos[:, :pos_prefix], patch_pos], dim=1)
+        if model.no_embed_class:
+            x = x + pos
+    x = torch.cat([t.expand(batch, -1, -1) for t in prefix] + [x], dim=1)
+    if model.pos_embed is not None and not model.no_embed_class:
+        x = x + pos
+    x = _layer_norm(model.norm_pre, x)
+    rope = model.rope
+    if rope is None:
+        table = None
+    elif model.dynamic_img_size or not hasattr(rope, "feat_shape"):
+        table = rope.get_embed(shape=grid)
+    else:
+        table = rope.get_embed()
+
+    attentions, outputs, stream = [], [], [x]
+    for index, block in enumerate(model.blocks):
+        assert type(block).__name__ == "EvaBlock", "the reference writes out pre-norm blocks"
+        attn = block.attn
+        assert attn.gate is None and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
+        h = _layer_norm(block.norm1, x)
+        heads, kv_heads = attn.num_heads, getattr(attn, "num_kv_heads", attn.num_heads)
+        if attn.qkv is not None:
+            w_q, w_k, w_v = attn.qkv.weight.chunk(3)
+            if getattr(attn, "q_bias", None) is not None:  # EvaAttention: q and v biases, no k bias
+                assert not attn.k_bias.any()
+                b_q, b_k, b_v = attn.q_bias, None, attn.v_bias
+            else:
+                b_q, b_k, b_v = attn.qkv.bias.chunk(3) if attn.qkv.bias is not None else (None, None, None)
+            q, k, v = (_heads(F.linear(h, w, b), heads) for w, b in ((w_q, b_q), (w_k, b_k), (w_v, b_v)))
+        else:
+            q = _heads(_linear(attn.q_proj, h), heads)
+            k, v = _heads(_linear(attn.k_proj, h), kv_heads), _heads(_linear(attn.v_proj, h), kv_heads)
+        if table is not None:
+            angles = table[index] if model.rope_mixed else table
+            q, k = (torch.cat([t[:, :, :num_prefix], rotate(t[:, :, num_prefix:], angles, attn.rotate_half)], 2)
+                    for t in (q, k))  # fmt: skip
+        # grouped-query attention: head i reads key/value head i // (heads / kv_heads)
+        k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+        a, o = _core(q, k, v)
+        attentions.append(a)
+        outputs.append(o)
+        x = x + _gamma(block.gamma_1, _linear(attn.proj, _layer_norm(attn.norm, _merge(o))))
+        x = x + _gamma(block.gamma_2, _mlp(block.mlp, _layer_norm(block.norm2, x)))
+        stream.append(x)
+    x = _layer_norm(model.norm, x)
+
+    n = x.shape[1]
+    if model.global_pool == "map":  # attention pooling over every token: no fixed readout rows
+        pooled, readout = attention_pool(model.attn_pool, x)[0], torch.zeros(n)
+    elif model.global_pool == "token":
+        pooled, readout = x[:, 0], readout_weights(n, num_prefix, (0,), patches=False)
+    else:
+        assert model.global_pool == "avg", model.global_pool
+        pooled, readout = x[:, num_prefix:].mean(dim=1), readout_weights(n, num_prefix, (), patches=True)
+    logits = _linear(model.head, _layer_norm(model.fc_norm, pooled))
+    return Trace(logits, attentions, outputs, lambda t: t, readout, num_prefix, grid, stream)
+
+
+def relative_position_bias(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """BEiT's bias ``(H, N, N)`` from its table ``((2h-1)(2w-1) + 3, H)``: patch pairs by their offset
+    ``(dy, dx)``; the last three rows are class-to-patch, patch-to-class and class-to-class."""
+    gh, gw = grid
+    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    dy = ys.flatten()[:, None] - ys.flatten()[None, :] + gh - 1
+    dx = xs.flatten()[:, None] - xs.flatten()[None, :] + gw - 1
+    pairs = dy * (2 * gw - 1) + dx  # (P, P)
+    count = (2 * gh - 1) * (2 * gw - 1)
+    assert table.shape[0] == count + 3
+    n = gh * gw + 1
+    index = torch.empty(n, n, dtype=torch.long)
+    index[1:, 1:] = pairs
+    index[0, :] = count  # the class token's query row
+    index[:, 0] = count + 1  # every query's class-token key column
+    index[0, 0] = count + 2
+    return table[index].permute(2, 0, 1)
+
+
+def trace_beit(model: nn.Module, images: torch.Tensor) -> Trace:
+    """timm ``Beit``, written out from the weights; each block's relative position bias (its own, the
+    shared one, or both) added to the attention logits here, from the bias tables."""
+    x, grid = _embed_patches(model, images)
+    batch = x.shape[0]
+    x = torch.cat([model.cls_token.expand(batch, -1, -1), x], dim=1)
+    if model.pos_embed is not None:
+        x = x + model.pos_embed
+    shared = None
+    if model.rel_pos_bias is not None:
+        shared = relative_position_bias(model.rel_pos_bias.relative_position_bias_table, grid)
+
+    attentions, outputs, stream = [], [], [x]
+    for block in model.blocks:
+        attn = block.attn
+        w_q, w_k, w_v = attn.qkv.weight.chunk(3)
+        assert attn.q_bias is not None and not attn.k_bias.any()
+        h = _layer_norm(block.norm1, x)
+        projections = ((w_q, attn.q_bias), (w_k, None), (w_v, attn.v_bias))
+        q, k, v = (_heads(F.linear(h, w, b), attn.num_heads) for w, b in projections)
+        bias = shared
+        if attn.relative_position_bias_table is not None:
+            own = relative_position_bias(attn.relative_position_bias_table, grid)
+            bias = own if bias is None else own + bias
+        a, o = _core(q, k, v, bias)
+        attentions.append(a)
+        outputs.append(o)
+        x = x + _gamma(block.gamma_1, _linear(attn.proj, _merge(o)))
+        x = x + _gamma(block.gamma_2, _mlp(block.mlp, _layer_norm(block.norm2, x)))
+        stream.append(x)
+    x = _layer_norm(model.norm, x)
+    n = x.shape[1]
+    if model.global_pool == "token":
+        pooled, readout = x[:, 0], readout_weights(n, 1, (0,), patches=False)
+    else:
+        assert model.global_pool == "avg", model.global_pool
+        pooled, readout = x[:, 1:].mean(dim=1), readout_weights(n, 1, (), patches=True)
+    logits = _linear(model.head, _layer_norm(model.fc_norm, pooled))
+    return Trace(logits, attentions, outputs, lambda t: t, readout, 1, grid, stream)
+
+
+def _relative_position_bias(rel_pos: nn.Module) -> torch.Tensor:
+    """timm ``RelPosMlp`` ('cr' mode) from its weights: an MLP on the log-spaced relative coordinates,
+    looked up per (query, key) patch pair, zero for the prefix tokens: ``(1, H, N, N)``."""
+    assert type(rel_pos).__name__ == "RelPosMlp" and rel_pos.mode == "cr", type(rel_pos).__name__
+    mlp = rel_pos.mlp
+    hidden = F.relu(F.linear(rel_pos.rel_coords_log, mlp.fc1.weight, mlp.fc1.bias))
+    table = F.linear(hidden, mlp.fc2.weight, mlp.fc2.bias).reshape(-1, rel_pos.num_heads)
+    area = rel_pos.window_area
+    bias = table[rel_pos.relative_position_index].reshape(area, area, -1).permute(2, 0, 1)
+    prefix = rel_pos.prefix_tokens
+    return F.pad(bias, (prefix, 0, prefix, 0))[None]
+
+
+def trace_timm_relpos(model: nn.Module, images: torch.Tensor) -> Trace:
+    """timm ``VisionTransformerRelPos`` (pre-norm blocks, per-block relative position MLP), from the weights."""
+    conv = model.patch_embed.proj
+    x = F.conv2d(images, conv.weight, conv.bias, stride=conv.stride)
+    batch, _, gh, gw = x.shape
+    x = x.flatten(2).transpose(1, 2)
+    num_prefix = model.num_prefix_tokens
+    if num_prefix:
+        x = torch.cat([model.cls_token.expand(batch, -1, -1), x], dim=1)
+    attentions, outputs, stream = [], [], [x]
+    for block in model.blocks:
+        attn = block.attn
+        assert isinstance(attn.q_norm, nn.Identity) and model.shared_rel_pos is None
+        h = _layer_norm(block.norm1, x)
+        q, k, v = (
+            F.linear(h, w, b).view(batch, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+            for w, b in zip(attn.qkv.weight.chunk(3), attn.qkv.bias.chunk(3), strict=True)
+        )
+        logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(attn.head_dim)
+        a = torch.softmax(logits + _relative_position_bias(attn.rel_pos), dim=-1)
+        o = torch.einsum("bhij,bhjd->bhid", a, v)
+        attentions.append(a)
+        outputs.append(o)
+        x = x + _scale(block.ls1, F.linear(_merge(o), attn.proj.weight, attn.proj.bias))
+        mlp = block.mlp
+        hidden = _activation(mlp.act, F.linear(_layer_norm(block.norm2, x), mlp.fc1.weight, mlp.fc1.bias))
+        x = x + _scale(block.ls2, F.linear(hidden, mlp.fc2.weight, mlp.fc2.bias))
+        stream.append(x)
+    x = _layer_norm(model.norm, x)
+    token = model.global_pool == "token"
+    pooled = x[:, 0] if token else x[:, num_prefix:].mean(dim=1)
+    logits = F.linear(_layer_norm(model.fc_norm, pooled), model.head.weight, model.head.bias)
+    readout = readout_weights(x.shape[1], num_prefix, (0,) if token else (), patches=not token)
+    return Trace(logits, attentions, outputs, lambda t: t, readout, num_prefix, (gh, gw), stream)
+
+
+def _heads_mix(scores: torch.Tensor, mix: nn.Linear) -> torch.Tensor:
+    """Talking heads: ``(B, H, N, M)`` mixed across heads by a ``Linear(H, H)``."""
+    return torch.einsum("bhij,gh->bgij", scores, mix.weight) + mix.bias[:, None, None]
+
+
+def trace_cait(model: nn.Module, images: torch.Tensor) -> Trace:
+    """timm ``Cait``, written out from the weights, as gmar defines its attention (docs/methods/attention.md).
+
+    The sequence is ``[class token, patches]`` throughout. A self-attention layer updates the patches
+    (its attention ``(B, H, P, P)`` is the talking-heads softmax mixed by ``proj_w``), a class-attention
+    layer the class token (its attention is the class token's row ``(B, H, 1, 1 + P)``); ``embed`` puts
+    either into ``(B, H, 1 + P, 1 + P)`` with identity entries for the token the layer leaves alone.
+    """
+    conv = model.patch_embed.proj
+    x = F.conv2d(images, conv.weight, conv.bias, stride=conv.stride)
+    batch, width, gh, gw = x.shape
+    x = x.flatten(2).transpose(1, 2) + model.pos_embed
+    sequence = torch.cat([model.cls_token.expand(batch, 1, width), x], dim=1)
+    attentions, outputs, stream = [], [], [sequence]
+
+    def mlp(block: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        hidden = _activation(
+            block.mlp.act, F.linear(_layer_norm(block.norm2, t), block.mlp.fc1.weight, block.mlp.fc1.bias)
+        )
+        return block.gamma_2 * F.linear(hidden, block.mlp.fc2.weight, block.mlp.fc2.bias)
+
+    for block in model.blocks:  # self-attention over the patches
+        attn = block.attn
+        cls, x = sequence[:, :1], sequence[:, 1:]
+        w_q, w_k, w_v = attn.qkv.weight.chunk(3)
+        b_q, b_k, b_v = attn.qkv.bias.chunk(3)
+        h = _layer_norm(block.norm1, x)
+
+        def heads(weight, bias, h=h, attn=attn):
+            return F.linear(h, weight, bias).view(batch, -1, attn.num_heads, width // attn.num_heads).transpose(1, 2)
+
+        q, k, v = heads(w_q, b_q), heads(w_k, b_k), heads(w_v, b_v)
+        logits = _heads_mix(torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1]), attn.proj_l)
+        a = _heads_mix(torch.softmax(logits, dim=-1), attn.proj_w)
+        o = torch.einsum("bhij,bhjd->bhid", a, v)
+        attentions.append(a)
+        outputs.append(o)
+        x = x + block.gamma_1 * F.linear(_merge(o), attn.proj.weight, attn.proj.bias)
+        x = x + mlp(block, x)
+        sequence = torch.cat([cls, x], dim=1)
+        stream.append(sequence)
+    for block in model.blocks_token_only:  # the class token reads [class token, patches]
+        attn = block.attn
+        cls, x = sequence[:, :1], sequence[:, 1:]
+        h = _layer_norm(block.norm1, sequence)
+
+        def heads(t, module, attn=attn):
+            return (
+                F.linear(t, module.weight, module.bias)
+                .view(batch, -1, attn.num_heads, width // attn.num_heads)
+                .transpose(1, 2)
+            )
+
+        q, k, v = heads(h[:, :1], attn.q), heads(h, attn.k), heads(h, attn.v)
+        a = torch.softmax(torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1]), dim=-1)
+        o = torch.einsum("bhij,bhjd->bhid", a, v)
+        attentions.append(a)
+        outputs.append(o)
+        cls = cls + block.gamma_1 * F.linear(_merge(o), attn.proj.weight, attn.proj.bias)
+        cls = cls + mlp(block, cls)
+        sequence = torch.cat([cls, x], dim=1)
+        stream.append(sequence)
+    logits = F.linear(_layer_norm(model.norm, sequence)[:, 0], model.head.weight, model.head.bias)
+    tokens = sequence.shape[1]
+    self_attention_layers = len(model.blocks)
+
+    def embed(layer: int, tensor: torch.Tensor, value: float) -> torch.Tensor:
+        if layer < self_attention_layers:  # the class token: an identity row and column
+            corner = torch.zeros(tokens, tokens)
+            corner[0, 0] = value
+            return F.pad(tensor, (1, 0, 1, 0)) + corner
+        eye = value * torch.eye(tokens)[1:]  # the patches: identity rows
+        return torch.cat([tensor, eye.expand(*tensor.shape[:2], -1, -1)], dim=2)
+
+    readout = readout_weights(tokens, 1, (0,), patches=False)
+    return Trace(logits, attentions, outputs, lambda t: t, readout, 1, (gh, gw), stream, embed)
+
+
 #: Hugging Face class -> (prefix tokens before registers, readout prefix rows, head averages the patches)
 HF_HEADS = {
     "ViTForImageClassification": (1, (0,), False),
@@ -291,8 +644,12 @@ def trace(model: nn.Module, images: torch.Tensor) -> Trace:
     """A graph-connected forward of ``model`` on ``images`` (which are made to require grad)."""
     images = images.detach().clone().requires_grad_(True)
     module = type(model).__module__
+    if type(model).__name__ == "Cait":
+        return trace_cait(model, images)
+    if type(model).__name__ == "VisionTransformerRelPos":
+        return trace_timm_relpos(model, images)
     if module.startswith("timm."):
-        return trace_timm(model, images)
+        return {"Eva": trace_eva, "Beit": trace_beit}.get(type(model).__name__, trace_timm)(model, images)
     if module.startswith("transformers."):
         return trace_hf(model, images)
     if module.startswith("open_clip."):
@@ -320,9 +677,9 @@ def differentiate(t: Trace, target=None) -> Gradients:
         output=t.output.detach(),
         scores=scores.detach(),
         classes=classes,
-        attentions=[a.detach() for a in t.attentions],
+        attentions=[t.embedded(i, a.detach(), 1.0) for i, a in enumerate(t.attentions)],
         head_outputs=[o.detach() for o in t.head_outputs],
-        grad_attentions=list(grads[:layers]),
+        grad_attentions=[t.embedded(i, g, 0.0) for i, g in enumerate(grads[:layers])],
         grad_head_outputs=[t.split_heads(g) for g in grads[layers:]],
         readout=t.readout,
         num_prefix=t.num_prefix,

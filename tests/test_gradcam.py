@@ -21,11 +21,16 @@ from torch.testing import assert_close
 
 import gmar
 import reference as R
-from conftest import FACTORIES, IMAGE, clip_target, make_hf_vit, make_siglip, make_timm, target_for
+from conftest import FACTORIES, IMAGE, clip_target, make_coca, make_hf_vit, make_siglip, make_timm, target_for
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 LAYERS = (-1, 0, 1)
-MODELS = {**FACTORIES, "timm_dynamic": lambda: make_timm(dynamic_img_size=True), "siglip": make_siglip}
+MODELS = {
+    **FACTORIES,
+    "timm_dynamic": lambda: make_timm(dynamic_img_size=True),
+    "siglip": make_siglip,
+    "coca": make_coca,
+}
 FAMILIES = [*FACTORIES, "timm_dynamic"]
 
 
@@ -195,6 +200,25 @@ def test_siglip_matches_hooked_reference(layer):
     assert_close(exp.logits, output, **TOL)
     assert_close(exp.scores, clip_target(output), **TOL)
     assert exp.target is None
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_coca_matches_hooked_reference(layer):
+    """CoCa (attentional pooler): Grad-CAM on the tokens entering a block, [class token, patches]."""
+    net = model("coca")
+    images = batch("coca")
+    exp = gmar.explain(net, images, "gradcam", target=clip_target, layer=layer)
+
+    def norm_of(twin):
+        return twin.visual.transformer.resblocks[layer].ln_1
+
+    def forward(twin, x):
+        return twin.encode_image(x, normalize=False)
+
+    expected, output = hooked_gradcam(net, norm_of, images, forward, clip_target, 1, (4, 4))
+    assert (expected > 0).any(dim=(1, 2)).all()
+    assert_close(exp.token_map, expected, **TOL)
+    assert_close(exp.logits, output, **TOL)
 
 
 @functools.cache

@@ -24,6 +24,14 @@ EXPECTED = {
     "hf_vit_backbone": (1, (0,), False),
     "hf_dinov2_backbone": (1, (0,), False),
     "openclip": (1, (0,), False),
+    "eva": (1, (0,), False),
+    "eva_avg": (1, (), True),
+    "eva_dinov3": (3, (), True),
+    "eva_rope_mixed": (1, (0,), False),
+    "beit": (1, (), True),
+    "beit_shared": (1, (0,), False),
+    "cait": (1, (0,), False),
+    "timm_relpos": (1, (0,), False),
 }
 
 

@@ -27,6 +27,7 @@ from conftest import (
     clip_target,
     clip_tokenizer,
     make_clip_with_text,
+    make_coca,
     make_siglip,
     make_timm,
     target_for,
@@ -34,7 +35,8 @@ from conftest import (
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 MODELS = {**FACTORIES, "timm_dynamic": lambda: make_timm(dynamic_img_size=True)}
-FAMILIES = list(MODELS)
+#: CaiT has its own tests below: only its class-attention layers have a score of their own
+FAMILIES = [name for name in MODELS if name != "cait"]
 ROLLOUT_FAMILY = ["raw_attention", "rollout", "grad_rollout", "gmar", "gae"]
 
 
@@ -44,6 +46,8 @@ def model(name: str) -> nn.Module:
         return make_siglip()
     if name == "clip_text":
         return make_clip_with_text()
+    if name == "coca":
+        return make_coca()
     return MODELS[name]()
 
 
@@ -70,6 +74,8 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def readout(name: str, net: nn.Module, tokens: torch.Tensor, pooling: str = "model") -> torch.Tensor:
     """Tokens ``(B, N, D)`` leaving a block -> the model's output, from the weights (not gmar's adapter)."""
     ln = R._layer_norm
+    if name == "timm_relpos":
+        return linear(net.head, ln(net.fc_norm, ln(net.norm, tokens)[:, 0]))
     if name.startswith("timm"):
         x = ln(net.norm, tokens)
         if hasattr(net, "dist_token"):  # DeiT distilled: mean of the two heads (eval mode)
@@ -78,6 +84,10 @@ def readout(name: str, net: nn.Module, tokens: torch.Tensor, pooling: str = "mod
             return linear(net.head, ln(net.fc_norm, x[:, 0]))
         assert net.global_pool == "avg"
         return linear(net.head, ln(net.fc_norm, x[:, net.num_prefix_tokens :].mean(dim=1)))
+    if name.startswith(("eva", "beit")):  # timm Eva / Beit: class token or mean of patches, then fc_norm
+        x = ln(net.norm, tokens)
+        pooled = x[:, 0] if net.global_pool == "token" else x[:, net.num_prefix_tokens :].mean(dim=1)
+        return linear(net.head, ln(net.fc_norm, pooled))
     if name.startswith("hf_"):
         x = ln(net.base_model.layernorm, tokens)
         if name in ("hf_vit", "hf_vit_msn"):
@@ -99,6 +109,8 @@ def readout(name: str, net: nn.Module, tokens: torch.Tensor, pooling: str = "mod
         return ln(visual.ln_post, pooled) @ visual.proj
     if name == "torchvision":
         return linear(net.heads.head, ln(net.encoder.ln, tokens)[:, 0])
+    if name == "cait":  # tokens are [class token, patches]; the head reads the class token
+        return linear(net.head, ln(net.norm, tokens)[:, 0])
     raise AssertionError(name)
 
 
@@ -149,13 +161,15 @@ def per_layer(name: str, net: nn.Module, images: torch.Tensor, score=None, pooli
     maps = []
     for layer in range(layers):
         s_l = score(readout(name, net, t.tokens[layer + 1], pooling))
-        (grad,) = torch.autograd.grad(s_l.sum(), t.attentions[layer], retain_graph=True)
-        maps.append(layer_map(grad, t.grid))
+        # a CaiT self-attention layer's score (the class token, not yet touched) has no gradient there
+        (grad,) = torch.autograd.grad(s_l.sum(), t.attentions[layer], retain_graph=True, allow_unused=True)
+        grad = torch.zeros_like(t.attentions[layer]) if grad is None else grad
+        maps.append(layer_map(t.embedded(layer, grad, 0.0), t.grid))
     final = score(t.output)
     total = torch.autograd.grad(final.sum(), t.attentions)
     return LeGradRef(
         maps=torch.stack(maps),
-        total_maps=torch.stack([layer_map(g, t.grid) for g in total]),
+        total_maps=torch.stack([layer_map(t.embedded(i, g, 0.0), t.grid) for i, g in enumerate(total)]),
         output=t.output.detach(),
         final_scores=final.detach(),
         classes=classes,
@@ -222,6 +236,23 @@ def test_not_the_final_scores_gradient(name):
     plain = r.total_maps.sum(dim=0)
     gap = (plain - exp.token_map).abs().max() / exp.token_map.abs().max()
     assert gap > 0.05, f"LeGrad is indistinguishable from the final score's gradient (relative gap {gap:.3g})"
+
+
+def test_cait_class_attention_layers():
+    """CaiT: a layer's score is the head on its class token, which only the class-attention layers
+    (the last two) change; each of them explains itself, the self-attention layers' maps are zero."""
+    r = ref("cait")
+    assert r.maps.shape[0] == 4
+    assert (r.maps[:2] == 0).all() and (r.maps[2:].flatten(1).amax(dim=1) > 0).all()
+    assert not torch.allclose(r.maps[2], r.maps[3], atol=1e-4)
+    exp = legrad("cait")
+    assert torch.equal(exp.target, r.classes)
+    assert_close(exp.scores, r.final_scores, **TOL)
+    assert_close(exp.token_map, r.maps.sum(dim=0), **TOL)
+    assert_close(legrad("cait", start_layer=-1).token_map, r.maps[-1], **TOL)
+    assert_close(legrad("cait", start_layer=2).token_map, r.maps[2:].sum(dim=0), **TOL)
+    plain = r.total_maps.sum(dim=0)  # the final score's gradient at every layer is another map
+    assert (plain - exp.token_map).abs().max() / exp.token_map.abs().max() > 0.05
 
 
 # ----------------------------------------------------------------------------------------------- pooling
@@ -337,6 +368,65 @@ def test_siglip_refused_by_rollout_family(method):
         gmar.explain(model("siglip"), batch("siglip"), method, target=clip_target)
 
 
+def coca_readout(net: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CoCa's tower head from the weights: OpenCLIP's ``AttentionalPooler`` (LayerNorms on its queries and
+    on the tokens, multi-head attention with its own key/value widths), ``ln_post``, the first query, ``proj``."""
+    visual = net.visual
+    pool, mha = visual.attn_pool, visual.attn_pool.attn
+    assert visual.pool_type == "tok" and visual.attn_pool_contrastive is None
+    batch_size, heads = tokens.shape[0], mha.num_heads
+    x = R._layer_norm(pool.ln_k, tokens)
+    queries = R._layer_norm(pool.ln_q, pool.query)
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+    weights = (
+        mha.in_proj_weight.chunk(3)
+        if mha._qkv_same_embed_dim
+        else (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+    )
+    q = F.linear(queries, weights[0], b_q).view(1, -1, heads, mha.head_dim).transpose(1, 2)
+    k = F.linear(x, weights[1], b_k).view(batch_size, -1, heads, mha.head_dim).transpose(1, 2)
+    v = F.linear(x, weights[2], b_v).view(batch_size, -1, heads, mha.head_dim).transpose(1, 2)
+    attention = torch.softmax(
+        torch.einsum("bhqd,bhkd->bhqk", q.expand(batch_size, -1, -1, -1), k) / math.sqrt(mha.head_dim), -1
+    )
+    out = linear(mha.out_proj, torch.einsum("bhqk,bhkd->bqhd", attention, v).flatten(2))
+    return R._layer_norm(visual.ln_post, out)[:, 0] @ visual.proj, attention
+
+
+def test_coca_pooler_attention():
+    """CoCa: each layer's map comes from the attentional pooler's attention when it pools that layer's tokens."""
+    net, images = model("coca"), batch("coca")
+    visual = net.visual
+    with torch.no_grad():
+        x = visual._embeds(images)
+        tokens = []
+        for block in visual.transformer.resblocks:
+            x = block(x)
+            tokens.append(x)
+        expected = net.encode_image(images, normalize=False)
+        assert_close(coca_readout(net, tokens[-1])[0], expected, rtol=1e-5, atol=1e-6)
+    maps = []
+    for layer_tokens in tokens:
+        embedding, attention = coca_readout(net, layer_tokens)
+        assert attention.shape == (4, 4, 3, 17)  # 3 queries over [class token, 16 patches]
+        (grad,) = torch.autograd.grad(clip_target(embedding).sum(), attention)
+        assert (grad[:, :, 1:] == 0).all(), "only the first query makes the embedding"
+        maps.append(layer_map(grad, (4, 4)))
+    maps = torch.stack(maps)
+    assert (maps.flatten(1).amax(dim=1) > 0).all()
+    exp = gmar.LeGrad(net)(images, clip_target)
+    assert exp.target is None
+    assert_close(exp.logits, expected, **TOL)
+    assert_close(exp.token_map, maps.sum(dim=0), **TOL)
+    assert_close(legrad("coca", target=clip_target, start_layer=-1).token_map, maps[-1], **TOL)
+
+
+@pytest.mark.parametrize("method", ROLLOUT_FAMILY)
+def test_coca_refused_by_rollout_family(method):
+    with pytest.raises(gmar.UnsupportedModelError, match="CoCa pools its tokens with an attention head"):
+        gmar.explain(model("coca"), batch("coca"), method, target=clip_target)
+
+
 # -------------------------------------------------------------------------------------------- correction
 
 
@@ -412,9 +502,11 @@ def test_correction_threshold_range(threshold):
 # ------------------------------------------------------------------------------------------- batching
 
 
-@pytest.mark.parametrize("name", ["timm", "timm_distilled", "hf_vit", "hf_dinov2_registers", "openclip", "siglip"])
+@pytest.mark.parametrize(
+    "name", ["timm", "timm_distilled", "hf_vit", "hf_dinov2_registers", "openclip", "siglip", "coca", "cait"]
+)
 def test_batch_equals_single_images(name):
-    target = clip_target if name in ("openclip", "siglip") else None
+    target = clip_target if name in ("openclip", "siglip", "coca") else None
     whole = legrad(name, target=target)
     for i in range(4):
         single = legrad(name, images=batch(name)[i : i + 1], target=target)

@@ -11,7 +11,16 @@ import torch
 from torch.testing import assert_close
 
 import gmar
-from conftest import FACTORIES, IMAGE, clip_tokenizer, make_clip_with_text, make_siglip, make_timm, target_for
+from conftest import (
+    FACTORIES,
+    IMAGE,
+    clip_tokenizer,
+    make_clip_with_text,
+    make_coca,
+    make_siglip,
+    make_timm,
+    target_for,
+)
 from gmar.capture import AttentionStream
 from gmar.errors import CaptureError
 from gmar.methods import get_method
@@ -63,9 +72,10 @@ def test_same_maps_on_every_family(family, method, case):
     assert_same(plain, saving)
 
 
+@pytest.mark.parametrize("factory", [make_siglip, make_coca])
 @pytest.mark.parametrize("method", ["legrad", "gradcam"])
-def test_same_maps_on_an_attention_pooled_model(method):
-    model = make_siglip()
+def test_same_maps_on_an_attention_pooled_model(method, factory):
+    model = factory()
     images = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(3))
     from conftest import clip_target
 

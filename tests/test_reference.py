@@ -11,6 +11,7 @@ from torch.testing import assert_close
 import gmar
 import reference as R
 from conftest import EMBEDDING_MODELS, FACTORIES, IMAGE, clip_target, make_timm, target_for
+from reference import fuse
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 METHODS = ["raw_attention", "rollout", "grad_rollout", "gmar", "gae"]
@@ -59,8 +60,12 @@ def test_reference_forward_matches_model(name):
             expected = net(images)
     assert_close(trace.output.detach(), expected, **TOL)
     assert all(a.grad_fn is not None for a in trace.attentions), "attentions must be graph-connected"
-    assert_close(trace.attentions[0].sum(-1), torch.ones(trace.attentions[0].shape[:-1]), **TOL)
-    assert trace.attentions[0].shape[-1] == trace.num_prefix + trace.grid[0] * trace.grid[1]
+    embedded = [trace.embedded(i, a, 1.0) for i, a in enumerate(trace.attentions)]
+    # CaiT's self-attention layers mix the softmax across heads (talking heads): its rows sum to one
+    # in the class-attention layers (the last ones) only.
+    rows = embedded[-1] if name == "cait" else embedded[0]
+    assert_close(rows.sum(-1), torch.ones(rows.shape[:-1]), **TOL)
+    assert all(a.shape[-1] == a.shape[-2] == trace.num_prefix + trace.grid[0] * trace.grid[1] for a in embedded)
     assert_close(trace.readout.sum(), torch.tensor(1.0))
 
 
@@ -112,10 +117,15 @@ OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("name", ["timm", "timm_registers", "hf_dinov2_registers", "openclip"])
+@pytest.mark.parametrize("name", ["timm", "timm_registers", "hf_dinov2_registers", "openclip", "cait"])
 @pytest.mark.parametrize(("method", "options"), OPTIONS, ids=[f"{m}-{o}" for m, o in OPTIONS])
 def test_options_match_reference(name, method, options):
     g = ref(name)
+    if name == "cait" and options.get("head_fusion") == "min":
+        # the least of CaiT's talking heads (softmaxes mixed by proj_w) has rows of negative sum here,
+        # which no row normalisation can make a distribution of (docs/methods/attention.md says so)
+        assert (fuse(g.attentions[0], "min").sum(-1) < 0).any()
+        pytest.skip("rollout over the min of talking heads is undefined where a row sums below zero")
     exp = explain(name, method, **options)
     assert_close(exp.token_map, R.reference_map(method, g, **options), **TOL)
     if method == "gmar":
@@ -153,7 +163,7 @@ def test_grad_rollout_pairs_each_layer_with_its_own_gradient(name):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("name", ["timm", "timm_distilled", "hf_vit", "hf_dinov2_registers", "openclip"])
+@pytest.mark.parametrize("name", ["timm", "timm_distilled", "hf_vit", "hf_dinov2_registers", "openclip", "cait"])
 def test_batch_equals_single_images(name, method):
     whole = explain(name, method)
     for i in range(4):

@@ -155,6 +155,26 @@ class Recorder:
         output, self.attentions[layer] = self.stream.attend(layer, q, k, v, scale, mask)
         return output
 
+    def attend_probabilities(self, layer: int, probabilities: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``probabilities @ v`` for ``layer``, when the model forms the probabilities itself (not as
+        ``softmax(q kᵀ · scale + mask)``: CaiT's talking heads mix them across heads): ``(B, H, N, d)``.
+
+        ``probabilities`` ``(B, H, N, N)`` lie on the graph, ``v`` is ``(B, H, N, d)``. Without a
+        stream they are recorded as by :meth:`attention`; with one, the stream reduces them as it
+        reduces the attention it computes (they are held whole, as the model holds them).
+        """
+        self._report(layer, probabilities.shape[-1])
+        if self.stream is None:
+            self.attentions[layer] = probabilities
+            return probabilities @ v
+        output, self.attentions[layer] = self.stream.attend_probabilities(layer, probabilities, v)
+        return output
+
+    def no_attention(self, layer: int, num_tokens: int) -> None:
+        """``layer`` ran over ``num_tokens`` tokens with no global attention to record (windowed
+        attention: see :attr:`ModelAdapter.no_global_attention`)."""
+        self._report(layer, num_tokens)
+
     def _report(self, layer: int, num_tokens: int) -> None:
         if self.reported[layer]:
             raise CaptureError(f"layer {layer} ran twice in one forward pass; gmar captures one pass at a time")
@@ -345,8 +365,8 @@ class AttentionStream:
     ) -> None:
         self.reduce_attention = reduce_attention
         self.chunk_bytes = chunk_bytes
-        #: per layer, (q, k, v, scale, mask) while a gradient pass may still need them
-        self._inputs: list[tuple | None] = [None] * num_layers
+        #: per layer, its core's inputs while a gradient pass may still need them
+        self._inputs: list[_Core | None] = [None] * num_layers
         self._anchors: list[torch.Tensor | None] = [None] * num_layers
         self._pass: _Pass | None = None
         self._reducing: Callable[[torch.Tensor], Any] | None = None
@@ -356,18 +376,27 @@ class AttentionStream:
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, Any]:
         """Layer ``layer``'s output ``(B, H, N, d)`` and, without gradients, its joined reduction."""
+        return self._attend(layer, _Core(v, q=q, k=k, scale=scale, mask=mask), (q, k, v))
+
+    def attend_probabilities(
+        self, layer: int, probabilities: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, Any]:
+        """As :meth:`attend`, for probabilities ``(B, H, N, N)`` the model formed itself."""
+        return self._attend(layer, _Core(v, given=probabilities), (probabilities, v))
+
+    def _attend(self, layer: int, core: _Core, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, Any]:
         reduce = None if self.reduce_attention is None else partial(self.reduce_attention, layer)
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-            return self._forward(q, k, v, scale, mask, reduce)
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            return self._forward(core, reduce)
         # The anchor is a scalar input of the layer's node, so a backward pass can be asked to
         # reach exactly this layer (``autograd.grad(objective, anchor)``) and go no further.
-        anchor = q.new_zeros((), requires_grad=True)
+        anchor = core.v.new_zeros((), requires_grad=True)
         self._anchors[layer] = anchor
-        self._inputs[layer] = (q, k, v, scale, mask)
+        self._inputs[layer] = core
         # The node's forward reduces each chunk as it forms it (a forward-only method sharing the pass).
         self._reducing = reduce
         try:
-            output = _StreamedAttention.apply(q, k, v, anchor, self, layer, scale, mask)
+            output = _StreamedAttention.apply(anchor, self, layer, core, *tensors)
         finally:
             self._reducing = None
         reduced, self._reduced = self._reduced, None
@@ -400,8 +429,7 @@ class AttentionStream:
         if missing:
             raise CaptureError(f"layers {missing} were not streamed with gradients (or their pass is over)")
         sinks = list(layers[:1]) if chained else list(layers)
-        below = [t for t in extra if _below(t, self._anchors[layers[0]])] if chained and layers else []
-        if below:
+        if chained and layers and any(_below(t, self._anchors[layers[0]]) for t in extra):
             sinks = []  # an extra tensor lies under the first layer: the pass runs through it
         run = _Pass({layer: i for i, layer in enumerate(layers)}, reduce, gradient_of, set(sinks), len(layers))
         self._pass = run
@@ -412,13 +440,13 @@ class AttentionStream:
             extra_grads = [torch.zeros_like(t) if g is None else g for t, g in reached]
             for layer, index in run.position.items():
                 if not run.done[index]:  # not reached: its gradient is zero
-                    q, k, v, scale, mask = self._inputs[layer]  # type: ignore[misc]
-                    on_p = q.new_zeros(()).expand((*q.shape[:-1], k.shape[-2]))
-                    on_o = q.new_zeros(()).expand((*q.shape[:-1], v.shape[-1]))
-                    for rows in self._chunks(q, k):
-                        p = _probabilities(q[rows], k[rows], scale, _rows(mask, rows))
+                    core = self._inputs[layer]
+                    batch, heads, queries, keys = core.shape  # type: ignore[union-attr]
+                    on_p = core.v.new_zeros(()).expand(batch, heads, queries, keys)  # type: ignore[union-attr]
+                    on_o = core.v.new_zeros(()).expand(batch, heads, queries, core.v.shape[-1])  # type: ignore[union-attr]
+                    for rows in self._chunks(core):  # type: ignore[arg-type]
                         gradient = _gradient(gradient_of, on_p[rows], on_o[rows])
-                        run.results[index].append(reduce(index, gradient, p))
+                        run.results[index].append(reduce(index, gradient, core.probabilities(rows)))  # type: ignore[union-attr]
         finally:
             self._pass = None
             if not retain_graph:
@@ -431,33 +459,36 @@ class AttentionStream:
         self._inputs = [None] * len(self._inputs)
         self._anchors = [None] * len(self._anchors)
 
-    def _forward(self, q, k, v, scale: float, mask, reduce: Callable[[torch.Tensor], Any] | None = None):
+    def _forward(self, core: _Core, reduce: Callable[[torch.Tensor], Any] | None = None):
         """The core's output, chunk by chunk, and ``reduce`` of each chunk's probabilities, joined."""
         outputs, parts = [], []
-        for rows in self._chunks(q, k):
-            p = _probabilities(q[rows], k[rows], scale, _rows(mask, rows))
+        for rows in self._chunks(core):
+            p = core.probabilities(rows)
             parts.append(None if reduce is None else reduce(p))
-            outputs.append(p @ v[rows])
+            outputs.append(p @ core.v[rows])
         return join_chunks(outputs), join_chunks(parts)
 
-    def _chunks(self, q: torch.Tensor, k: torch.Tensor) -> list[slice]:
-        batch, heads, queries = q.shape[:3]
-        per_sample = heads * queries * k.shape[-2] * q.element_size()
+    def _chunks(self, core: _Core) -> list[slice]:
+        batch, heads, queries, keys = core.shape
+        per_sample = heads * queries * keys * core.v.element_size()
         step = max(1, self.chunk_bytes // max(1, per_sample))
         return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
 
-    def _backward(self, layer: int, q, k, v, scale: float, mask, grad_output: torch.Tensor, needs: tuple):
+    def _backward(self, layer: int, core: _Core, grad_output: torch.Tensor, needs: tuple) -> tuple:
+        """Gradients for the core's tensors (``q, k, v``, or the given probabilities and ``v``)."""
         run = self._pass
         index = None if run is None else run.position.get(layer)
         go_on = (run is None or layer not in run.sinks) and any(needs)
         if index is None and not go_on:
-            return None, None, None
-        grad_output = grad_output.to(q.dtype)
-        grads = [torch.empty_like(t) if go_on and need else None for t, need in zip((q, k, v), needs, strict=True)]
-        grad_q, grad_k, grad_v = grads
+            return (None,) * len(needs)
+        v = core.v
+        grad_output = grad_output.to(v.dtype)
+        tensors = (core.given, v) if core.given is not None else (core.q, core.k, v)
+        grads = [torch.empty_like(t) if go_on and need else None for t, need in zip(tensors, needs, strict=True)]
+        grad_v = grads[-1]
         wants_p = run is not None and index is not None and run.gradient_of != "output"
-        for rows in self._chunks(q, k):
-            p = _probabilities(q[rows], k[rows], scale, _rows(mask, rows))
+        for rows in self._chunks(core):
+            p = core.probabilities(rows)
             g_o = grad_output[rows]
             g_p = g_o @ v[rows].transpose(-2, -1) if go_on or wants_p else None
             if index is not None:
@@ -466,16 +497,46 @@ class AttentionStream:
                 continue
             if grad_v is not None:
                 grad_v[rows] = p.transpose(-2, -1) @ g_o
+            if core.given is not None:
+                if grads[0] is not None:
+                    grads[0][rows] = g_p
+                continue
+            grad_q, grad_k, q, k, scale = grads[0], grads[1], core.q, core.k, core.scale
             # softmax's backward, G_S = P ⊙ (G_P - rowsum(G_P ⊙ P)), in G_P's buffer (one name
             # for it, so the buffer goes when the next chunk's G_P takes the name)
             g_p.sub_((g_p * p).sum(dim=-1, keepdim=True)).mul_(p)  # type: ignore[union-attr]
             if grad_q is not None:
-                grad_q[rows] = (g_p @ k[rows]) * scale
+                grad_q[rows] = (g_p @ k[rows]) * scale  # type: ignore[index]
             if grad_k is not None:
-                grad_k[rows] = (g_p.transpose(-2, -1) @ q[rows]) * scale  # type: ignore[union-attr]
+                grad_k[rows] = (g_p.transpose(-2, -1) @ q[rows]) * scale  # type: ignore[union-attr,index]
         if index is not None:
             run.done[index] = True  # type: ignore[union-attr]
-        return grad_q, grad_k, grad_v
+        return tuple(grads)
+
+
+@dataclass
+class _Core:
+    """One layer's attention core: ``softmax(q kᵀ · scale + mask)`` formed from ``q, k`` chunk by
+    chunk, or the probabilities the model formed itself (``given``); ``v`` ``(B, H, N, d)``."""
+
+    v: torch.Tensor
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    scale: float = 1.0
+    mask: torch.Tensor | None = None
+    given: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(B, H, queries, keys)`` of the probabilities."""
+        if self.given is not None:
+            return tuple(self.given.shape)  # type: ignore[return-value]
+        return (*self.q.shape[:3], self.k.shape[-2])  # type: ignore[union-attr,return-value]
+
+    def probabilities(self, rows: slice) -> torch.Tensor:
+        if self.given is not None:
+            return self.given[rows]
+        return _probabilities(self.q[rows], self.k[rows], self.scale, _rows(self.mask, rows))  # type: ignore[index]
 
 
 @dataclass
@@ -496,22 +557,28 @@ class _Pass:
 
 
 class _StreamedAttention(torch.autograd.Function):
-    """The attention core as one autograd node that saves ``q, k, v`` and nothing ``N × N``."""
+    """The attention core as one autograd node that saves its inputs (``q, k, v``, or the given
+    probabilities and ``v``) and nothing ``N × N`` of its own."""
 
     @staticmethod
-    def forward(ctx, q, k, v, anchor, stream: AttentionStream, layer: int, scale: float, mask):  # type: ignore[override]
-        ctx.save_for_backward(q, k, v)
-        ctx.stream, ctx.layer, ctx.scale, ctx.mask = stream, layer, scale, mask
-        output, stream._reduced = stream._forward(q, k, v, scale, mask, stream._reducing)
+    def forward(ctx, anchor, stream: AttentionStream, layer: int, core: _Core, *tensors):  # type: ignore[override]
+        ctx.save_for_backward(*tensors)
+        ctx.stream, ctx.layer, ctx.scale, ctx.mask = stream, layer, core.scale, core.mask
+        ctx.given = core.given is not None
+        output, stream._reduced = stream._forward(core, stream._reducing)
         return output
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):  # type: ignore[override]
-        q, k, v = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
-        grads = ctx.stream._backward(ctx.layer, q, k, v, ctx.scale, ctx.mask, grad_output, needs)
-        return (*grads, grad_output.new_zeros(()), None, None, None, None)
+        saved = ctx.saved_tensors
+        if ctx.given:
+            core = _Core(saved[1], given=saved[0])
+        else:
+            core = _Core(saved[2], q=saved[0], k=saved[1], scale=ctx.scale, mask=ctx.mask)
+        needs = tuple(ctx.needs_input_grad[4:])
+        grads = ctx.stream._backward(ctx.layer, core, grad_output, needs)
+        return (grad_output.new_zeros(()), None, None, None, *grads)
 
 
 def _gradient(gradient_of: GradientOf, on_p: torch.Tensor | None, on_o: torch.Tensor) -> Any:

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", metavar="HF_ID", help="same as --model hf:HF_ID (official demo's flag)")
     p.add_argument("--checkpoint", metavar="FILE", help="local weights (.safetensors or a torch.save state dict)")
     p.add_argument("--random-init", action="store_true", help="seeded random weights: exercises the pipeline only")
+    p.add_argument("--num-classes", type=int, metavar="N", help="the checkpoint's number of classes (timm:, hf:)")
     p.add_argument("--method", default="all", help=f"comma-separated, or 'all': {','.join(available_methods())}")
     p.add_argument("--target", type=int, metavar="K", help="class index to explain (default: the predicted class)")
     p.add_argument(
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="reference", metavar="SPEC", help="'reference' (default) or timm:/hf: SPEC")
     e.add_argument("--checkpoint", metavar="FILE", help="local weights for --model SPEC")
     e.add_argument("--random-init", action="store_true", help="seeded random weights for --model SPEC")
+    e.add_argument("--num-classes", type=int, metavar="N", help="the checkpoint's number of classes (timm:, hf:)")
     e.add_argument("--data", default="scenes", help="'scenes' (default) or imagefolder:DIR")
     e.add_argument("--masks", metavar="DIR", help="masks for imagefolder:, same file names, nonzero = object")
     e.add_argument("--imagenet-seg", metavar="FILE", help="the ImageNet-Segmentation file gtsegs_ijcv.mat")
@@ -140,9 +142,9 @@ def run_explain(args: argparse.Namespace) -> int:
     paths = _image_paths(args)
     outputs = OutputFolder(args.out, inputs=paths)
     loaded = _load(args, device)
-    if args.method.strip() == "all" and get_adapter(loaded.model).attention_pooled:
-        # An attention-pooled model has no readout token for the rollout family.
-        methods = [m for m in methods if not get_method(m).needs_readout_rows]
+    if args.method.strip() == "all":  # the methods defined for this model
+        adapter = get_adapter(loaded.model)
+        methods = [m for m in methods if get_method(m).refusal(adapter) is None]
     text_target = _text_target(args, loaded)
     target = args.target if text_target is None else text_target
     # Several prompts explain one image at a time (the image is repeated once per prompt).
@@ -271,9 +273,18 @@ def _evaluation_model(args: argparse.Namespace, device: torch.device):
     if args.model == "reference":
         from gmar.reference import load_reference_model
 
+        if args.num_classes is not None:
+            raise GmarError("--num-classes is for --model SPEC; the reference model has the scenes' classes")
+
         model = load_reference_model(args.checkpoint, device=device)
         return model, get_adapter(model).preprocess_config(), True
-    loaded = load_model(args.model, checkpoint=args.checkpoint, pretrained=not args.random_init, device=device)
+    loaded = load_model(
+        args.model,
+        checkpoint=args.checkpoint,
+        pretrained=not args.random_init,
+        device=device,
+        num_classes=args.num_classes,
+    )
     if not get_adapter(loaded.model).is_classifier:
         raise GmarError("gmar evaluate scores classifiers; CLIP models are explained with gmar explain --prompt")
     return loaded.model, loaded.preprocess, False
@@ -533,7 +544,13 @@ def _load(args: argparse.Namespace, device: torch.device) -> LoadedModel:
         shown = bars.is_progress_bar_enabled()
         bars.disable_progress_bar()
     try:
-        return load_model(spec, checkpoint=args.checkpoint, pretrained=not args.random_init, device=device)
+        return load_model(
+            spec,
+            checkpoint=args.checkpoint,
+            pretrained=not args.random_init,
+            device=device,
+            num_classes=args.num_classes,
+        )
     finally:
         logging.disable(disabled)
         if bars is not None and shown:

@@ -11,6 +11,7 @@ modulo the world size is its rank, all write to the same database, and rank 0 wr
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import sqlite3
@@ -18,7 +19,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,8 @@ class Settings:
     seed: int = 0
     multi_label: bool = False
     extra: dict = field(default_factory=dict)
+    #: :func:`weights_digest` of the model; :func:`evaluate` fills it in, so a changed checkpoint is never resumed
+    weights: str = ""
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -113,29 +116,50 @@ def scene_items(limit: int | None, seed: int = 0, image_size: int = 64) -> list[
 
 def folder_items(folder: Path, masks: Path | None, config: PreprocessConfig, limit: int | None) -> list[Item]:
     """Images of ``folder`` (sorted), with the same-named mask of ``masks`` when given (nonzero =
-    foreground, resized and cropped like the image). Unreadable images are reported and skipped."""
+    foreground, resized and cropped like the image). An unreadable image, an unreadable mask and a
+    mask whose pixel size is not its image's are reported on one line each and their item skipped."""
     suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
     if not folder.is_dir():
         raise GmarError(f"imagefolder: {folder} is not a folder")
+    if masks is not None and not masks.is_dir():
+        raise GmarError(f"--masks {masks} is not a folder; give the folder of masks named like the images")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)[:limit]
     items = []
     for path in paths:
         try:
-            image = preprocess(load_image(path), config)[0]
+            picture = load_image(path)
+            image = preprocess(picture, config)[0]
         except GmarError as error:
             print(f"gmar: skipped {error}", file=sys.stderr)
             continue
         mask = None
         if masks is not None:
-            found = [p for p in masks.glob(path.stem + ".*") if p.suffix.lower() in suffixes]
+            found = sorted(p for p in masks.glob(path.stem + ".*") if p.suffix.lower() in suffixes)
             if not found:
                 print(
                     f"gmar: no mask for {path.name} in {masks}; its localisation metrics are skipped", file=sys.stderr
                 )
             else:
-                mask = _mask_to_input(np.asarray(load_image(found[0]).convert("L")) > 0, config)
+                try:
+                    drawn = load_image(found[0], background=(0, 0, 0))  # transparent: not the object
+                except GmarError as error:
+                    print(f"gmar: skipped {path.name}: its mask cannot be read ({error})", file=sys.stderr)
+                    continue
+                if drawn.size != picture.size:
+                    print(
+                        f"gmar: skipped {path.name}: its mask {found[0]} is {_pixels(drawn.size)} pixels but the "
+                        f"image is {_pixels(picture.size)}; a mask must have its image's size",
+                        file=sys.stderr,
+                    )
+                    continue
+                mask = _mask_to_input(np.asarray(drawn.convert("L")) > 0, config)
         items.append(Item(path.name, image, None, mask))
     return items
+
+
+def _pixels(size: tuple[int, int]) -> str:
+    """A PIL ``(width, height)`` as ``"W×H"``."""
+    return f"{size[0]}×{size[1]}"
 
 
 def imagenet_seg_items(file: Path, config: PreprocessConfig, limit: int | None) -> list[Item]:
@@ -178,7 +202,24 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.db = sqlite3.connect(path, timeout=120)
+        existed = path.is_file() and path.stat().st_size > 0
+        try:
+            self.db = sqlite3.connect(path, timeout=120)
+        except sqlite3.Error as error:
+            raise GmarError(f"cannot use {path} ({error}); use another --out") from None
+        try:
+            self._open(existed)
+        except sqlite3.DatabaseError as error:
+            self.db.close()
+            if isinstance(error, sqlite3.OperationalError):  # locked, unwritable, no space: not damage
+                if "locked" in str(error):
+                    raise GmarError(f"{path} stayed locked by another process for 2 minutes; try again later") from None
+                raise GmarError(f"cannot use {path} ({error}); use another --out") from None
+            raise GmarError(
+                f"{path} is damaged ({error}); gmar leaves it as it is: move it away or use another --out"
+            ) from None
+
+    def _open(self, existed: bool) -> None:
         # Switching to WAL can fail at once with "database is locked" while another process does
         # the same (SQLite returns busy there without waiting): try again for as long as the timeout.
         deadline = time.monotonic() + 120
@@ -190,6 +231,10 @@ class Store:
                 if "locked" not in str(error) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+        if existed:  # a damaged page is found now, not halfway through a run
+            problems = [row[0] for row in self.db.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(problems))
         self.db.executescript(
             """
             CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
@@ -210,6 +255,8 @@ class Store:
         if stored != current:
             old, new = json.loads(stored), json.loads(current)
             differ = ", ".join(k for k in new if old.get(k) != new.get(k))
+            if old.get("weights") != new.get("weights"):
+                differ = differ.replace("weights", "weights: the model's weights are not those it was run with")
             raise GmarError(
                 f"{self.path} holds results of a run with other settings ({differ}); use another --out or delete it"
             )
@@ -261,10 +308,19 @@ def evaluate(
     world: int = 1,
     after_batch: Callable[[], None] | None = None,
 ) -> Store:
-    """Explain and score ``items`` (this process's share of them), storing as it goes."""
+    """Explain and score ``items`` (this process's share of them), storing as it goes.
+
+    The store is keyed by ``settings`` and by :func:`weights_digest` of ``model``: a folder holding
+    another run's results, or results of other weights, is refused.
+    """
+    settings = replace(settings, weights=weights_digest(model))
     out.mkdir(parents=True, exist_ok=True)
     store = Store(out / "results.sqlite")
-    store.check_settings(settings)
+    try:
+        store.check_settings(settings)
+    except GmarError:
+        store.close()
+        raise
     mine = [item for index, item in enumerate(items) if index % world == rank]
     done = store.done()
     todo = [item for item in mine if any((item.key, m) not in done for m in _units(settings))]
@@ -300,6 +356,17 @@ def evaluate(
             after_batch()
     bar.close()
     return store
+
+
+def weights_digest(model: nn.Module) -> str:
+    """The first 16 hex digits of a SHA-256 over the model's state dict (parameters and persistent
+    buffers): each entry's name, dtype, shape and bytes, in order. Equal weights give equal digests."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 def _units(settings: Settings) -> list[str]:

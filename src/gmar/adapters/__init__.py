@@ -7,21 +7,39 @@ from torch import nn
 from gmar.adapters.base import ModelAdapter
 from gmar.adapters.hf_vit import HFAdapter
 from gmar.adapters.openclip_vit import OpenCLIPAdapter
+from gmar.adapters.swin import SwinAdapter
+from gmar.adapters.timm_beit import TimmBeitAdapter
+from gmar.adapters.timm_cait import CaitAdapter
+from gmar.adapters.timm_eva import TimmEvaAdapter
+from gmar.adapters.timm_relpos import TimmRelPosAdapter
 from gmar.adapters.timm_vit import TimmAdapter
 from gmar.adapters.torchvision_vit import TorchvisionAdapter
 from gmar.errors import UnsupportedModelError
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmAdapter, HFAdapter, OpenCLIPAdapter, TorchvisionAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    TimmAdapter,
+    TimmEvaAdapter,
+    TimmBeitAdapter,
+    CaitAdapter,
+    TimmRelPosAdapter,
+    SwinAdapter,
+    HFAdapter,
+    OpenCLIPAdapter,
+    TorchvisionAdapter,
+)
 
 SUPPORTED = (
     "timm VisionTransformer (vit_*, deit_*, register tokens, class_token=False with global_pool='avg', "
-    "SigLIP's global_pool='map', hybrid patch embeddings, post-norm blocks) and VisionTransformerDistilled; "
+    "SigLIP's global_pool='map', hybrid patch embeddings, post-norm blocks), VisionTransformerDistilled, "
+    "Eva (eva02_*, *_dinov3, vit_pe_*, *_rope_*), Beit (beit_*, beitv2_*), Cait, VisionTransformerRelPos, "
+    "SwinTransformer(V2) (gradcam only); "
     "transformers ViTForImageClassification, ViTMSNForImageClassification, DeiTForImageClassification, "
     "DeiTForImageClassificationWithTeacher, Dinov2ForImageClassification, Dinov2WithRegistersForImageClassification, "
-    "IJepaForImageClassification and the backbones ViTModel, ViTMSNModel, DeiTModel, Dinov2Model, "
-    "Dinov2WithRegistersModel, IJepaModel; "
-    "OpenCLIP CLIP with a VisionTransformer image tower or a TimmModel tower on a timm ViT trunk (SigLIP-style); "
-    "torchvision VisionTransformer (vit_b_16, vit_l_16, ...)"
+    "IJepaForImageClassification, Swin(v2)ForImageClassification (gradcam only) and the backbones ViTModel, "
+    "ViTMSNModel, DeiTModel, Dinov2Model, Dinov2WithRegistersModel, IJepaModel; "
+    "OpenCLIP CLIP and CoCa with a VisionTransformer image tower or a TimmModel tower on a timm trunk of those "
+    "(SigLIP, EVA02-*, PE-Core-*); torchvision VisionTransformer (vit_b_16, vit_l_16, ...). "
+    "docs/models.md lists every class"
 )
 
 #: Wrappers for data-parallel training: gmar explains the model they wrap.
@@ -47,10 +65,15 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 
 __all__ = [
     "ADAPTERS",
+    "CaitAdapter",
     "HFAdapter",
     "ModelAdapter",
     "OpenCLIPAdapter",
+    "SwinAdapter",
     "TimmAdapter",
+    "TimmBeitAdapter",
+    "TimmEvaAdapter",
+    "TimmRelPosAdapter",
     "TorchvisionAdapter",
     "get_adapter",
 ]

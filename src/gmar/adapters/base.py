@@ -27,8 +27,15 @@ class ModelAdapter(ABC):
     is_classifier: ClassVar[bool] = True
     #: Readout poolings :meth:`readout` takes besides ``"model"``.
     extra_poolings: ClassVar[tuple[str, ...]] = ()
+    #: Why the model has no global token-to-token attention, as "attends within ..." (None: it has).
+    #: Only methods that need no attention (Grad-CAM) explain such a model; its layers report
+    #: :meth:`Recorder.no_attention`.
+    no_global_attention: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module) -> None:
+        from gmar.versions import check_supported
+
+        check_supported(self.family)  # an older zoo is refused before the model is touched
         self.model = model
         #: True when the model pools its tokens with an attention head (SigLIP's MAP pooler).
         self.attention_pooled = False
@@ -106,14 +113,14 @@ def remove_all(handles: list) -> Callable[[], None]:
     return remove
 
 
-def override_forward(stack: ExitStack, module: nn.Module, forward: Callable) -> None:
-    """Give ``module`` (this instance only) another ``forward`` until ``stack`` closes."""
-    own = module.__dict__.get("forward")
-    module.forward = forward
+def override_forward(stack: ExitStack, module: nn.Module, forward: Callable, name: str = "forward") -> None:
+    """Give ``module`` (this instance only) another method ``name`` (``forward``) until ``stack`` closes."""
+    own = module.__dict__.get(name)
+    setattr(module, name, forward)
     if own is None:
-        stack.callback(module.__dict__.pop, "forward", None)
+        stack.callback(module.__dict__.pop, name, None)
     else:
-        stack.callback(setattr, module, "forward", own)
+        stack.callback(setattr, module, name, own)
 
 
 def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype, *, keep_where_true: bool) -> torch.Tensor | None:

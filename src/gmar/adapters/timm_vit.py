@@ -3,7 +3,7 @@ SigLIP-style attention pooling)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from functools import partial
 
@@ -19,29 +19,42 @@ from gmar.preprocess import PreprocessConfig
 
 
 class TimmAdapter(ModelAdapter):
+    """timm's ``VisionTransformer``; the base of the other timm families (Eva, Beit), which share its
+    token layout, pooling, readout and preprocessing and differ in their attention modules."""
+
     family = "timm"
+    #: what the refusal of another attention module names as captured
+    captured_attention = "timm's standard `Attention` (vit_*, deit_*, register and average-pooled variants)"
+
+    @classmethod
+    def model_classes(cls) -> tuple[type, ...]:
+        """The timm model classes this adapter explains (imported only when asked)."""
+        from timm.models.vision_transformer import VisionTransformer
+
+        return (VisionTransformer,)
+
+    @classmethod
+    def attention_classes(cls) -> tuple[type, ...]:
+        """The attention modules (``block.attn``) this adapter captures."""
+        from timm.layers import Attention
+
+        return (Attention,)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        if not type(model).__module__.startswith("timm."):
-            return False
-        from timm.models.vision_transformer import VisionTransformer
-
-        return isinstance(model, VisionTransformer)
+        return type(model).__module__.startswith("timm.") and isinstance(model, cls.model_classes())
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        from timm.layers import Attention
-
         name = type(model).__name__
+        kinds = self.attention_classes()
         self._attention: list[nn.Module] = []
         for index, block in enumerate(model.blocks):
             attn = getattr(block, "attn", None)
-            if not isinstance(attn, Attention):
+            if not isinstance(attn, kinds):
                 kind = type(attn).__name__ if attn is not None else "no 'attn'"
                 raise UnsupportedModelError(
-                    f"{name}: block {index} has {kind} attention; gmar captures timm's standard "
-                    "`Attention` (vit_*, deit_*, register and average-pooled variants)"
+                    f"{name}: block {index} has {kind} attention; gmar captures {self.captured_attention}"
                 )
             self._attention.append(attn)
         self._distilled = hasattr(model, "dist_token") and hasattr(model, "head_dist")
@@ -71,15 +84,17 @@ class TimmAdapter(ModelAdapter):
 
     def token_layout(self, image_size: tuple[int, int]) -> TokenLayout:
         embed = self.model.patch_embed
-        if self.model.dynamic_img_size:
+        if getattr(self.model, "dynamic_img_size", False):
             grid = tuple(embed.dynamic_feat_size(tuple(image_size)))
         else:
             expected = tuple(embed.img_size)
             if tuple(image_size) != expected:
+                # Beit has no dynamic_img_size option: its relative position bias is tied to the grid.
+                dynamic = hasattr(self.model, "dynamic_img_size")
+                remedy = " or create the model with dynamic_img_size=True" if dynamic else ""
                 raise InputSizeError(
                     f"{type(self.model).__name__} takes {expected[0]}x{expected[1]} inputs, got "
-                    f"{image_size[0]}x{image_size[1]}; resize the images or create the model with "
-                    "dynamic_img_size=True"
+                    f"{image_size[0]}x{image_size[1]}; resize the images{remedy}"
                 )
             grid = tuple(embed.grid_size)
         prefix = self.model.num_prefix_tokens
@@ -90,7 +105,7 @@ class TimmAdapter(ModelAdapter):
         return TokenLayout(
             num_prefix_tokens=prefix,
             grid_size=grid,  # type: ignore[arg-type]
-            patch_size=_pixels_per_token(embed),
+            patch_size=pixels_per_token(embed),
             readout_prefix=readout,
             readout_patches=self._pool == "avg",
             attention_pooled=self.attention_pooled,
@@ -106,15 +121,27 @@ class TimmAdapter(ModelAdapter):
             stack.callback(remove_all(handles))
             for layer, attn in enumerate(self._attention):
                 if recorder.stream is not None:
-                    # gmar computes the attention core itself, from timm's q, k and v.
-                    override_forward(stack, attn, partial(_streamed_attention, attn, layer, recorder))
+                    # gmar computes the attention core itself, from the model's own q, k and v.
+                    override_forward(stack, attn, self.streamed_forward(attn, layer, recorder))
                 else:
-                    # The fused kernel never materialises the probabilities: take the explicit path.
+                    # The fused kernel never materialises the probabilities: take the explicit path,
+                    # whose dropout (an identity in eval mode) receives them.
                     stack.callback(setattr, attn, "fused_attn", attn.fused_attn)
                     attn.fused_attn = False
                     handles.append(attn.attn_drop.register_forward_hook(partial(_record_output, recorder, layer)))
-                handles.append(attn.norm.register_forward_pre_hook(split_heads_hook(layer, attn.num_heads, recorder)))
+                merged = _heads_input(attn)
+                handles.append(merged.register_forward_pre_hook(split_heads_hook(layer, attn.num_heads, recorder)))
             yield
+
+    def streamed_forward(self, attn: nn.Module, layer: int, recorder: Recorder) -> Callable[..., torch.Tensor]:
+        """``attn.forward`` (eval mode) with the attention core computed by ``recorder.attend``."""
+        return partial(_streamed_attention, attn, layer, recorder)
+
+    def post_norm_blocks(self) -> tuple[type, ...]:
+        """Block classes that normalise the attention's output rather than its input."""
+        from timm.models.vision_transformer import ResPostBlock
+
+        return (ResPostBlock,)
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
@@ -124,7 +151,7 @@ class TimmAdapter(ModelAdapter):
         block = self.model.blocks[layer]
         # A post-norm block (ResPostBlock) normalises the attention's output: its first module on
         # the input tokens is the attention itself.
-        return block.attn if isinstance(block, _post_norm_blocks()) else block.norm1
+        return block.attn if isinstance(block, self.post_norm_blocks()) else block.norm1
 
     def head_projections(self) -> list[tuple[nn.Module, int]]:
         return [(attn.proj, attn.num_heads) for attn in self._attention]
@@ -135,35 +162,46 @@ class TimmAdapter(ModelAdapter):
         x = tokens if pooling == "no_final_norm" else model.norm(tokens)
         if not self.attention_pooled:
             return model.forward_head(x), None
-        if not model.pool_include_prefix:
+        # Eva pools every token (it has no pool_include_prefix); VisionTransformer says which it pools.
+        if not getattr(model, "pool_include_prefix", True):
             x = x[:, model.num_prefix_tokens :]
         x, attention = attention_pool(model.attn_pool, x)
         x = model.head_drop(model.fc_norm(x))
         return model.head(x), attention
 
     def preprocess_config(self) -> PreprocessConfig:
-        from timm.data import resolve_data_config
-
-        config = resolve_data_config({}, model=self.model)
-        # The data config falls back to 224x224 for a model built without a pretrained config (or
-        # with another img_size); the patch embedding states the size the model really takes.
-        return PreprocessConfig(
-            input_size=tuple(self.model.patch_embed.img_size),  # type: ignore[arg-type]
-            mean=tuple(config["mean"]),  # type: ignore[arg-type]
-            std=tuple(config["std"]),  # type: ignore[arg-type]
-            interpolation=config.get("interpolation", "bicubic"),
-            crop_pct=config.get("crop_pct", 1.0),
-        )
+        return timm_preprocess_config(self.model)
 
     def class_names(self) -> list[str] | None:
-        cfg = getattr(self.model, "pretrained_cfg", None) or {}
-        names = cfg.get("label_names")
-        if names and len(names) == self.model.num_classes:
-            return list(names)
-        return None
+        return timm_class_names(self.model)
 
 
-def _pixels_per_token(embed: nn.Module) -> tuple[int, int]:
+def timm_preprocess_config(model: nn.Module) -> PreprocessConfig:
+    """How to prepare an image for a timm model, from its pretrained config and patch embedding."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=model)
+    # The data config falls back to 224x224 for a model built without a pretrained config (or
+    # with another img_size); the patch embedding states the size the model really takes.
+    return PreprocessConfig(
+        input_size=tuple(model.patch_embed.img_size),  # type: ignore[arg-type]
+        mean=tuple(config["mean"]),  # type: ignore[arg-type]
+        std=tuple(config["std"]),  # type: ignore[arg-type]
+        interpolation=config.get("interpolation", "bicubic"),
+        crop_pct=config.get("crop_pct", 1.0),
+    )
+
+
+def timm_class_names(model: nn.Module) -> list[str] | None:
+    """The class names a timm model's pretrained config carries, if they match its head."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("label_names")
+    if names and len(names) == model.num_classes:
+        return list(names)
+    return None
+
+
+def pixels_per_token(embed: nn.Module) -> tuple[int, int]:
     """The pixels one token stands for along (H, W): the patch size of a plain patch embedding; for a
     hybrid one (a convolutional stem, then a patch projection on its features) the stem's stride times
     the projection's kernel, which timm states as ``feat_ratio``."""
@@ -171,12 +209,6 @@ def _pixels_per_token(embed: nn.Module) -> tuple[int, int]:
     if callable(ratio):
         return tuple(int(r) for r in ratio(as_scalar=False))  # type: ignore[return-value]
     return tuple(int(p) for p in embed.patch_size)  # type: ignore[return-value]
-
-
-def _post_norm_blocks() -> tuple[type, ...]:
-    from timm.models.vision_transformer import ResPostBlock
-
-    return (ResPostBlock,)
 
 
 def attention_pool(pool: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,14 +250,45 @@ def _streamed_attention(
     qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    return streamed_core(attn, layer, recorder, q, k, v, sdpa_mask(attn_mask, is_causal, q), gate)
+
+
+def sdpa_mask(attn_mask: torch.Tensor | None, is_causal: bool, q: torch.Tensor) -> torch.Tensor | None:
+    """An SDPA-style ``attn_mask`` / ``is_causal`` pair as one additive mask for ``q`` ``(B, H, N, d)``."""
     if is_causal:
-        attn_mask = torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).tril()
-    mask = additive_mask(attn_mask, q.dtype, keep_where_true=True)
+        tokens = q.shape[-2]
+        attn_mask = torch.ones(tokens, tokens, dtype=torch.bool, device=q.device).tril()
+    return additive_mask(attn_mask, q.dtype, keep_where_true=True)
+
+
+def streamed_core(
+    attn: nn.Module,
+    layer: int,
+    recorder: Recorder,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The rest of a timm attention module from its heads' ``q, k, v`` ``(B, H, N, d)``: the core
+    ``softmax(q kᵀ · scale + mask) v`` through ``recorder.attend``, the heads merged, then the module's
+    own output norm (where it has one), gate and projection. Returns ``(B, N, D)``."""
+    batch, _, tokens, _ = q.shape
     x = recorder.attend(layer, q, k, v, scale=attn.scale, mask=mask)
-    x = attn.norm(x.transpose(1, 2).reshape(batch, tokens, -1))
+    x = x.transpose(1, 2).reshape(batch, tokens, -1)
+    if getattr(attn, "norm", None) is not None:
+        x = attn.norm(x)
     if gate is not None:
         x = x * gate
     return attn.proj_drop(attn.proj(x))
+
+
+def _heads_input(attn: nn.Module) -> nn.Module:
+    """The first module that takes the heads' outputs concatenated: the attention's output norm
+    where it has one (an identity by default), else its output projection (Beit)."""
+    norm = getattr(attn, "norm", None)
+    return norm if isinstance(norm, nn.Module) else attn.proj
 
 
 def _record_output(recorder: Recorder, layer: int, module: nn.Module, args: tuple, output: torch.Tensor) -> None:

@@ -43,6 +43,9 @@ class Explainer:
     #: The method reads fixed readout rows of the attention (the rollout family); an
     #: attention-pooled model (SigLIP's MAP head) has none.
     needs_readout_rows: ClassVar[bool] = True
+    #: The method reads the model's token-to-token attention (all but Grad-CAM); a model without
+    #: global attention (Swin's shifted windows) has none.
+    needs_attention: ClassVar[bool] = True
     #: Each gradient input lies on the graph of the ones before it (the layers are chained), so
     #: the backward pass can stop at the first; False when every input is a dead end (LeGrad's
     #: graph is cut between blocks).
@@ -55,15 +58,29 @@ class Explainer:
     def __init__(self, model: nn.Module, *, start_layer: int = 0) -> None:
         self.adapter = get_adapter(model)
         self.model = self.adapter.model
-        if self.needs_readout_rows and self.adapter.attention_pooled:
-            raise UnsupportedModelError(
-                f"{type(self.model).__name__} pools its tokens with an attention head, so it has no readout token "
-                f"for {self.name}; explain it with legrad or gradcam"
-            )
+        refusal = self.refusal(self.adapter)
+        if refusal is not None:
+            raise UnsupportedModelError(refusal)
         layers = self.adapter.num_layers
         if layers == 0:
             raise CaptureError(f"{type(model).__name__} has no attention layers to explain")
         self.start_layer = self._layer_index(start_layer, "start_layer")
+
+    @classmethod
+    def refusal(cls, adapter: ModelAdapter) -> str | None:
+        """Why this method cannot explain ``adapter``'s model (one line that names what can), or None."""
+        name = type(adapter.model).__name__
+        if cls.needs_readout_rows and adapter.attention_pooled:
+            return (
+                f"{name} pools its tokens with an attention head, so it has no readout token for {cls.name}; "
+                "explain it with legrad or gradcam"
+            )
+        if cls.needs_attention and adapter.no_global_attention:
+            return (
+                f"{name} {adapter.no_global_attention}, so it has no global token-to-token attention for "
+                f"{cls.name}; explain it with gradcam"
+            )
+        return None
 
     def _layer_index(self, index: int, what: str) -> int:
         layers = self.adapter.num_layers

@@ -244,6 +244,7 @@ class GradCAM(Explainer):
     name = "gradcam"
     uses_gradients = True
     needs_readout_rows = False
+    needs_attention = False
 
     def __init__(self, model: nn.Module, layer: int = -1) -> None:
         super().__init__(model)
