@@ -40,8 +40,9 @@ def test_bench_smoke_run_writes_every_case(tmp_path, capsys):
     assert [s["batch_size"] for s in settings] == [2, 4]
     for setting in settings:
         rows = {row["case"]: row for row in setting["rows"]}
-        assert list(rows) == ["F", "FB", "gmar", "rollout", "grad-cam"]
+        assert list(rows) == ["F", "FB", "gmar", "rollout", "all (one call)", "grad-cam"]
         assert rows["gmar"]["baseline"] == "FB" and rows["rollout"]["baseline"] == "F"
+        assert rows["all (one call)"]["baseline"] == "FB"
         assert rows["grad-cam"]["baseline"] == "FB"
         for name, row in rows.items():
             assert row["seconds"] > 0
@@ -50,7 +51,7 @@ def test_bench_smoke_run_writes_every_case(tmp_path, capsys):
         assert rows["rollout"]["peak_ratio"] == pytest.approx(rows["rollout"]["peak"] / rows["F"]["peak"])
         assert setting["gradcam_max_difference"] < 1e-4
     with (tmp_path / "bench.csv").open() as handle:
-        assert len(list(csv.DictReader(handle))) == 10
+        assert len(list(csv.DictReader(handle))) == 12
     assert (tmp_path / "scaling.png").stat().st_size > 0
     assert "| gmar |" in (tmp_path / "bench.md").read_text()
 

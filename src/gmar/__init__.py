@@ -24,6 +24,7 @@ from gmar.methods import (
     RawAttention,
     available_methods,
     explain,
+    supported_methods,
 )
 from gmar.preprocess import PreprocessConfig, denormalise, load_image, preprocess
 from gmar.reference import load_reference_model
@@ -61,6 +62,7 @@ __all__ = [
     "load_reference_model",
     "preprocess",
     "preprocess_config",
+    "supported_methods",
 ]
 
 

@@ -40,6 +40,8 @@ from gmar.methods import available_methods, explain
 from gmar.outputs import OutputFolder
 
 ATTENTION_ONLY = ("raw_attention", "rollout")
+#: the case that runs every method asked in one call (``gmar.explain(model, images, [...])``)
+ALL = "all (one call)"
 GRADCAM_PACKAGE = "grad-cam"
 DEFAULT_MODEL = "timm:vit_base_patch16_224"
 
@@ -130,6 +132,8 @@ def cases(model: nn.Module, images: torch.Tensor, methods: Sequence[str], gradca
     runs: dict[str, Callable] = {"F": lambda: forward(model, images), "FB": lambda: forward_backward(model, images)}
     for method in methods:
         runs[method] = lambda method=method: explain(model, images, method=method)
+    if len(methods) > 1:  # every method asked, as one call: the shared pass
+        runs[ALL] = lambda: explain(model, images, method=list(methods))
     if gradcam:
         runs[GRADCAM_PACKAGE] = _package_gradcam(model, images)
     return runs
@@ -175,7 +179,9 @@ def cuda_peaks(runs: dict[str, Callable]) -> dict[str, tuple[int, int]]:
 MMAP_THRESHOLD = ("MALLOC_MMAP_THRESHOLD_", "65536")
 
 
-def cpu_peaks(spec: str, batch: int, resolution: int | None, names: Sequence[str], threads: int) -> dict:
+def cpu_peaks(
+    spec: str, batch: int, resolution: int | None, names: Sequence[str], threads: int, methods: Sequence[str] = ()
+) -> dict:
     """Per case, in a fresh child process: (peak resident bytes, rise above the resident bytes before).
 
     The children run with glibc's mmap threshold fixed at 64 KiB: every tensor then has its own
@@ -191,7 +197,7 @@ def cpu_peaks(spec: str, batch: int, resolution: int | None, names: Sequence[str
     try:
         for name in names:
             with context.Pool(1) as pool:
-                peaks[name] = pool.apply(_child_peak, (spec, batch, resolution, name, threads))
+                peaks[name] = pool.apply(_child_peak, (spec, batch, resolution, name, threads, list(methods)))
     finally:
         if previous is None:
             os.environ.pop(key)
@@ -200,11 +206,13 @@ def cpu_peaks(spec: str, batch: int, resolution: int | None, names: Sequence[str
     return peaks
 
 
-def _child_peak(spec: str, batch: int, resolution: int | None, name: str, threads: int) -> tuple[int, int]:
+def _child_peak(
+    spec: str, batch: int, resolution: int | None, name: str, threads: int, every: Sequence[str] = ()
+) -> tuple[int, int]:
     torch.set_num_threads(threads)
     model = build_model(spec, resolution, "cpu")
     images = torch.randn(batch, 3, *input_size(model, resolution), generator=torch.Generator().manual_seed(0))
-    methods = [name] if name in available_methods() else []
+    methods = list(every) if name == ALL else [name] if name in available_methods() else []
     run = cases(model, images, methods, gradcam=name == GRADCAM_PACKAGE)[name]
     before = _status("VmRSS")  # runtime, weights and input: what the call starts from
     run()  # warm-up: libraries' caches are then in place, as they are for the timed calls
@@ -257,7 +265,7 @@ def run_setting(
         if device.startswith("cuda"):
             peaks = cuda_peaks(runs)
         else:
-            peaks = cpu_peaks(spec, batch, resolution, list(runs), torch.get_num_threads())
+            peaks = cpu_peaks(spec, batch, resolution, list(runs), torch.get_num_threads(), methods)
     for name, value in seconds.items():
         base = baseline_of(name)
         row = Row(name, base, value)

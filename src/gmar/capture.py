@@ -337,7 +337,7 @@ def collect(recorder: Recorder, output: torch.Tensor, model: nn.Module) -> Captu
 #: and faulting those pages in made ViT-B/16 at 448 px 15-20 % slower with 64 MB chunks).
 CHUNK_BYTES = 16 * 2**20
 
-GradientOf = Literal["attention", "output"]
+GradientOf = Literal["attention", "output", "both"]
 
 
 class AttentionStream:
@@ -369,6 +369,8 @@ class AttentionStream:
         self._inputs: list[_Core | None] = [None] * num_layers
         self._anchors: list[torch.Tensor | None] = [None] * num_layers
         self._pass: _Pass | None = None
+        self._reducing: Callable[[torch.Tensor], Any] | None = None
+        self._reduced: Any = None
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
@@ -383,15 +385,22 @@ class AttentionStream:
         return self._attend(layer, _Core(v, given=probabilities), (probabilities, v))
 
     def _attend(self, layer: int, core: _Core, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, Any]:
+        reduce = None if self.reduce_attention is None else partial(self.reduce_attention, layer)
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            reduce = self.reduce_attention
-            return self._forward(core, None if reduce is None else partial(reduce, layer))
+            return self._forward(core, reduce)
         # The anchor is a scalar input of the layer's node, so a backward pass can be asked to
         # reach exactly this layer (``autograd.grad(objective, anchor)``) and go no further.
         anchor = core.v.new_zeros((), requires_grad=True)
         self._anchors[layer] = anchor
         self._inputs[layer] = core
-        return _StreamedAttention.apply(anchor, self, layer, core, *tensors), None
+        # The node's forward reduces each chunk as it forms it (a forward-only method sharing the pass).
+        self._reducing = reduce
+        try:
+            output = _StreamedAttention.apply(anchor, self, layer, core, *tensors)
+        finally:
+            self._reducing = None
+        reduced, self._reduced = self._reduced, None
+        return output, reduced
 
     def backward(
         self,
@@ -402,13 +411,17 @@ class AttentionStream:
         gradient_of: GradientOf = "attention",
         chained: bool = True,
         retain_graph: bool = False,
+        extra: Sequence[torch.Tensor] = (),
     ) -> list[Any]:
         """``[reduce(i, ∂ objective / ∂ X_i, P_i)]`` for the ``i``-th of ``layers``, one backward pass.
 
-        ``X`` is the layer's probabilities or its heads' outputs (``gradient_of``). ``chained``:
-        every later layer lies on the graph between the objective and the first of ``layers``, so
-        the pass stops there; otherwise it stops at each of them (a graph cut between blocks). A
-        layer the objective does not reach is reduced from a zero gradient.
+        ``X`` is the layer's probabilities or its heads' outputs (``gradient_of``; ``"both"`` hands
+        ``reduce`` the pair ``(∂/∂P, ∂/∂O)``). ``chained``: every later layer lies on the graph
+        between the objective and the first of ``layers``, so the pass stops there; otherwise it
+        stops at each of them (a graph cut between blocks). A layer the objective does not reach is
+        reduced from a zero gradient. ``extra`` tensors are differentiated in the same pass; their
+        gradients (zeros where not reached) follow the layers' reductions in the returned list, and
+        the pass goes on below the first layer when one of them lies there.
         """
         if not objective.requires_grad:
             raise TargetError("the target scores do not depend on the model's output, so they have no gradient")
@@ -416,24 +429,29 @@ class AttentionStream:
         if missing:
             raise CaptureError(f"layers {missing} were not streamed with gradients (or their pass is over)")
         sinks = list(layers[:1]) if chained else list(layers)
+        if chained and layers and any(_below(t, self._anchors[layers[0]]) for t in extra):
+            sinks = []  # an extra tensor lies under the first layer: the pass runs through it
         run = _Pass({layer: i for i, layer in enumerate(layers)}, reduce, gradient_of, set(sinks), len(layers))
         self._pass = run
         try:
             anchors = [self._anchors[layer] for layer in sinks]
-            torch.autograd.grad(objective, anchors, allow_unused=True, retain_graph=retain_graph)
+            grads = torch.autograd.grad(objective, [*anchors, *extra], allow_unused=True, retain_graph=retain_graph)
+            reached = zip(extra, grads[len(anchors) :], strict=True)
+            extra_grads = [torch.zeros_like(t) if g is None else g for t, g in reached]
             for layer, index in run.position.items():
                 if not run.done[index]:  # not reached: its gradient is zero
                     core = self._inputs[layer]
                     batch, heads, queries, keys = core.shape  # type: ignore[union-attr]
-                    width = keys if gradient_of == "attention" else core.v.shape[-1]  # type: ignore[union-attr]
-                    zeros = core.v.new_zeros(()).expand(batch, heads, queries, width)  # type: ignore[union-attr]
+                    on_p = core.v.new_zeros(()).expand(batch, heads, queries, keys)  # type: ignore[union-attr]
+                    on_o = core.v.new_zeros(()).expand(batch, heads, queries, core.v.shape[-1])  # type: ignore[union-attr]
                     for rows in self._chunks(core):  # type: ignore[arg-type]
-                        run.results[index].append(reduce(index, zeros[rows], core.probabilities(rows)))  # type: ignore[union-attr]
+                        gradient = _gradient(gradient_of, on_p[rows], on_o[rows])
+                        run.results[index].append(reduce(index, gradient, core.probabilities(rows)))  # type: ignore[union-attr]
         finally:
             self._pass = None
             if not retain_graph:
                 self.close()
-        return [join_chunks(parts) for parts in run.results]
+        return [join_chunks(parts) for parts in run.results] + extra_grads
 
     def close(self) -> None:
         """Let go of every layer's ``q, k, v``. The graph's nodes refer to the stream, so until
@@ -468,13 +486,13 @@ class AttentionStream:
         tensors = (core.given, v) if core.given is not None else (core.q, core.k, v)
         grads = [torch.empty_like(t) if go_on and need else None for t, need in zip(tensors, needs, strict=True)]
         grad_v = grads[-1]
-        wants_p = run is not None and index is not None and run.gradient_of == "attention"
+        wants_p = run is not None and index is not None and run.gradient_of != "output"
         for rows in self._chunks(core):
             p = core.probabilities(rows)
             g_o = grad_output[rows]
             g_p = g_o @ v[rows].transpose(-2, -1) if go_on or wants_p else None
             if index is not None:
-                run.results[index].append(run.reduce(index, g_p if run.gradient_of == "attention" else g_o, p))  # type: ignore[union-attr,arg-type]
+                run.results[index].append(run.reduce(index, _gradient(run.gradient_of, g_p, g_o), p))  # type: ignore[union-attr,arg-type]
             if not go_on:
                 continue
             if grad_v is not None:
@@ -547,7 +565,8 @@ class _StreamedAttention(torch.autograd.Function):
         ctx.save_for_backward(*tensors)
         ctx.stream, ctx.layer, ctx.scale, ctx.mask = stream, layer, core.scale, core.mask
         ctx.given = core.given is not None
-        return stream._forward(core)[0]
+        output, stream._reduced = stream._forward(core, stream._reducing)
+        return output
 
     @staticmethod
     @once_differentiable
@@ -560,6 +579,29 @@ class _StreamedAttention(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[4:])
         grads = ctx.stream._backward(ctx.layer, core, grad_output, needs)
         return (grad_output.new_zeros(()), None, None, None, *grads)
+
+
+def _gradient(gradient_of: GradientOf, on_p: torch.Tensor | None, on_o: torch.Tensor) -> Any:
+    """What a reduction gets: the gradient at the probabilities, at the heads' outputs, or both."""
+    if gradient_of == "both":
+        return on_p, on_o
+    return on_p if gradient_of == "attention" else on_o
+
+
+def _below(tensor: torch.Tensor, anchor: torch.Tensor | None) -> bool:
+    """Whether ``tensor`` lies under the layer that ``anchor`` feeds: its graph does not reach the anchor."""
+    if anchor is None:
+        return False
+    seen, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        if getattr(node, "variable", None) is anchor:
+            return False
+        seen.add(node)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return True
 
 
 def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:

@@ -162,9 +162,8 @@ def run_explain(args: argparse.Namespace) -> int:
             failures += 1
         if pending and (len(pending) == step or index == len(paths) - 1):
             batch = torch.cat([tensor for _, tensor in pending]).to(device)
-            explanations = {
-                m: explain(loaded.model, batch, method=m, target=target, **_options(m, args)) for m in methods
-            }
+            # one call: the methods that read the same attention and gradient share one pass
+            explanations = explain(loaded.model, batch, methods, target=target, options=_options(methods, args))
             names = [outputs.reserve(p.name, _suffixes(methods, slugs, args.save_maps), p) for p, _ in pending]
             if slugs is None:
                 written += _write(batch, explanations, loaded, names, outputs, args.save_maps)
@@ -488,8 +487,8 @@ def _label(loaded: LoadedModel, index: int) -> str:
     return f"class {index}"
 
 
-def _options(method: str, args: argparse.Namespace) -> dict:
-    return {"norm": args.norm} if method == "gmar" else {}
+def _options(methods: list[str], args: argparse.Namespace) -> dict:
+    return {"gmar": {"norm": args.norm}} if "gmar" in methods else {}
 
 
 def _device(name: str) -> torch.device:

@@ -32,7 +32,7 @@ def demo(out: Path, scenes: int = 100) -> list[str]:
     rows = [(test[i], cls) for i in SHOWN for cls in test[i].classes]
     images = torch.stack([scene.image for scene, _ in rows])
     targets = torch.tensor([cls for _, cls in rows])
-    explanations = {m: explain(model, images, m, target=targets) for m in methods}
+    explanations = explain(model, images, methods, target=targets)  # one shared pass
     with torch.no_grad():
         probabilities = torch.sigmoid(model(images))
     row_titles = [

@@ -335,14 +335,20 @@ def evaluate(
         chunk = todo[start : start + batch_size]
         images = torch.stack([item.image for item in chunk])
         targets = _targets(scorer, images, chunk)
+        # The methods no item of the chunk has yet are explained in one call, sharing their pass.
+        whole = [m for m in settings.methods if all((item.key, m) not in done for item in chunk)]
+        shared = explain(model, images, whole, target=targets) if whole else {}
         for method in settings.methods:
             pending = [i for i, item in enumerate(chunk) if (item.key, method) not in done]
             if not pending:
                 continue
             sub = [chunk[i] for i in pending]
-            results = _score_method(model, adapter, scorer, method, images[pending], targets[pending], sub, settings)
+            explanation = (
+                shared[method] if method in shared else explain(model, images[pending], method, target=targets[pending])
+            )
+            results = _score_method(scorer, explanation.heatmap, images[pending], targets[pending], sub, settings)
             if method == "gmar" and "head_ablation_auc" in settings.metrics:
-                weights = explain(model, images[pending], "gmar", target=targets[pending]).head_weights
+                weights = explanation.head_weights
                 keys = [item.key for item in sub]
                 _add_head_ablation(results, scorer, adapter, images[pending], targets[pending], weights, keys, settings)
             if "sanity_spearman" in settings.metrics:
@@ -383,9 +389,9 @@ def _targets(scorer: M.Scorer, images: torch.Tensor, chunk: Sequence[Item]) -> t
     return torch.tensor(targets, dtype=torch.long)
 
 
-def _score_method(model, adapter, scorer, method, images, targets, items, settings) -> list[tuple[dict, dict]]:
+def _score_method(scorer, heatmaps, images, targets, items, settings) -> list[tuple[dict, dict]]:
+    """Every selected metric of one method's ``heatmaps`` ``(B, H, W)`` of ``images``."""
     wanted = set(settings.metrics)
-    heatmaps = explain(model, images, method, target=targets).heatmap
     results: list[tuple[dict, dict]] = [({}, {}) for _ in items]
 
     def put(name: str, values: torch.Tensor, rows: Sequence[int] | None = None) -> None:

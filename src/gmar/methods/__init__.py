@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from gmar.adapters import get_adapter
 from gmar.explanation import Explanation
 from gmar.methods.base import Explainer
 from gmar.methods.explainers import GAE, GMAR, AttentionRollout, GradCAM, GradientRollout, LeGrad, RawAttention
+from gmar.methods.joint import explain_jointly
 from gmar.targets import Target
 
 METHODS: dict[str, type[Explainer]] = {
@@ -41,10 +44,63 @@ def get_method(name: str) -> type[Explainer]:
 
 
 def explain(
-    model: nn.Module, images: torch.Tensor, method: str = "gmar", target: Target = None, **options: Any
-) -> Explanation:
-    """Explain ``images`` ``(B, 3, H, W)`` with ``method``; ``options`` go to the method's class."""
-    return get_method(method)(model, **options)(images, target)
+    model: nn.Module,
+    images: torch.Tensor,
+    method: str | Sequence[str] = "gmar",
+    target: Target = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    **method_options: Any,
+) -> Explanation | dict[str, Explanation]:
+    """Explain ``images`` ``(B, 3, H, W)`` with ``method``.
+
+    ``method`` is one name (the result is its :class:`Explanation`; ``method_options`` go to the
+    method's class), a list of names, or ``"all"`` (every method defined for this model). For several
+    methods the result is a ``dict`` name -> :class:`Explanation` in the order asked, each equal to
+    the single-method call, and ``options`` maps a method's name to its options, e.g.
+    ``options={"gmar": {"norm": "l2"}, "rollout": {"head_fusion": "max"}}``. Methods that read the
+    same attention and gradient share one forward and one backward pass
+    (:func:`gmar.methods.joint.explain_jointly`).
+    """
+    if isinstance(method, str) and method != "all":
+        if options:
+            raise TypeError("options={...} is for several methods; give one method's options as keyword arguments")
+        return get_method(method)(model, **method_options)(images, target)
+    if method_options:
+        raise TypeError(
+            f"with several methods, give each one's options as options={{name: {{...}}}}, not {sorted(method_options)}"
+        )
+    options = dict(options or {})
+    if method == "all":
+        names = supported_methods(model, options)
+    else:
+        names = list(method)
+        unknown = [m for m in [*names, *options] if m not in METHODS]
+        if unknown or not names:
+            raise ValueError(f"unknown method(s) {unknown or names!r}; available: {', '.join(METHODS)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a method is named twice in {names}")
+    stray = [m for m in options if m not in names]
+    if stray:
+        raise ValueError(f"options given for {stray}, which are not among the methods {names}")
+    explainers = [get_method(name)(model, **options.get(name, {})) for name in names]
+    return dict(zip(names, explain_jointly(explainers, images, target), strict=True))
+
+
+def supported_methods(model: nn.Module, options: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+    """The methods defined for ``model`` (an attention-pooled model has no readout token for the
+    rollout family, for instance), in :func:`available_methods`' order."""
+    from gmar.errors import UnsupportedModelError
+
+    names = []
+    for name, cls in METHODS.items():
+        try:
+            cls(model, **(options or {}).get(name, {}))
+        except UnsupportedModelError:
+            continue
+        names.append(name)
+    if not names:
+        get_adapter(model)  # the model itself is refused: say why
+    return names
 
 
 __all__ = [
@@ -59,6 +115,8 @@ __all__ = [
     "RawAttention",
     "available_methods",
     "explain",
+    "explain_jointly",
     "get_method",
     "select_methods",
+    "supported_methods",
 ]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -128,20 +128,7 @@ class Explainer:
     def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
         images = prepare_images(target, self._prepare(images))
         layout = self.adapter.token_layout(tuple(images.shape[-2:]))
-        # inference_mode(False): gradient methods must work even when called under inference mode.
-        # The model's lock is held from the forward pass to the last reduction: another thread's
-        # call on this model waits, so neither sees the other's hooks, flags or frozen parameters.
-        with (
-            torch.inference_mode(False),
-            model_lock(self.model),
-            frozen_eval(self.model),
-            torch.set_grad_enabled(self.uses_gradients),
-            ExitStack() as cleanup,
-        ):
-            inputs = images.detach()
-            if inputs.is_inference():
-                inputs = inputs.clone()
-            inputs.requires_grad_(self.uses_gradients)
+        with instrumented(self.model, self.uses_gradients) as cleanup:
             stream = None
             if self.low_memory:
                 stream = AttentionStream(
@@ -149,20 +136,8 @@ class Explainer:
                 )
                 # The stream and the graph refer to each other; closing it frees the graph at once.
                 cleanup.callback(stream.close)
-            with capture(self.adapter, stream=stream, **self.capture_options()) as recorder:
-                output = self.adapter.forward(inputs)
-            captured = collect(recorder, output, self.model)
-            del recorder
-            tokens = captured.num_tokens
-            if tokens != layout.num_tokens:
-                raise CaptureError(
-                    f"captured attention over {tokens} tokens, but the token layout of "
-                    f"{type(self.model).__name__} expects {layout.num_tokens}"
-                )
-            if target is None and not self.uses_gradients and not self.adapter.is_classifier:
-                scores, classes = None, None  # class-agnostic: an embedding model needs no target here
-            else:
-                scores, classes = resolve_target(output, target, is_classifier=self.adapter.is_classifier)
+            captured = run_forward(self.adapter, images, layout, stream, self.capture_options(), self.uses_gradients)
+            scores, classes = score(self.adapter, captured.output, target, self.uses_gradients)
             if self.uses_gradients:
                 reduced = self.gradients(captured, scores, classes, target, layout)
             elif stream is not None:
@@ -171,6 +146,20 @@ class Explainer:
                 reduced = [self.reduce_attention(i, a) for i, a in enumerate(captured.attentions)]
             with torch.no_grad():
                 token_map, head_weights = self.relevance(captured, reduced, layout)
+        return self.explanation(token_map, head_weights, captured, scores, classes, layout, images, target)
+
+    def explanation(
+        self,
+        token_map: torch.Tensor,
+        head_weights: torch.Tensor | None,
+        captured: Captured,
+        scores: torch.Tensor | None,
+        classes: torch.Tensor | None,
+        layout: TokenLayout,
+        images: torch.Tensor,
+        target: Target,
+    ) -> Explanation:
+        """This method's :class:`Explanation` of ``images`` from its token map."""
         token_map = token_map.detach().float()
         return Explanation(
             method=self.name,
@@ -178,7 +167,7 @@ class Explainer:
             token_map=token_map,
             target=classes,
             head_weights=head_weights,
-            logits=output.detach(),
+            logits=captured.output.detach(),
             scores=None if scores is None else scores.detach(),
             layout=layout,
             prompts=_prompts(target, token_map.shape[0]),
@@ -269,6 +258,55 @@ class Explainer:
         if not self.low_memory:
             return [reduce(i, g) for i, g in enumerate(differentiate(objective, inputs, retain_graph))]
         return stream_gradients(objective, inputs, reduce, chained=self.chained_gradients, retain_graph=retain_graph)
+
+
+@contextmanager
+def instrumented(model: nn.Module, gradients: bool) -> Iterator[ExitStack]:
+    """Where a call on ``model`` runs: the model's lock held (another thread's call on this model
+    waits, so neither sees the other's hooks, flags or frozen parameters), eval mode with frozen
+    parameters, gradients on or off, and a stack for cleanups. ``inference_mode(False)``: gradient
+    methods must work even when called under inference mode."""
+    with (
+        torch.inference_mode(False),
+        model_lock(model),
+        frozen_eval(model),
+        torch.set_grad_enabled(gradients),
+        ExitStack() as cleanup,
+    ):
+        yield cleanup
+
+
+def run_forward(
+    adapter: ModelAdapter,
+    images: torch.Tensor,
+    layout: TokenLayout,
+    stream: AttentionStream | None,
+    options: dict,
+    gradients: bool,
+) -> Captured:
+    """One captured forward pass of ``images`` (``options`` go to :func:`gmar.capture.capture`)."""
+    inputs = images.detach()
+    if inputs.is_inference():
+        inputs = inputs.clone()
+    inputs.requires_grad_(gradients)
+    with capture(adapter, stream=stream, **options) as recorder:
+        output = adapter.forward(inputs)
+    captured = collect(recorder, output, adapter.model)
+    if captured.num_tokens != layout.num_tokens:
+        raise CaptureError(
+            f"captured attention over {captured.num_tokens} tokens, but the token layout of "
+            f"{type(adapter.model).__name__} expects {layout.num_tokens}"
+        )
+    return captured
+
+
+def score(
+    adapter: ModelAdapter, output: torch.Tensor, target: Target, gradients: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The scores ``(B,)`` and classes to explain; none for a class-agnostic call on an embedding model."""
+    if target is None and not gradients and not adapter.is_classifier:
+        return None, None  # class-agnostic: an embedding model needs no target here
+    return resolve_target(output, target, is_classifier=adapter.is_classifier)
 
 
 def _prompts(target: Target, batch: int) -> list[str] | None:

@@ -1,0 +1,127 @@
+"""Several methods from one pass.
+
+Five methods read the same thing: each layer's attention probabilities and the gradient of the same
+target at them (``raw_attention`` and ``rollout`` the probabilities alone, ``grad_rollout``, ``gae``
+and ``gmar`` with the gradient at the probabilities or at the heads' outputs), and Grad-CAM's
+gradient at a block's input lies on the same backward pass. :func:`explain_jointly` runs them
+together: one captured forward pass, in which every forward-only method reduces each chunk of
+probabilities as the stream forms it, and one backward pass, in which every gradient method reduces
+each layer's chunk of probabilities and gradients (the stream forms both once and hands them to each
+method in turn). Every method then makes its own map from its own reductions, exactly as when it
+runs alone. A method whose pass differs runs on its own: LeGrad, whose graph is cut between blocks,
+and any explainer with ``low_memory = False``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from gmar.capture import AttentionStream, Captured
+from gmar.explanation import Explanation
+from gmar.layout import TokenLayout
+from gmar.methods.base import Explainer, instrumented, run_forward, score
+from gmar.targets import Target, prepare_images
+
+
+def shares_the_pass(explainer: Explainer) -> bool:
+    """Whether ``explainer`` can take part in the joint pass (else it runs on its own)."""
+    return explainer.low_memory and (not explainer.uses_gradients or explainer.chained_gradients)
+
+
+def explain_jointly(explainers: Sequence[Explainer], images: torch.Tensor, target: Target = None) -> list[Explanation]:
+    """Each explainer's explanation of ``images`` for ``target``, in order: the ones that
+    :func:`shares_the_pass` from one forward and at most one backward pass, the others alone.
+
+    All explainers must explain the same model. The result equals calling each one alone (up to float
+    rounding: the reductions are the same functions on the same chunks).
+    """
+    if not explainers:
+        return []
+    model = explainers[0].model
+    if any(e.model is not model for e in explainers):
+        raise ValueError("explain_jointly takes explainers of one model")
+    joint = [e for e in explainers if shares_the_pass(e)]
+    # One block input per pass: a second Grad-CAM on another block runs on its own.
+    layers = [e.capture_options().get("norm_input_layer") for e in joint]
+    blocks = {layer for layer in layers if layer is not None}
+    if len(blocks) > 1:
+        first = next(layer for layer in layers if layer is not None)
+        joint = [e for e, layer in zip(joint, layers, strict=True) if layer in (None, first)]
+    results = dict(zip(map(id, joint), _joint(joint, images, target), strict=True)) if len(joint) > 1 else {}
+    return [results[id(e)] if id(e) in results else e(images, target) for e in explainers]
+
+
+def _joint(explainers: list[Explainer], images: torch.Tensor, target: Target) -> list[Explanation]:
+    first = explainers[0]
+    adapter = first.adapter
+    images = prepare_images(target, first._prepare(images))
+    layout = adapter.token_layout(tuple(images.shape[-2:]))
+    forward_only = [e for e in explainers if not e.uses_gradients]
+    gradient = [e for e in explainers if e.uses_gradients]
+    block_input = next((e for e in gradient if e.capture_options().get("norm_input_layer") is not None), None)
+    attention_methods = [e for e in gradient if e is not block_input]
+    uses_gradients = bool(gradient)
+
+    def reduce_attention(layer: int, attention: torch.Tensor) -> tuple:
+        return tuple(e.reduce_attention(layer, attention) for e in forward_only)
+
+    with instrumented(first.model, uses_gradients) as cleanup:
+        stream = AttentionStream(adapter.num_layers, reduce_attention=reduce_attention if forward_only else None)
+        cleanup.callback(stream.close)
+        options = {} if block_input is None else {"norm_input_layer": block_input.capture_options()["norm_input_layer"]}
+        captured = run_forward(adapter, images, layout, stream, options, uses_gradients)
+        scores, classes = score(adapter, captured.output, target, uses_gradients)
+        reduced: dict[int, list[Any]] = {}
+        if uses_gradients:
+            reduced.update(_backward(attention_methods, block_input, captured, scores, layout))  # type: ignore[arg-type]
+        for position, explainer in enumerate(forward_only):
+            reduced[id(explainer)] = [None if r is None else r[position] for r in captured.attentions]
+        maps = {}
+        with torch.no_grad():
+            for explainer in explainers:
+                maps[id(explainer)] = explainer.relevance(captured, reduced[id(explainer)], layout)
+    return [
+        e.explanation(*maps[id(e)], captured, scores, classes, layout, images, target)  # type: ignore[misc]
+        for e in explainers
+    ]
+
+
+def _backward(
+    methods: list[Explainer],
+    block_input: Explainer | None,
+    captured: Captured,
+    scores: torch.Tensor,
+    layout: TokenLayout,
+) -> dict[int, list[Any]]:
+    """One backward pass of the summed scores: each attention method's per-layer reductions, and
+    Grad-CAM's from the gradient at the block input it reads."""
+    stream = captured.stream
+    assert stream is not None
+    layers = list(range(len(captured.attentions)))
+
+    def reduce(index: int, gradients: tuple[torch.Tensor, torch.Tensor], attention: torch.Tensor) -> tuple:
+        on_attention, on_output = gradients
+        with torch.no_grad():
+            return tuple(
+                e.reduce_gradient(
+                    layers[index],
+                    on_output if e.gradient_of == "output" else on_attention,
+                    attention,
+                    captured,
+                    layout,
+                )
+                for e in methods
+            )
+
+    extra = [] if block_input is None else [captured.norm_input]
+    results = stream.backward(scores.sum(), layers, reduce, gradient_of="both", chained=True, extra=extra)
+    per_layer, extra_gradients = results[: len(layers)], results[len(layers) :]
+    reduced = {id(e): [r[position] for r in per_layer] for position, e in enumerate(methods)}
+    if block_input is not None:
+        with torch.no_grad():
+            gradient = extra_gradients[0]
+            reduced[id(block_input)] = [block_input.reduce_gradient(0, gradient, None, captured, layout)]
+    return reduced
