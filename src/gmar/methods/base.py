@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, ClassVar
 
@@ -101,6 +101,11 @@ class Explainer:
         concatenated.
         """
         return attention
+
+    def reduction_key(self) -> Hashable:
+        """Explainers whose keys are equal reduce every layer identically (:meth:`reduce_attention`
+        or :meth:`reduce_gradient`), so a pass shared by several methods computes it once."""
+        return (type(self), id(self))
 
     def reduce_gradient(
         self,

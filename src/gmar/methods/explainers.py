@@ -72,6 +72,9 @@ class GradientRollout(Explainer):
     def reduce_gradient(self, layer, gradient, attention, captured, layout):
         return _gradient_weighted_layer(layer, gradient, attention, self.start_layer)
 
+    def reduction_key(self):
+        return ("gradient_weighted", self.start_layer)  # GAE and gradient rollout reduce alike
+
     def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
         return _rollout_map(reduced[self.start_layer :], self.discard_ratio, self.residual, layout), None
 
@@ -128,6 +131,9 @@ class GAE(Explainer):
 
     def reduce_gradient(self, layer, gradient, attention, captured, layout):
         return _gradient_weighted_layer(layer, gradient, attention, self.start_layer)
+
+    def reduction_key(self):
+        return ("gradient_weighted", self.start_layer)  # GAE and gradient rollout reduce alike
 
     def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
         layers = reduced[self.start_layer :]

@@ -14,7 +14,7 @@ and any explainer with ``low_memory = False``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -66,7 +66,7 @@ def _joint(explainers: list[Explainer], images: torch.Tensor, target: Target) ->
     uses_gradients = bool(gradient)
 
     def reduce_attention(layer: int, attention: torch.Tensor) -> tuple:
-        return tuple(e.reduce_attention(layer, attention) for e in forward_only)
+        return _once(forward_only, lambda e: e.reduce_attention(layer, attention))
 
     with instrumented(first.model, uses_gradients) as cleanup:
         stream = AttentionStream(adapter.num_layers, reduce_attention=reduce_attention if forward_only else None)
@@ -105,15 +105,11 @@ def _backward(
     def reduce(index: int, gradients: tuple[torch.Tensor, torch.Tensor], attention: torch.Tensor) -> tuple:
         on_attention, on_output = gradients
         with torch.no_grad():
-            return tuple(
-                e.reduce_gradient(
-                    layers[index],
-                    on_output if e.gradient_of == "output" else on_attention,
-                    attention,
-                    captured,
-                    layout,
-                )
-                for e in methods
+            return _once(
+                methods,
+                lambda e: e.reduce_gradient(
+                    layers[index], on_output if e.gradient_of == "output" else on_attention, attention, captured, layout
+                ),
             )
 
     extra = [] if block_input is None else [captured.norm_input]
@@ -125,3 +121,16 @@ def _backward(
             gradient = extra_gradients[0]
             reduced[id(block_input)] = [block_input.reduce_gradient(0, gradient, None, captured, layout)]
     return reduced
+
+
+def _once(explainers: list[Explainer], reduce: Callable[[Explainer], Any]) -> tuple:
+    """``reduce`` of each explainer, computed once per :meth:`Explainer.reduction_key` (GAE and gradient
+    rollout, say, reduce each layer alike)."""
+    done: dict[Hashable, Any] = {}
+    results = []
+    for explainer in explainers:
+        key = explainer.reduction_key()
+        if key not in done:
+            done[key] = reduce(explainer)
+        results.append(done[key])
+    return tuple(results)
