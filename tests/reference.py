@@ -256,9 +256,10 @@ def hf_inputs(model: nn.Module, images: torch.Tensor) -> dict:
     """Keyword arguments for a Hugging Face model (SigLIP 2: its patches, row-major, each (row, column, channel))."""
     config = getattr(model.config, "vision_config", model.config)
     if config.model_type != "siglip2_vision_model":
-        size = config.image_size if isinstance(config.image_size, (tuple, list)) else (config.image_size,) * 2
-        resized = {"interpolate_pos_encoding": True} if tuple(images.shape[-2:]) != tuple(size) else {}
-        return {"pixel_values": images, **resized}
+        size = getattr(config, "image_size", None)  # the timm wrapper's config has none
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        resized = size[0] is not None and tuple(images.shape[-2:]) != size
+        return {"pixel_values": images, **({"interpolate_pos_encoding": True} if resized else {})}
     p = config.patch_size
     patches = images.unfold(2, p, p).unfold(3, p, p)  # (B, C, rows, columns, p, p)
     rows, columns = patches.shape[2:4]

@@ -31,7 +31,11 @@ PROMPTS = ["a photo of a cat", "a remote control", "a dog on the grass"]
 
 @functools.cache
 def model(name: str) -> torch.nn.Module:
-    return ATTENTION_POOLED[name]() if name in ATTENTION_POOLED else make_hf_clip(name)
+    if name in ATTENTION_POOLED:
+        return ATTENTION_POOLED[name]()
+    if name in ("Beit", "Data2VecVision"):
+        return make_hf_beit(name)
+    return make_hf_clip(name)
 
 
 @functools.cache
@@ -197,8 +201,11 @@ def test_beit_with_cls_pooling():
     assert_close(exp.logits, R.hf_forward(net, images), **TOL)
 
 
-@pytest.mark.parametrize("name", ["CLIPModel", "CLIPForImageClassification", "SiglipForImageClassification"])
+@pytest.mark.parametrize(
+    "name", ["CLIPModel", "CLIPForImageClassification", "SiglipForImageClassification", "Beit", "Data2VecVision"]
+)
 def test_non_square_input_interpolates_position_embeddings(name):
+    """48x32 images: position embeddings (and BEiT's relative position bias) for a 6x4 grid."""
     net, images = model(name), batch(2, (48, IMAGE))
     target = clip_target if name == "CLIPModel" else None
     trace = R.trace(net, images)  # the eager forward with interpolate_pos_encoding=True
