@@ -87,3 +87,10 @@ def test_package_gradcam_leaves_the_model_as_it_was():
         assert not module._forward_hooks and not module._backward_hooks
         assert module.training
     assert all(p.grad is None for p in model.parameters()), "the package's backward must not leave .grad"
+
+
+def test_bench_never_replaces_a_file_gmar_did_not_write(tmp_path, capsys):
+    (tmp_path / "bench.csv").write_text("my table")
+    assert main(["bench", "--model", "reference", "--out", str(tmp_path)]) == 2
+    assert "bench.csv exists and was not written by gmar" in capsys.readouterr().err
+    assert (tmp_path / "bench.csv").read_text() == "my table"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import gmar
@@ -62,11 +64,11 @@ def test_explain_writes_figures_and_reports_bad_inputs(model_dir, inputs, tmp_pa
     errors = [line for line in captured.err.splitlines() if line.startswith("gmar:")]
     assert len(errors) == 2
     assert "corrupt.jpg" in errors[0] and "missing.png" in errors[1]
-    for stem in ("cat", "dog"):
-        assert Image.open(out / f"{stem}.png").size[0] > 300
-        assert (out / f"{stem}_gmar_heads.png").is_file()
+    for name in ("cat.png", "dog.png"):
+        assert Image.open(out / f"{name}.png").size[0] > 300
+        assert (out / f"{name}_gmar_heads.png").is_file()
         for method in ("gmar", "rollout"):
-            heatmap = np.load(out / f"{stem}_{method}.npy")
+            heatmap = np.load(out / f"{name}_{method}.npy")
             assert heatmap.shape == (32, 32) and heatmap.min() == 0.0 and heatmap.max() == 1.0
     assert "wrote 2 figure(s)" in captured.out
 
@@ -75,7 +77,7 @@ def test_official_demo_flags(model_dir, inputs, tmp_path):
     (cat, _), _, _ = inputs
     out = tmp_path / "official"
     assert main(["--input", str(cat), "--output", str(out), "--pretrained", str(model_dir), "--norm", "l2"]) == 0
-    assert (out / "cat.png").is_file() and (out / "cat_gmar_heads.png").is_file()
+    assert (out / "cat.png.png").is_file() and (out / "cat.png_gmar_heads.png").is_file()
 
 
 def test_folder_of_images_and_all_methods(model_dir, inputs, tmp_path):
@@ -83,8 +85,9 @@ def test_folder_of_images_and_all_methods(model_dir, inputs, tmp_path):
     out = tmp_path / "folder"
     code = main(["explain", str(cat.parent), "--model", f"hf:{model_dir}", "--out", str(out), "--save-maps"])
     assert code == 2  # the corrupt file in the folder is reported, the others explained
-    assert sorted(p.name for p in out.glob("*_gmar.npy")) == ["cat_gmar.npy", "dog_gmar.npy"]
-    assert sorted(p.name for p in out.glob("cat_*.npy")) == sorted(f"cat_{m}.npy" for m in gmar.available_methods())
+    assert sorted(p.name for p in out.glob("*_gmar.npy")) == ["cat.png_gmar.npy", "dog.png_gmar.npy"]
+    expected = sorted(f"cat.png_{m}.npy" for m in gmar.available_methods())
+    assert sorted(p.name for p in out.glob("cat.png_*.npy")) == expected
     assert len(gmar.available_methods()) == 7
 
 
@@ -124,10 +127,10 @@ def test_example_images_with_a_random_timm_model(tmp_path):
     out = tmp_path / "example"
     assert main(["explain", "--example", "--model", "timm:test_vit", "--random-init", "--out", str(out)]) == 0
     assert {p.name for p in out.glob("*.png")} == {
-        "example_shapes.png",
-        "example_shapes_gmar_heads.png",
-        "example_stripes.png",
-        "example_stripes_gmar_heads.png",
+        "example_shapes.png.png",
+        "example_shapes.png_gmar_heads.png",
+        "example_stripes.png.png",
+        "example_stripes.png_gmar_heads.png",
     }
 
 
@@ -138,7 +141,7 @@ def test_attention_pooled_model_gets_the_methods_that_explain_it(inputs, tmp_pat
     assert (
         main(["explain", str(cat), "--model", "timm:test_vit3", "--random-init", "--out", str(out), "--save-maps"]) == 0
     )
-    assert sorted(p.name for p in out.glob("*.npy")) == ["cat_gradcam.npy", "cat_legrad.npy"]
+    assert sorted(p.name for p in out.glob("*.npy")) == ["cat.png_gradcam.npy", "cat.png_legrad.npy"]
     code = main(
         ["explain", str(cat), "--model", "timm:test_vit3", "--random-init", "--method", "gmar", "--out", str(out)]
     )
@@ -164,3 +167,97 @@ def test_train_reference_options_reach_the_recipe(monkeypatch, tmp_path, capsys)
     assert (changed.steps, changed.lr, changed.train_scenes, changed.token_loss) == (40, 3e-4, 500, 0.0)
     assert default == gmar.reference.ReferenceConfig()
     assert "test exact-set accuracy 0.5000" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gmar {gmar.__version__}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["explain", "x.png", "--model", "timm:test_vit", "--random-init", "--out", __file__],
+        ["evaluate", "--model", "timm:test_vit", "--random-init", "--out", __file__],
+        ["demo", "--out", __file__],
+        ["bench", "--model", "timm:test_vit", "--out", __file__],
+    ],
+)
+def test_out_naming_a_file_is_one_line(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"gmar: error: --out {__file__} is a file, not a folder: name a folder (it is created if missing)\n"
+
+
+@pytest.mark.parametrize(("device", "message"), [("meta", "--device meta holds no data"), ("mps", "has none")])
+@pytest.mark.parametrize("command", ["explain", "evaluate", "bench"])
+def test_devices_without_data_or_hardware_are_one_line(inputs, tmp_path, capsys, device, message, command):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has an MPS device")
+    (cat, _), _, _ = inputs
+    argv = {
+        "explain": ["explain", str(cat), "--model", "timm:test_vit", "--random-init"],
+        "evaluate": ["evaluate", "--model", "timm:test_vit", "--random-init", "--data", f"imagefolder:{cat.parent}"],
+        "bench": ["bench", "--model", "timm:test_vit"],
+    }[command]
+    assert main([*argv, "--device", device, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_hf_loading_draws_no_progress_bar(model_dir, inputs, tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    (cat, _), _, _ = inputs
+    assert hf_logging.is_progress_bar_enabled()
+    assert main(["explain", str(cat), "--model", f"hf:{model_dir}", "--method", "rollout", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == ""
+    assert hf_logging.is_progress_bar_enabled()  # the setting is restored
+
+
+def test_offline_openclip_is_exactly_one_line(tmp_path):
+    env = {"PATH": "", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run(
+        [sys.executable, "-m", "gmar", "explain", "a.png", "--model", "openclip:ViT-B-32/openai"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gmar: error: cannot load openclip:ViT-B-32/openai"), lines
+
+
+def test_a_folder_of_mixed_files_explained_into_itself(tmp_path, capsys):
+    """README's promise: each unreadable input is one line, the others are explained, exit code 2, and
+    with --out the input folder itself no input changes."""
+    import hashlib
+
+    from test_images import bomb_png
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(photos / "good.png")
+    Image.fromarray(rng.integers(0, 65535, (40, 48), dtype=np.uint16)).save(photos / "deep.png")
+    (photos / "corrupt.jpg").write_bytes(b"\xff\xd8\xff this is not really a jpeg")
+    (photos / "notes.jpg").write_text("a text file with the wrong name\n")
+    bomb_png(photos / "huge.png")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in photos.iterdir()}
+    missing = tmp_path / "missing.jpg"
+    code = main(["explain", str(photos), str(missing), "--model", "timm:test_vit", "--random-init", "--method",
+                 "gmar", "--out", str(photos)])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 2
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in photos.iterdir() if p.name in before} == before
+    lines = captured.err.splitlines()
+    assert len(lines) == 4 and all(line.startswith("gmar: skipped ") for line in lines), lines
+    for name, why in (("corrupt.jpg", "not a readable image"), ("notes.jpg", "not a readable image"),
+                      ("huge.png", "too large"), ("missing.jpg", "no such file")):  # fmt: skip
+        assert any(name in line and why in line for line in lines), name
+    for name in ("good.png", "deep.png"):
+        assert (photos / f"{name}.png").is_file() and (photos / f"{name}_gmar_heads.png").is_file()
+    assert captured.out.strip().endswith("wrote 2 figure(s) to " + str(photos) + "; 4 input(s) failed")

@@ -69,10 +69,10 @@ def test_one_overlay_per_prompt_and_method(pictures, tmp_path, monkeypatch):
     assert run(*argv, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--method", "legrad,gmar", "--out", str(out),
                "--save-maps") == 0  # fmt: skip
 
-    for stem in ("room", "garden"):
-        assert (out / f"{stem}.png").is_file()
+    for name in ("room.png", "garden.png"):
+        assert (out / f"{name}.png").is_file()
         for slug in ("a-photo-of-a-cat", "a-remote-control"):
-            assert (out / f"{stem}_{slug}_gmar_heads.png").is_file()
+            assert (out / f"{name}_{slug}_gmar_heads.png").is_file()
     # One figure per image, a row per prompt, each overlay labelled with its prompt.
     assert len(titles) == 2
     for rows, columns, count in titles:
@@ -84,9 +84,9 @@ def test_one_overlay_per_prompt_and_method(pictures, tmp_path, monkeypatch):
     for path in pictures:
         for prompt, slug in zip(PROMPTS, ("a-photo-of-a-cat", "a-remote-control"), strict=True):
             for method in ("legrad", "gmar"):
-                saved = np.load(out / f"{path.stem}_{slug}_{method}.npy")
+                saved = np.load(out / f"{path.name}_{slug}_{method}.npy")
                 np.testing.assert_allclose(saved, expected_map(path, prompt, method), rtol=1e-5, atol=1e-6)
-    cat, remote = (np.load(out / f"room_{s}_legrad.npy") for s in ("a-photo-of-a-cat", "a-remote-control"))
+    cat, remote = (np.load(out / f"room.png_{s}_legrad.npy") for s in ("a-photo-of-a-cat", "a-remote-control"))
     assert not np.allclose(cat, remote), "the prompt must drive the map"
 
 
@@ -96,7 +96,7 @@ def test_one_prompt_batches_images(pictures, tmp_path):
     assert run(*argv, "--prompt", "a dog", "--method", "gradcam", "--batch-size", "2", "--out", str(out),
                "--save-maps") == 0  # fmt: skip
     for path in pictures:
-        saved = np.load(out / f"{path.stem}_a-dog_gradcam.npy")
+        saved = np.load(out / f"{path.name}_a-dog_gradcam.npy")
         np.testing.assert_allclose(saved, expected_map(path, "a dog", "gradcam"), rtol=1e-5, atol=1e-6)
 
 
@@ -104,7 +104,7 @@ def test_prompts_with_the_same_file_name_do_not_overwrite(pictures, tmp_path):
     out = tmp_path / "same"
     assert run(str(pictures[1]), "--prompt", "A cat!", "--prompt", "a cat", "--method", "legrad", "--out", str(out),
                "--save-maps") == 0  # fmt: skip
-    first, second = np.load(out / "garden_a-cat_legrad.npy"), np.load(out / "garden_a-cat-2_legrad.npy")
+    first, second = np.load(out / "garden.png_a-cat_legrad.npy"), np.load(out / "garden.png_a-cat-2_legrad.npy")
     np.testing.assert_allclose(first, expected_map(pictures[1], "A cat!", "legrad"), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(second, expected_map(pictures[1], "a cat", "legrad"), rtol=1e-5, atol=1e-6)
 

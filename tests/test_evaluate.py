@@ -272,3 +272,36 @@ def test_gmar_against_rollout_item_by_item(tmp_path):
     assert f"| pointing_game ↑ | {row(pointing)} no clear difference |" in text
     assert f"| energy_pointing_game ↑ | {row(energy)} rollout better |" in text
     assert _paired(rows, ["gmar", "gae"], ["deletion_auc"]) == ""
+
+
+def test_image_folder_skips_an_image_too_large_to_decode(tmp_path, capsys):
+    from test_images import bomb_png
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(images / "a.png")
+    bomb_png(images / "huge.png")
+    out = tmp_path / "folder"
+    argv = ["evaluate", "--model", "timm:test_vit", "--random-init", "--data", f"imagefolder:{images}",
+            "--out", str(out), "--methods", "gradcam", "--metrics", "deletion", "--steps", "2"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "huge.png" in line]
+    assert line.startswith("gmar: skipped ") and "too large: 400000000 pixels" in line and "Traceback" not in err
+    assert read_csv(out / "results.csv")[("gradcam", "deletion_auc")][2] == 1
+
+
+def test_a_report_never_replaces_a_file_gmar_did_not_write(checkpoint, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.md").write_text("my notes")
+    assert main(evaluate_argv(checkpoint, out, "--limit", "2", *FAST)) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"gmar: error: {out / 'results.md'} exists and was not written by gmar; gmar leaves it alone: "
+        "move it away or use another --out\n"
+    )
+    assert (out / "results.md").read_text() == "my notes" and not (out / "results.sqlite").exists()
+    (out / "results.md").unlink()
+    assert main(evaluate_argv(checkpoint, out, "--limit", "2", *FAST)) == 0
+    assert main(evaluate_argv(checkpoint, out, "--limit", "2", *FAST)) == 0  # its own report is replaced

@@ -151,7 +151,9 @@ def per_layer(name: str, net: nn.Module, images: torch.Tensor, score=None, pooli
     assert all(a.grad_fn is not None for a in t.attentions), "the reference graph must be connected"
     # The hand readout of the last block's tokens is the model's output: the readout is right.
     assert_close(readout(name, net, t.tokens[-1]), t.output, rtol=1e-5, atol=1e-6)
-    assert_close(readout(name, net, t.tokens[-1]), model_output(name, net, images), rtol=1e-5, atol=1e-6)
+    # Against the model's own forward (fused attention, another summation order) float32 rounding
+    # reaches 1.4e-6 on some CPUs: the same tolerance as every map comparison here.
+    assert_close(readout(name, net, t.tokens[-1]), model_output(name, net, images), **TOL)
     classes = None
     if score is None:
         score, classes = class_score(t.output), t.output.detach().argmax(dim=-1)
@@ -279,16 +281,16 @@ def pooler(pool: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return out[:, 0], attention
 
 
-def siglip_readout(net: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def siglip_readout(net: nn.Module, tokens: torch.Tensor, final_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     trunk = net.visual.trunk
     assert isinstance(trunk.fc_norm, nn.Identity) and isinstance(trunk.head, nn.Identity)
     assert isinstance(net.visual.head, nn.Sequential) and len(net.visual.head) == 0
     assert not trunk.pool_include_prefix and trunk.num_prefix_tokens == 0
-    return pooler(trunk.attn_pool, R._layer_norm(trunk.norm, tokens))
+    return pooler(trunk.attn_pool, R._layer_norm(trunk.norm, tokens) if final_norm else tokens)
 
 
 @functools.cache
-def siglip_ref() -> LeGradRef:
+def siglip_ref(final_norm: bool = True) -> LeGradRef:
     net, images = model("siglip"), batch("siglip")
     trunk = net.visual.trunk
     with torch.no_grad():  # the gradient at the pooler's attention never enters the blocks
@@ -302,7 +304,7 @@ def siglip_ref() -> LeGradRef:
         assert_close(pooler(trunk.attn_pool, trunk.norm(tokens[-1]))[0], trunk.attn_pool(trunk.norm(tokens[-1])))
     maps = []
     for layer_tokens in tokens:
-        embedding, attention = siglip_readout(net, layer_tokens)
+        embedding, attention = siglip_readout(net, layer_tokens, final_norm)
         assert attention.shape == (4, 4, 1, 16)
         (grad,) = torch.autograd.grad(clip_target(embedding).sum(), attention)
         maps.append(layer_map(grad, (4, 4)))
@@ -323,6 +325,21 @@ def test_siglip_pooler_attention():
     assert_close(exp.token_map, r.maps.sum(dim=0), **TOL)
     assert_close(legrad("siglip", target=clip_target, start_layer=-1).token_map, r.maps[-1], **TOL)
     assert_close(legrad("siglip", target=clip_target, start_layer=1).token_map, r.maps[1:].sum(dim=0), **TOL)
+
+
+def test_siglip_without_the_final_norm_is_the_official_readout():
+    """The official LeGrad code feeds each layer's tokens to the attention pooler without the trunk's
+    final norm; ``pooling="no_final_norm"`` does the same (for every layer, the last one included)."""
+    r, with_norm = siglip_ref(final_norm=False), siglip_ref()
+    exp = gmar.LeGrad(model("siglip"), pooling="no_final_norm")(batch("siglip"), clip_target)
+    assert_close(exp.token_map, r.maps.sum(dim=0), **TOL)
+    assert not torch.allclose(r.maps.sum(dim=0), with_norm.maps.sum(dim=0), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["timm", "hf_vit", "openclip"])
+def test_no_final_norm_is_for_attention_pooled_models_only(name):
+    with pytest.raises(ValueError, match="no_final_norm"):
+        gmar.LeGrad(model(name), pooling="no_final_norm")
 
 
 @pytest.mark.parametrize("method", ROLLOUT_FAMILY)

@@ -63,3 +63,16 @@ def test_figures_have_one_panel_per_image_and_method(images):
     heads = viz.head_weights_figure(explanations["gmar"].head_weights[0])
     assert heads.axes[0].get_images()[0].get_array().shape == (3, 4)  # layers x heads
     plt.close("all")
+
+
+@pytest.mark.parametrize("heads", [4, 12])
+def test_head_weights_title_fits_in_the_figure(heads):
+    name = "IMG_20240613_184512_" + "holiday-at-the-seaside-with-the-family" * 3 + ".jpg"
+    figure = viz.head_weights_figure(torch.full((6, heads), 1 / heads), f"GMAR head weights: {name}")
+    figure.canvas.draw()
+    title = figure.axes[0].title
+    box, frame = title.get_window_extent(), figure.bbox
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+    shown = title.get_text().replace("\n", "")
+    assert shown.startswith("GMAR head weights: IMG_20240613") and (shown.endswith(".jpg") or "…" in shown)
+    plt.close(figure)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,3 +55,30 @@ def test_explicit_targets_change_the_gradient_maps(images):
 def test_detached_callable_target_is_refused(images):
     with pytest.raises(gmar.TargetError, match="do not depend"):
         gmar.explain(make_timm(), images, method="gae", target=lambda out: out.detach()[:, 0])
+
+
+@pytest.mark.parametrize(
+    "target",
+    [np.int64(2), np.int32(2), np.uint8(2), torch.tensor(2), torch.tensor(2, dtype=torch.int32), np.array(2)],
+    ids=["np.int64", "np.int32", "np.uint8", "tensor", "tensor_int32", "ndarray"],
+)
+def test_any_integral_scalar_is_one_class_for_every_sample(target):
+    scores, classes = resolve_target(LOGITS, target)
+    assert classes.tolist() == [2, 2] and classes.dtype == torch.long
+    torch.testing.assert_close(scores, LOGITS[:, 2])
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (np.bool_(True), "bool"),
+        (torch.tensor(True), "bool"),
+        (torch.tensor(1.0), "integer"),
+        (np.float64(1.0), "integer"),
+        (np.int64(3), r"\[0, 3\)"),
+        (torch.tensor(-1), r"\[0, 3\)"),
+    ],
+)
+def test_scalars_that_are_no_class_index_are_refused(target, message):
+    with pytest.raises(gmar.TargetError, match=message):
+        resolve_target(LOGITS, target)

@@ -4,6 +4,7 @@ from gmar.adapters import get_adapter
 from gmar.errors import (
     CaptureError,
     GmarError,
+    GmarWarning,
     ImageLoadError,
     InputSizeError,
     ModelLoadError,
@@ -37,6 +38,7 @@ __all__ = [
     "CaptureError",
     "Explanation",
     "GmarError",
+    "GmarWarning",
     "GradCAM",
     "GradientRollout",
     "ImageLoadError",

@@ -34,8 +34,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gmar.capture import model_lock
 from gmar.errors import GmarError
 from gmar.methods import available_methods, explain
+from gmar.outputs import OutputFolder
 
 ATTENTION_ONLY = ("raw_attention", "rollout")
 GRADCAM_PACKAGE = "grad-cam"
@@ -105,21 +107,22 @@ def input_size(model: nn.Module, resolution: int | None) -> tuple[int, int]:
 
 def forward(model: nn.Module, images: torch.Tensor) -> None:
     """Baseline F."""
-    with torch.inference_mode():
+    with torch.inference_mode(), model_lock(model):
         model(images)
 
 
 def forward_backward(model: nn.Module, images: torch.Tensor) -> None:
     """Baseline FB: the summed logits of the predicted classes, differentiated to the input image."""
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        inputs = images.detach().requires_grad_()
-        torch.autograd.grad(model(inputs).max(dim=-1).values.sum(), inputs)
-    finally:
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
+    with model_lock(model):
+        flags = [p.requires_grad for p in model.parameters()]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            inputs = images.detach().requires_grad_()
+            torch.autograd.grad(model(inputs).max(dim=-1).values.sum(), inputs)
+        finally:
+            for p, flag in zip(model.parameters(), flags, strict=True):
+                p.requires_grad_(flag)
 
 
 def cases(model: nn.Module, images: torch.Tensor, methods: Sequence[str], gradcam: bool) -> dict[str, Callable]:
@@ -289,21 +292,22 @@ def _package_gradcam(model: nn.Module, images: torch.Tensor) -> Callable[[], obj
         return patches.reshape(patches.shape[0], *layout.grid_size, patches.shape[-1]).permute(0, 3, 1, 2)
 
     def run() -> object:
-        with torch.no_grad():
-            classes = model(images).argmax(dim=-1).tolist()
-        # The package puts the model in eval mode and backpropagates into the parameters' .grad;
-        # both are undone afterwards, so the other cases see the model as it was.
-        modes = [(module, module.training) for module in model.modules()]
-        grads = [(param, param.grad) for param in model.parameters()]
-        cam = PackageGradCAM(model=model, target_layers=[model.blocks[-2]], reshape_transform=to_grid)
-        try:
-            return cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in classes])
-        finally:
-            cam.activations_and_grads.release()
-            for module, training in modes:
-                module.training = training
-            for param, grad in grads:
-                param.grad = grad
+        with model_lock(model):
+            with torch.no_grad():
+                classes = model(images).argmax(dim=-1).tolist()
+            # The package puts the model in eval mode and backpropagates into the parameters' .grad;
+            # both are undone afterwards, so the other cases see the model as it was.
+            modes = [(module, module.training) for module in model.modules()]
+            grads = [(param, param.grad) for param in model.parameters()]
+            cam = PackageGradCAM(model=model, target_layers=[model.blocks[-2]], reshape_transform=to_grid)
+            try:
+                return cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in classes])
+            finally:
+                cam.activations_and_grads.release()
+                for module, training in modes:
+                    module.training = training
+                for param, grad in grads:
+                    param.grad = grad
 
     return run
 
@@ -352,20 +356,30 @@ def _x(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}×"
 
 
+#: The files :func:`save` writes; none of them replaces a file gmar did not write.
+FILES = ("bench.md", "bench.csv", "bench.json", "scaling.png")
+
+
 def save(settings: list[Setting], out: Path) -> list[Path]:
     """Write ``bench.md``, ``bench.csv``, ``bench.json`` and, for several settings, ``scaling.png``."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "bench.md", out / "bench.csv", out / "bench.json"]
-    paths[0].write_text("\n\n".join(table(s) for s in settings) + "\n")
-    with paths[1].open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["model", "batch_size", "resolution", "device", *Row.__dataclass_fields__])
-        for s in settings:
-            for row in s.rows:
-                writer.writerow([s.model, s.batch_size, s.resolution, s.device, *asdict(row).values()])
-    paths[2].write_text(json.dumps([asdict(s) for s in settings], indent=1))
+    outputs = OutputFolder(out)
+    outputs.check(FILES)
+
+    def write_csv(path: Path) -> None:
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["model", "batch_size", "resolution", "device", *Row.__dataclass_fields__])
+            for s in settings:
+                for row in s.rows:
+                    writer.writerow([s.model, s.batch_size, s.resolution, s.device, *asdict(row).values()])
+
+    paths = [
+        outputs.write("bench.md", lambda path: path.write_text("\n\n".join(table(s) for s in settings) + "\n")),
+        outputs.write("bench.csv", write_csv),
+        outputs.write("bench.json", lambda path: path.write_text(json.dumps([asdict(s) for s in settings], indent=1))),
+    ]
     if len(settings) > 1:
-        paths.append(plot_scaling(settings, out / "scaling.png"))
+        paths.append(outputs.write("scaling.png", lambda path: plot_scaling(settings, path)))
     return paths
 
 

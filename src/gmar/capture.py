@@ -17,6 +17,8 @@ a time inside the backward pass.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -33,12 +35,50 @@ if TYPE_CHECKING:
     from gmar.adapters.base import ModelAdapter
 
 
+#: One re-entrant lock per model object, created on first use; an entry goes when its model does.
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def lock_for(model: nn.Module) -> threading.RLock:
+    """The lock that serialises gmar's use of ``model`` (the module itself under ``torch.compile``).
+
+    Every piece of gmar that instruments a model or changes its state (hooks, instance
+    ``forward``, fused-attention flags, attention implementation, modes, ``requires_grad``) or
+    runs it while another call may have instrumented it holds this lock for the whole region.
+    """
+    module = getattr(model, "_orig_mod", model)
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(module)
+        if lock is None:
+            lock = _LOCKS[module] = threading.RLock()
+        return lock
+
+
+@contextmanager
+def model_lock(model: nn.Module) -> Iterator[None]:
+    """Hold ``model``'s lock (:func:`lock_for`) for the block.
+
+    Calls on one model from several threads run one at a time; calls on different models do not
+    wait for each other. The lock is re-entrant, so a thread that holds it may explain the model.
+    """
+    with lock_for(model):
+        yield
+
+
 @contextmanager
 def frozen_eval(model: nn.Module) -> Iterator[None]:
     """Eval mode and ``requires_grad=False`` on every parameter for the block; both restored on exit.
 
     With frozen parameters no gradient can reach any ``.grad``, and autograd never computes one.
+    Holds the model's lock (:func:`model_lock`) for the block.
     """
+    with model_lock(model), _frozen_eval(model):
+        yield
+
+
+@contextmanager
+def _frozen_eval(model: nn.Module) -> Iterator[None]:
     modes = [(module, module.training) for module in model.modules()]
     flags = [(param, param.requires_grad) for param in model.parameters()]
     try:
@@ -178,7 +218,7 @@ def capture(
     """Instrument ``adapter.model`` for one forward pass; every hook and flag is undone on exit.
 
     Use :func:`collect` on the recorder after the forward pass to get the checked tensors. The
-    options are those of :class:`Recorder`.
+    options are those of :class:`Recorder`. Holds the model's lock (:func:`model_lock`) throughout.
     """
     recorder = Recorder(
         adapter.num_layers,
@@ -188,7 +228,7 @@ def capture(
         norm_input_layer=norm_input_layer,
         stream=stream,
     )
-    with adapter.instrument(recorder), _instrument_blocks(adapter, recorder):
+    with model_lock(adapter.model), adapter.instrument(recorder), _instrument_blocks(adapter, recorder):
         yield recorder
 
 

@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import gmar
 from gmar import viz
 from gmar.adapters import get_adapter
 from gmar.errors import GmarError, ImageLoadError
 from gmar.evaluate import SELECTORS
 from gmar.loading import LoadedModel, load_model
 from gmar.methods import available_methods, explain, get_method, select_methods
+from gmar.outputs import OutputFolder, distinct, previous_outputs
 from gmar.preprocess import denormalise, load_image, preprocess
 from gmar.targets import TextTarget
 
@@ -31,6 +33,7 @@ OFFICIAL_FLAGS = ("--input", "--output", "--pretrained", "--norm")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gmar", description="Explain Vision Transformer decisions.")
+    parser.add_argument("--version", action="version", version=f"gmar {gmar.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("explain", help="write a heatmap overlay per image and method")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders of images")
@@ -40,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", metavar="HF_ID", help="same as --model hf:HF_ID (official demo's flag)")
     p.add_argument("--checkpoint", metavar="FILE", help="local weights (.safetensors or a torch.save state dict)")
     p.add_argument("--random-init", action="store_true", help="seeded random weights: exercises the pipeline only")
+    p.add_argument("--num-classes", type=int, metavar="N", help="the checkpoint's number of classes (timm:, hf:)")
     p.add_argument("--method", default="all", help=f"comma-separated, or 'all': {','.join(available_methods())}")
     p.add_argument("--target", type=int, metavar="K", help="class index to explain (default: the predicted class)")
     p.add_argument(
@@ -51,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--norm", choices=("l1", "l2"), default="l1", help="GMAR's head-score norm")
     p.add_argument("--out", "--output", dest="out", default="gmar-out", metavar="DIR", help="output folder")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, default=8, metavar="N")
     p.add_argument("--save-maps", action="store_true", help="also write each heatmap (H, W) as .npy")
     p.set_defaults(func=run_explain)
@@ -60,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="reference", metavar="SPEC", help="'reference' (default) or timm:/hf: SPEC")
     e.add_argument("--checkpoint", metavar="FILE", help="local weights for --model SPEC")
     e.add_argument("--random-init", action="store_true", help="seeded random weights for --model SPEC")
+    e.add_argument("--num-classes", type=int, metavar="N", help="the checkpoint's number of classes (timm:, hf:)")
     e.add_argument("--data", default="scenes", help="'scenes' (default) or imagefolder:DIR")
     e.add_argument("--masks", metavar="DIR", help="masks for imagefolder:, same file names, nonzero = object")
     e.add_argument("--imagenet-seg", metavar="FILE", help="the ImageNet-Segmentation file gtsegs_ijcv.mat")
@@ -91,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="gmar-demo", metavar="DIR")
     d.add_argument("--scenes", type=int, default=100, help="scenes in the evaluation table (default 100)")
     d.set_defaults(func=run_demo)
+
+    m = commands.add_parser("models", help="which model classes gmar explains: build each small, run every method")
+    m.add_argument("--zoo", default="", metavar="Z[,Z...]", help="timm, hf, openclip, torchvision (default: installed)")
+    m.add_argument("--out", metavar="FILE", help="write the table as markdown (docs/models.md is this output)")
+    m.set_defaults(func=run_models)
 
     b = commands.add_parser("bench", help="time and memory of every method against the model's forward/backward")
     b.add_argument(
@@ -130,37 +140,49 @@ def run_explain(args: argparse.Namespace) -> int:
         raise GmarError("--batch-size must be at least 1")
     device = _device(args.device)
     paths = _image_paths(args)
+    outputs = OutputFolder(args.out, inputs=paths)
     loaded = _load(args, device)
     if args.method.strip() == "all" and get_adapter(loaded.model).attention_pooled:
         # An attention-pooled model has no readout token for the rollout family.
         methods = [m for m in methods if not get_method(m).needs_readout_rows]
     text_target = _text_target(args, loaded)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    failures = 0
-    images, names = [], []
-    for path in paths:
-        try:
-            images.append(load_image(path))
-            names.append(path)
-        except ImageLoadError as error:
-            print(f"gmar: skipped {error}", file=sys.stderr)
-            failures += 1
-    stems = _unique_stems(names)
     target = args.target if text_target is None else text_target
     # Several prompts explain one image at a time (the image is repeated once per prompt).
     step = args.batch_size if text_target is None or len(text_target.prompts) == 1 else 1
-    written = 0
-    for start in range(0, len(images), step):
-        batch = preprocess(images[start : start + step], loaded.preprocess).to(device)
-        explanations = {m: explain(loaded.model, batch, method=m, target=target, **_options(m, args)) for m in methods}
-        if text_target is None:
-            written += _write(batch, explanations, loaded, stems[start : start + step], out, args.save_maps)
-        else:
-            written += _write_prompts(batch, explanations, loaded, stems[start : start + step], out, args.save_maps)
+    slugs = None if text_target is None else distinct([_slug(p) for p in text_target.prompts])
+
+    failures = written = 0
+    pending: list[tuple[Path, torch.Tensor]] = []
+    for index, path in enumerate(paths):
+        # Decoded one at a time and kept at the model's size only: memory is one photo, not all of them.
+        try:
+            pending.append((path, preprocess(load_image(path), loaded.preprocess)))
+        except ImageLoadError as error:
+            print(f"gmar: skipped {error}", file=sys.stderr)
+            failures += 1
+        if pending and (len(pending) == step or index == len(paths) - 1):
+            batch = torch.cat([tensor for _, tensor in pending]).to(device)
+            explanations = {
+                m: explain(loaded.model, batch, method=m, target=target, **_options(m, args)) for m in methods
+            }
+            names = [outputs.reserve(p.name, _suffixes(methods, slugs, args.save_maps), p) for p, _ in pending]
+            if slugs is None:
+                written += _write(batch, explanations, loaded, names, outputs, args.save_maps)
+            else:
+                written += _write_prompts(batch, explanations, loaded, names, slugs, outputs, args.save_maps)
+            pending = []
+    out = outputs.folder
     print(f"gmar: wrote {written} figure(s) to {out}" + (f"; {failures} input(s) failed" if failures else ""))
     return 2 if failures else 0
+
+
+def _suffixes(methods: Sequence[str], slugs: list[str] | None, save_maps: bool) -> list[str]:
+    """What follows an input's name in the names of its output files."""
+    suffixes = [".png"]
+    for part in [""] if slugs is None else [f"_{slug}" for slug in slugs]:
+        suffixes += [f"{part}_gmar_heads.png"] if "gmar" in methods else []
+        suffixes += [f"{part}_{method}.npy" for method in methods] if save_maps else []
+    return suffixes
 
 
 def _text_target(args: argparse.Namespace, loaded: LoadedModel) -> TextTarget | None:
@@ -184,6 +206,7 @@ def _text_target(args: argparse.Namespace, loaded: LoadedModel) -> TextTarget | 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from gmar.evaluate import (
+        REPORT_FILES,
         Settings,
         barrier,
         distributed,
@@ -199,6 +222,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or args.steps < 1:
         raise GmarError("--batch-size, --limit and --steps must be at least 1")
     device = _device(args.device)
+    OutputFolder(args.out).check(REPORT_FILES)  # before the work, not after it
     rank, world = distributed()
     model, config, multi_label = _evaluation_model(args, device)
     if get_adapter(model).attention_pooled:
@@ -252,9 +276,18 @@ def _evaluation_model(args: argparse.Namespace, device: torch.device):
     if args.model == "reference":
         from gmar.reference import load_reference_model
 
+        if args.num_classes is not None:
+            raise GmarError("--num-classes is for --model SPEC; the reference model has the scenes' classes")
+
         model = load_reference_model(args.checkpoint, device=device)
         return model, get_adapter(model).preprocess_config(), True
-    loaded = load_model(args.model, checkpoint=args.checkpoint, pretrained=not args.random_init, device=device)
+    loaded = load_model(
+        args.model,
+        checkpoint=args.checkpoint,
+        pretrained=not args.random_init,
+        device=device,
+        num_classes=args.num_classes,
+    )
     if not get_adapter(loaded.model).is_classifier:
         raise GmarError("gmar evaluate scores classifiers; CLIP models are explained with gmar explain --prompt")
     return loaded.model, loaded.preprocess, False
@@ -297,6 +330,8 @@ def run_train_reference(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     from gmar import bench
 
+    _device(args.device)
+    OutputFolder(args.out).check(bench.FILES)
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = _int_list(args.batch_size, "--batch-size")
@@ -323,6 +358,39 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_models(args: argparse.Namespace) -> int:
+    from gmar import coverage
+
+    zoos = [z.strip() for z in args.zoo.split(",") if z.strip()] or coverage.installed_zoos()
+    unknown = [z for z in zoos if z not in coverage.CASES]
+    if unknown:
+        raise GmarError(f"--zoo takes {', '.join(coverage.CASES)}, not {', '.join(unknown)}")
+    missing = [z for z in zoos if z not in coverage.installed_zoos()]
+    if missing:
+        raise GmarError(f"{', '.join(missing)} not installed: pip install 'gmar[all]'")
+    results = []
+    for case in coverage.cases(zoos):
+        result = coverage.check(case)
+        marks = " ".join(coverage.SYMBOLS[o.status] for o in result.outcomes.values())
+        print(f"{case.zoo:11} {result.class_name:45} {marks}", file=sys.stderr, flush=True)
+        results.append(result)
+    text = coverage.markdown(results)
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and not out.read_text(errors="replace").startswith(coverage.HEADER):
+            raise GmarError(f"{out} exists and is not a table gmar models wrote; name another file")
+        out.write_text(text)
+        print(f"gmar: wrote {args.out}")
+    else:
+        print(text)
+    counts = coverage.summary(results)
+    print(
+        f"gmar: {len(results)} classes: {counts['every method']} explained by every method, "
+        f"{counts['some methods']} by some, {counts['none']} refused; {counts['failures']} failure(s)"
+    )
+    return 1 if counts["failures"] else 0
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -344,36 +412,43 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _write(
-    batch: torch.Tensor, explanations: dict, loaded: LoadedModel, stems: list[str], out: Path, save_maps: bool
+    batch: torch.Tensor, explanations: dict, loaded: LoadedModel, names: list[str], out: OutputFolder, save_maps: bool
 ) -> int:
     pixels = denormalise(batch, loaded.preprocess).cpu()
     first = next(iter(explanations.values()))
     probabilities = first.logits.float().softmax(dim=-1).cpu()
-    for i, stem in enumerate(stems):
+    for i, name in enumerate(names):
         predicted = int(probabilities[i].argmax())
         row = [f"predicted: {_label(loaded, predicted)} ({probabilities[i, predicted]:.2f})"]
         columns = {m: [f"{m}: {_label(loaded, int(e.target[i]))}"] for m, e in explanations.items()}
         single = {m: _select(e, i) for m, e in explanations.items()}
-        viz.save(viz.method_grid(pixels[i : i + 1], single, row_titles=row, column_titles=columns), out / f"{stem}.png")
+        grid = viz.method_grid(pixels[i : i + 1], single, row_titles=row, column_titles=columns)
+        out.write(f"{name}.png", lambda path, figure=grid: viz.save(figure, path))
         if "gmar" in explanations:
-            figure = viz.head_weights_figure(explanations["gmar"].head_weights[i].cpu(), f"GMAR head weights: {stem}")
-            viz.save(figure, out / f"{stem}_gmar_heads.png")
+            figure = viz.head_weights_figure(explanations["gmar"].head_weights[i].cpu(), f"GMAR head weights: {name}")
+            out.write(f"{name}_gmar_heads.png", lambda path, figure=figure: viz.save(figure, path))
         if save_maps:
             for method, explanation in explanations.items():
-                np.save(out / f"{stem}_{method}.npy", explanation.heatmap[i].cpu().numpy())
-    return len(stems)
+                heatmap = explanation.heatmap[i].cpu().numpy()
+                out.write(f"{name}_{method}.npy", lambda path, heatmap=heatmap: np.save(path, heatmap))
+    return len(names)
 
 
 def _write_prompts(
-    batch: torch.Tensor, explanations: dict, loaded: LoadedModel, stems: list[str], out: Path, save_maps: bool
+    batch: torch.Tensor,
+    explanations: dict,
+    loaded: LoadedModel,
+    names: list[str],
+    slugs: list[str],
+    out: OutputFolder,
+    save_maps: bool,
 ) -> int:
     """One figure per image: a row per prompt, the image and one overlay per method, labelled with the prompt."""
     pixels = denormalise(batch, loaded.preprocess).cpu()
     first = next(iter(explanations.values()))
     prompts = first.prompts
-    count = len(prompts) // len(stems)  # maps per image: one per prompt
-    slugs = _unique_stems([Path(_slug(p)) for p in prompts[:count]])
-    for i, stem in enumerate(stems):
+    count = len(slugs)  # maps per image: one per prompt
+    for i, name in enumerate(names):
         rows = list(range(i * count, (i + 1) * count))
         images = pixels[i : i + 1].expand(count, *pixels.shape[1:])
         row_titles = [f'"{_short(prompts[r])}"' for r in rows]
@@ -382,16 +457,18 @@ def _write_prompts(
             for m, e in explanations.items()
         }
         single = {m: replace(e, heatmap=e.heatmap[rows[0] : rows[-1] + 1]) for m, e in explanations.items()}
-        viz.save(viz.method_grid(images, single, row_titles=row_titles, column_titles=columns), out / f"{stem}.png")
+        grid = viz.method_grid(images, single, row_titles=row_titles, column_titles=columns)
+        out.write(f"{name}.png", lambda path, figure=grid: viz.save(figure, path))
         for slug, r in zip(slugs, rows, strict=True):
             if "gmar" in explanations:
-                title = f'GMAR head weights: {stem}, "{_short(prompts[r])}"'
+                title = f'GMAR head weights: {name}, "{_short(prompts[r])}"'
                 figure = viz.head_weights_figure(explanations["gmar"].head_weights[r].cpu(), title)
-                viz.save(figure, out / f"{stem}_{slug}_gmar_heads.png")
+                out.write(f"{name}_{slug}_gmar_heads.png", lambda path, figure=figure: viz.save(figure, path))
             if save_maps:
                 for method, explanation in explanations.items():
-                    np.save(out / f"{stem}_{slug}_{method}.npy", explanation.heatmap[r].cpu().numpy())
-    return len(stems)
+                    heatmap = explanation.heatmap[r].cpu().numpy()
+                    out.write(f"{name}_{slug}_{method}.npy", lambda path, heatmap=heatmap: np.save(path, heatmap))
+    return len(names)
 
 
 def _short(text: str, width: int = 40) -> str:
@@ -422,9 +499,16 @@ def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise GmarError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+        raise GmarError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "meta":
+        raise GmarError("--device meta holds no data, so nothing can be explained on it; use cpu, cuda or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GmarError("--device cuda asked for, but no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        backend = getattr(torch.backends, device.type, None) or getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise GmarError(f"--device {name} asked for, but this machine has none; use cpu")
     return device
 
 
@@ -438,7 +522,8 @@ def _image_paths(args: argparse.Namespace) -> list[Path]:
     paths: list[Path] = []
     for path in given:
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            ours = previous_outputs(path)  # figures gmar wrote into this folder are not inputs
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name not in ours)
             if not found:
                 print(f"gmar: no images in folder {path}", file=sys.stderr)
             paths += found
@@ -451,21 +536,28 @@ def _load(args: argparse.Namespace, device: torch.device) -> LoadedModel:
     spec = args.model or (f"hf:{args.pretrained}" if args.pretrained else None)
     if spec is None:
         raise GmarError("name a model: --model timm:NAME | hf:NAME_OR_PATH | openclip:ARCH/TAG (or --pretrained HF_ID)")
-    logging.disable(logging.WARNING)  # hub clients log retries and fallbacks; gmar reports one line
+    # Hub clients log retries and fallbacks, and a failed download as an error, and transformers draws
+    # a progress bar while it loads weights: gmar reports a failure on one line and loads quietly.
+    disabled = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    bars = None
+    if spec.startswith("hf:"):
+        from transformers.utils import logging as bars
+
+        shown = bars.is_progress_bar_enabled()
+        bars.disable_progress_bar()
     try:
-        return load_model(spec, checkpoint=args.checkpoint, pretrained=not args.random_init, device=device)
+        return load_model(
+            spec,
+            checkpoint=args.checkpoint,
+            pretrained=not args.random_init,
+            device=device,
+            num_classes=args.num_classes,
+        )
     finally:
-        logging.disable(logging.NOTSET)
-
-
-def _unique_stems(paths: list[Path]) -> list[str]:
-    seen: dict[str, int] = {}
-    stems = []
-    for path in paths:
-        count = seen.get(path.stem, 0)
-        seen[path.stem] = count + 1
-        stems.append(path.stem if count == 0 else f"{path.stem}-{count + 1}")
-    return stems
+        logging.disable(disabled)
+        if bars is not None and shown:
+            bars.enable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ import torch
 from gmar import viz
 from gmar.adapters import get_adapter
 from gmar.data import CLASSES, Scenes
-from gmar.evaluate import Settings, evaluate, report, scene_items, select_metrics
+from gmar.evaluate import REPORT_FILES, Settings, evaluate, report, scene_items, select_metrics
 from gmar.methods import available_methods, explain
+from gmar.outputs import OutputFolder
 from gmar.reference import load_reference_model
 
 #: the test scenes shown in the figure
@@ -21,7 +22,9 @@ SHOWN = (0, 1, 2, 3)
 def demo(out: Path, scenes: int = 100) -> list[str]:
     """Write the figure, the head-weights picture and the evaluation table; return what was written."""
     start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    outputs = OutputFolder(out)
+    outputs.check(["scenes.png", "gmar_heads.png"])
+    OutputFolder(out / "evaluation").check(REPORT_FILES)  # before the work, not after it
     model = load_reference_model()
     methods = available_methods()
     size = get_adapter(model).preprocess_config().input_size[0]
@@ -40,9 +43,10 @@ def demo(out: Path, scenes: int = 100) -> list[str]:
     for i, (scene, cls) in enumerate(rows):  # outline the explained object in every panel of its row
         for axis in figure.axes[i * columns : (i + 1) * columns]:
             axis.contour(scene.masks[cls].float().numpy(), levels=[0.5], colors="white", linewidths=0.8)
-    viz.save(figure, out / "scenes.png")
+    outputs.write("scenes.png", lambda path: viz.save(figure, path))
     first = explanations["gmar"].head_weights[0]
-    viz.save(viz.head_weights_figure(first, f"GMAR head weights: {row_titles[0]}"), out / "gmar_heads.png")
+    heads = viz.head_weights_figure(first, f"GMAR head weights: {row_titles[0]}")
+    outputs.write("gmar_heads.png", lambda path: viz.save(heads, path))
 
     settings = Settings(
         model="reference",

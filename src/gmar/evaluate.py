@@ -11,6 +11,7 @@ modulo the world size is its rank, all write to the same database, and rank 0 wr
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import sqlite3
@@ -18,7 +19,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from gmar import metrics as M
 from gmar.adapters import get_adapter
 from gmar.errors import GmarError
 from gmar.methods import explain
+from gmar.outputs import OutputFolder
 from gmar.preprocess import PreprocessConfig, load_image, preprocess, resize_and_crop
 from gmar.progress import Progress
 
@@ -92,6 +94,8 @@ class Settings:
     seed: int = 0
     multi_label: bool = False
     extra: dict = field(default_factory=dict)
+    #: :func:`weights_digest` of the model; :func:`evaluate` fills it in, so a changed checkpoint is never resumed
+    weights: str = ""
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -112,29 +116,50 @@ def scene_items(limit: int | None, seed: int = 0, image_size: int = 64) -> list[
 
 def folder_items(folder: Path, masks: Path | None, config: PreprocessConfig, limit: int | None) -> list[Item]:
     """Images of ``folder`` (sorted), with the same-named mask of ``masks`` when given (nonzero =
-    foreground, resized and cropped like the image). Unreadable images are reported and skipped."""
+    foreground, resized and cropped like the image). An unreadable image, an unreadable mask and a
+    mask whose pixel size is not its image's are reported on one line each and their item skipped."""
     suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
     if not folder.is_dir():
         raise GmarError(f"imagefolder: {folder} is not a folder")
+    if masks is not None and not masks.is_dir():
+        raise GmarError(f"--masks {masks} is not a folder; give the folder of masks named like the images")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)[:limit]
     items = []
     for path in paths:
         try:
-            image = preprocess(load_image(path), config)[0]
+            picture = load_image(path)
+            image = preprocess(picture, config)[0]
         except GmarError as error:
             print(f"gmar: skipped {error}", file=sys.stderr)
             continue
         mask = None
         if masks is not None:
-            found = [p for p in masks.glob(path.stem + ".*") if p.suffix.lower() in suffixes]
+            found = sorted(p for p in masks.glob(path.stem + ".*") if p.suffix.lower() in suffixes)
             if not found:
                 print(
                     f"gmar: no mask for {path.name} in {masks}; its localisation metrics are skipped", file=sys.stderr
                 )
             else:
-                mask = _mask_to_input(np.asarray(load_image(found[0]).convert("L")) > 0, config)
+                try:
+                    drawn = load_image(found[0], background=(0, 0, 0))  # transparent: not the object
+                except GmarError as error:
+                    print(f"gmar: skipped {path.name}: its mask cannot be read ({error})", file=sys.stderr)
+                    continue
+                if drawn.size != picture.size:
+                    print(
+                        f"gmar: skipped {path.name}: its mask {found[0]} is {_pixels(drawn.size)} pixels but the "
+                        f"image is {_pixels(picture.size)}; a mask must have its image's size",
+                        file=sys.stderr,
+                    )
+                    continue
+                mask = _mask_to_input(np.asarray(drawn.convert("L")) > 0, config)
         items.append(Item(path.name, image, None, mask))
     return items
+
+
+def _pixels(size: tuple[int, int]) -> str:
+    """A PIL ``(width, height)`` as ``"W×H"``."""
+    return f"{size[0]}×{size[1]}"
 
 
 def imagenet_seg_items(file: Path, config: PreprocessConfig, limit: int | None) -> list[Item]:
@@ -177,7 +202,24 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.db = sqlite3.connect(path, timeout=120)
+        existed = path.is_file() and path.stat().st_size > 0
+        try:
+            self.db = sqlite3.connect(path, timeout=120)
+        except sqlite3.Error as error:
+            raise GmarError(f"cannot use {path} ({error}); use another --out") from None
+        try:
+            self._open(existed)
+        except sqlite3.DatabaseError as error:
+            self.db.close()
+            if isinstance(error, sqlite3.OperationalError):  # locked, unwritable, no space: not damage
+                if "locked" in str(error):
+                    raise GmarError(f"{path} stayed locked by another process for 2 minutes; try again later") from None
+                raise GmarError(f"cannot use {path} ({error}); use another --out") from None
+            raise GmarError(
+                f"{path} is damaged ({error}); gmar leaves it as it is: move it away or use another --out"
+            ) from None
+
+    def _open(self, existed: bool) -> None:
         # Switching to WAL can fail at once with "database is locked" while another process does
         # the same (SQLite returns busy there without waiting): try again for as long as the timeout.
         deadline = time.monotonic() + 120
@@ -189,6 +231,10 @@ class Store:
                 if "locked" not in str(error) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+        if existed:  # a damaged page is found now, not halfway through a run
+            problems = [row[0] for row in self.db.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(problems))
         self.db.executescript(
             """
             CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
@@ -209,6 +255,8 @@ class Store:
         if stored != current:
             old, new = json.loads(stored), json.loads(current)
             differ = ", ".join(k for k in new if old.get(k) != new.get(k))
+            if old.get("weights") != new.get("weights"):
+                differ = differ.replace("weights", "weights: the model's weights are not those it was run with")
             raise GmarError(
                 f"{self.path} holds results of a run with other settings ({differ}); use another --out or delete it"
             )
@@ -260,10 +308,19 @@ def evaluate(
     world: int = 1,
     after_batch: Callable[[], None] | None = None,
 ) -> Store:
-    """Explain and score ``items`` (this process's share of them), storing as it goes."""
+    """Explain and score ``items`` (this process's share of them), storing as it goes.
+
+    The store is keyed by ``settings`` and by :func:`weights_digest` of ``model``: a folder holding
+    another run's results, or results of other weights, is refused.
+    """
+    settings = replace(settings, weights=weights_digest(model))
     out.mkdir(parents=True, exist_ok=True)
     store = Store(out / "results.sqlite")
-    store.check_settings(settings)
+    try:
+        store.check_settings(settings)
+    except GmarError:
+        store.close()
+        raise
     mine = [item for index, item in enumerate(items) if index % world == rank]
     done = store.done()
     todo = [item for item in mine if any((item.key, m) not in done for m in _units(settings))]
@@ -299,6 +356,17 @@ def evaluate(
             after_batch()
     bar.close()
     return store
+
+
+def weights_digest(model: nn.Module) -> str:
+    """The first 16 hex digits of a SHA-256 over the model's state dict (parameters and persistent
+    buffers): each entry's name, dtype, shape and bytes, in order. Equal weights give equal digests."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 def _units(settings: Settings) -> list[str]:
@@ -394,6 +462,15 @@ def _add_sanity(results, model, method, images, targets, rows, settings) -> None
 # ---------------------------------------------------------------------------------------------- report
 
 
+#: The files :func:`report` may write; none of them replaces a file gmar did not write.
+REPORT_FILES = (
+    "results.csv",
+    "results.md",
+    *(f"{group}.png" for group in GROUPS),
+    "deletion_insertion.png",
+)
+
+
 def report(store: Store, settings: Settings, out: Path) -> dict:
     """Write ``results.csv``, ``results.md`` and the plots; return the summary table."""
     table: dict[tuple[str, str], list[float]] = {}
@@ -406,15 +483,21 @@ def report(store: Store, settings: Settings, out: Path) -> dict:
     summary = {key: (*M.mean_ci(values), sum(v == v for v in values)) for key, values in table.items()}
     metrics_present = [m for group in GROUPS.values() for m in group if any(k[1] == m for k in summary)]
     methods_present = [m for m in settings.methods if any(k[0] == m for k in summary)]
-    with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["method", "metric", "mean", "ci95", "n", "better"])
-        for (method, metric), (mean, ci, n) in sorted(summary.items()):
-            writer.writerow([method, metric, f"{mean:.6f}", f"{ci:.6f}", n, M.DIRECTION[metric]])
+    outputs = OutputFolder(out)
+    outputs.check(REPORT_FILES)  # before writing any: a report is written whole or not at all
+
+    def write_csv(path: Path) -> None:
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["method", "metric", "mean", "ci95", "n", "better"])
+            for (method, metric), (mean, ci, n) in sorted(summary.items()):
+                writer.writerow([method, metric, f"{mean:.6f}", f"{ci:.6f}", n, M.DIRECTION[metric]])
+
+    outputs.write("results.csv", write_csv)
     markdown = _markdown(summary, methods_present, metrics_present, settings)
     paired = _paired(scores, methods_present, metrics_present)
-    (out / "results.md").write_text(markdown + paired + _sanity_steps(store, methods_present))
-    _plots(store, summary, methods_present, out)
+    outputs.write("results.md", lambda path: path.write_text(markdown + paired + _sanity_steps(store, methods_present)))
+    _plots(store, summary, methods_present, outputs)
     return summary
 
 
@@ -540,7 +623,7 @@ def _best(summary, methods, metric) -> set[str]:
     return {m for m, v in values.items() if abs(v - best) <= 1e-12}
 
 
-def _plots(store: Store, summary, methods, out: Path) -> None:
+def _plots(store: Store, summary, methods, out: OutputFolder) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -559,7 +642,7 @@ def _plots(store: Store, summary, methods, out: Path) -> None:
             axis.set_xticks(range(len(present)), present, rotation=45, ha="right", fontsize=8)
             axis.set_title(f"{name} {_arrow(name)}", fontsize=9)
         figure.tight_layout()
-        figure.savefig(out / f"{group}.png", dpi=100)
+        out.write(f"{group}.png", lambda path, figure=figure: figure.savefig(path, dpi=100))
         plt.close(figure)
     curves: dict[tuple[str, str], list[list[float]]] = {}
     for _, method, curve, values in store.curves():
@@ -577,7 +660,7 @@ def _plots(store: Store, summary, methods, out: Path) -> None:
             axis.set_title(title, fontsize=9)
         axes[0].legend(fontsize=7)
         figure.tight_layout()
-        figure.savefig(out / "deletion_insertion.png", dpi=100)
+        out.write("deletion_insertion.png", lambda path, figure=figure: figure.savefig(path, dpi=100))
         plt.close(figure)
     ablations = {k[0]: v for k, v in curves.items() if k[0].startswith("head_ablation[")}
     if ablations:
@@ -590,7 +673,7 @@ def _plots(store: Store, summary, methods, out: Path) -> None:
         axis.set_title("head ablation (↓ area)", fontsize=9)
         axis.legend(fontsize=7)
         figure.tight_layout()
-        figure.savefig(out / "head_ablation.png", dpi=100)
+        out.write("head_ablation.png", lambda path, figure=figure: figure.savefig(path, dpi=100))
         plt.close(figure)
 
 

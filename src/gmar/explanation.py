@@ -41,6 +41,28 @@ class Explanation:
     def __len__(self) -> int:
         return self.token_map.shape[0]
 
+    def __repr__(self) -> str:
+        """One line: the method, batch size, shapes and explained classes, no tensor data."""
+        fields = [
+            f"method={self.method!r}",
+            f"batch={len(self)}",
+            f"heatmap={tuple(self.heatmap.shape)}",
+            f"token_map={tuple(self.token_map.shape)}",
+            f"target={_short(None if self.target is None else self.target.tolist())}",
+        ]
+        if self.head_weights is not None:
+            fields.append(f"head_weights={tuple(self.head_weights.shape)}")
+        if self.prompts is not None:
+            fields.append(f"prompts={_short(self.prompts)}")
+        return f"Explanation({', '.join(fields)})"
+
+
+def _short(values: list | None, limit: int = 8) -> str:
+    """A list's repr cut to its first ``limit`` items."""
+    if values is None or len(values) <= limit:
+        return repr(values)
+    return "[" + ", ".join(repr(v) for v in values[:limit]) + ", ...]"
+
 
 def upsample(token_map: torch.Tensor, layout: TokenLayout, image_size: tuple[int, int]) -> torch.Tensor:
     """Token map ``(B, h, w)`` to pixels ``(B, H, W)``, bilinearly, each patch over the pixels it covers.

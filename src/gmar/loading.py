@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gmar.adapters import get_adapter
-from gmar.errors import ModelLoadError
+from gmar.errors import GmarError, ModelLoadError
 from gmar.preprocess import PreprocessConfig
 
 FAMILIES = ("timm", "hf", "openclip")
@@ -43,21 +43,32 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 def load_model(
-    spec: str, *, checkpoint: str | Path | None = None, pretrained: bool = True, device: str | torch.device = "cpu"
+    spec: str,
+    *,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = True,
+    device: str | torch.device = "cpu",
+    num_classes: int | None = None,
 ) -> LoadedModel:
     """Load ``spec``; with ``checkpoint`` the weights come from that local file instead of a hub.
 
     ``pretrained=False`` builds the architecture with seeded random weights (for pipelines and tests;
-    such a model's explanations mean nothing).
+    such a model's explanations mean nothing). ``num_classes`` builds the classifier head with that
+    many outputs (timm's ``num_classes``, Hugging Face's ``num_labels``), for a fine-tuned checkpoint;
+    it needs ``checkpoint`` or ``pretrained=False``, since a new head on hub weights is untrained.
     """
     family, name = parse_spec(spec)
-    from_hub = pretrained and checkpoint is None
+    if family == "hf":
+        name = _local_directory(name)
+    local = family == "hf" and Path(name).is_dir()  # a saved model: nothing to fetch
+    from_hub = pretrained and checkpoint is None and not local
+    _check_num_classes(family, num_classes, pretrained and checkpoint is None)
     hub = _HubState()
     try:
         with torch.random.fork_rng(devices=[]), _hub_offline_unless_reachable(from_hub, hub):
             torch.manual_seed(0)
-            loaded = _LOADERS[family](name, from_hub)
-    except ModelLoadError:
+            loaded = _LOADERS[family](name, from_hub, num_classes)
+    except GmarError:  # already one line: a load error, or a zoo version gmar does not support
         raise
     except ImportError as error:
         extra = {"timm": "timm", "hf": "hf", "openclip": "clip"}[family]
@@ -71,24 +82,69 @@ def load_model(
         hint = " (no network? use --checkpoint FILE, or hf: with a local directory)" if from_hub else ""
         raise ModelLoadError(f"cannot load {spec}: {_first_line(error)}{hint}") from None
     if checkpoint is not None:
-        _load_checkpoint(loaded.model, Path(checkpoint))
+        load_state(loaded.model, load_weights(Path(checkpoint)), Path(checkpoint), spec)
     loaded.model.to(device).eval()
     return loaded
 
 
+def _check_num_classes(family: str, num_classes: int | None, from_hub: bool) -> None:
+    if num_classes is None:
+        return
+    if family == "openclip":
+        raise ModelLoadError("--num-classes is for classifiers (timm:, hf:); an OpenCLIP model has no class head")
+    if num_classes < 1:
+        raise ModelLoadError(f"--num-classes must be at least 1, not {num_classes}")
+    if from_hub:
+        raise ModelLoadError(
+            "--num-classes builds a new, untrained head: give the fine-tuned weights with --checkpoint FILE "
+            "(or use --random-init)"
+        )
+
+
+def _local_directory(name: str) -> str:
+    """``name`` itself, or the expanded path when it is clearly a path (not a hub id); refuses a missing one."""
+    looks_like_path = name.startswith(("./", "../", "/", "~")) or "\\" in name or name.count("/") > 1
+    if not looks_like_path:
+        return name
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"hf:{name}: no such directory (a saved model is the folder save_pretrained wrote)")
+    if not path.is_dir():
+        raise ModelLoadError(f"hf:{name} is a file, not a directory: give the folder save_pretrained wrote")
+    return str(path)
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.safetensors`` file or a ``torch.save`` file (read with ``weights_only=True``)."""
+    """A state dict from a safetensors file or a ``torch.save`` file (read with ``weights_only=True``).
+
+    The format is told from the file's first bytes, not its name.
+    """
+    if path.is_dir():
+        raise ModelLoadError(f"checkpoint {path} is a folder; give the weights file (.safetensors or torch.save)")
     if not path.is_file():
         raise ModelLoadError(f"checkpoint {path}: no such file")
+    kind = _weights_format(path)
+    if kind is None:
+        raise ModelLoadError(
+            f"checkpoint {path} is neither a safetensors file nor a torch.save file{_what_it_looks_like(path)}; "
+            "give weights saved with safetensors or torch.save"
+        )
     try:
-        if path.suffix == ".safetensors":
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ModelLoadError(f"checkpoint {path}: cannot read it ({_first_line(error)})") from None
+        if "Weights only load failed" in str(error):
+            raise ModelLoadError(
+                f"checkpoint {path} holds pickled objects besides tensors (a whole model?), which gmar does not "
+                "unpickle; save model.state_dict() with torch.save or safetensors"
+            ) from None
+        raise ModelLoadError(
+            f"checkpoint {path}: cannot read it as a {kind} file, it may be damaged or cut short ({_first_line(error)})"
+        ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -97,13 +153,80 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_checkpoint(model: nn.Module, path: Path) -> None:
-    state = load_weights(path)
-    result = model.load_state_dict(state, strict=False)
-    problems = [f"missing {k}" for k in result.missing_keys] + [f"unexpected {k}" for k in result.unexpected_keys]
+def _weights_format(path: Path) -> str | None:
+    """``"safetensors"``, ``"torch.save"`` (a zip archive or a legacy pickle) or None, from the first bytes."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return "torch.save"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+        return "safetensors"
+    return None
+
+
+def _what_it_looks_like(path: Path) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if not head:
+        return " (it is empty)"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+    return " (it holds text)"
+
+
+def load_state(model: nn.Module, state: dict, path: Path, spec: str, *, head_flag: bool = True) -> None:
+    """Copy ``state`` into ``model`` once every key and shape is known to fit; else one line naming the misfits.
+
+    ``head_flag``: whether a head of another size may be answered with ``--num-classes N``.
+    """
+    own = model.state_dict()
+    shapes, missing = [], []
+    for key, value in own.items():
+        if key not in state:
+            missing.append(key)
+        elif not isinstance(state[key], torch.Tensor):
+            shapes.append((key, f"{key} is a {type(state[key]).__name__} in the checkpoint, not a tensor"))
+        elif tuple(state[key].shape) != tuple(value.shape):
+            text = f"{key} {_shape(state[key].shape)} in the checkpoint, {_shape(value.shape)} in the model"
+            shapes.append((key, text))
+    unexpected = [key for key in state if key not in own]
+    problems = [t for _, t in shapes] + [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
     if problems:
         shown = ", ".join(problems[:3]) + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise ModelLoadError(f"checkpoint {path} does not fit the model: {shown}")
+        classes = _head_size(model, state, [k for k, _ in shapes]) if head_flag and not missing + unexpected else None
+        if classes is not None:
+            advice = f"it holds a {classes}-class head: pass --num-classes {classes}"
+        else:
+            advice = "this checkpoint is for another architecture: pass the --model it was trained as"
+        raise ModelLoadError(f"checkpoint {path} does not fit {spec}: {shown}; {advice}")
+    try:
+        model.load_state_dict(state, strict=False)
+    except Exception as error:
+        raise ModelLoadError(f"checkpoint {path} does not fit {spec}: {_first_line(error)}") from None
+
+
+def _head_size(model: nn.Module, state: dict, keys: list[str]) -> int | None:
+    """The checkpoint's number of classes when the only misfits are the classifier's rows, else None."""
+    config = getattr(model, "config", None)
+    classes = getattr(model, "num_classes", None) or getattr(config, "num_labels", None)
+    own = model.state_dict()
+    if not keys or not isinstance(classes, int):
+        return None
+    sizes = set()
+    for key in keys:
+        theirs, mine = state[key], own[key]
+        if not isinstance(theirs, torch.Tensor) or theirs.ndim == 0 or mine.shape[0] != classes:
+            return None
+        if tuple(theirs.shape[1:]) != tuple(mine.shape[1:]):
+            return None
+        sizes.add(int(theirs.shape[0]))
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _shape(shape: torch.Size) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
 @dataclass
@@ -142,25 +265,31 @@ def _first_line(error: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-def _load_timm(name: str, from_hub: bool) -> LoadedModel:
+def _load_timm(name: str, from_hub: bool, num_classes: int | None) -> LoadedModel:
     import timm
 
-    model = timm.create_model(name, pretrained=from_hub)
+    if not name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(name):
+        raise ModelLoadError(f"timm:{name}: no timm model named {name!r}; timm.list_models('*vit*') lists them")
+    head = {} if num_classes is None else {"num_classes": num_classes}
+    model = timm.create_model(name, pretrained=from_hub, **head)
     adapter = get_adapter(model)
     return LoadedModel(model, adapter.preprocess_config(), adapter.class_names(), f"timm:{name}")
 
 
-def _load_hf(name: str, from_hub: bool) -> LoadedModel:
+def _load_hf(name: str, from_hub: bool, num_classes: int | None) -> LoadedModel:
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
-    hf_config = AutoConfig.from_pretrained(name)
+    hf_config = AutoConfig.from_pretrained(name, **({} if num_classes is None else {"num_labels": num_classes}))
     # An image-text model (CLIP, SigLIP) is explained through its image embedding and text prompts: build
-    # it whole, not a classifier with a fresh head, unless the checkpoint is such a classifier.
+    # it whole, not a classifier with a fresh head, unless a classifier is asked for or saved.
     architectures = getattr(hf_config, "architectures", None) or []
-    classifier = any(a.endswith("ForImageClassification") for a in architectures)
+    classifier = num_classes is not None or any(a.endswith("ForImageClassification") for a in architectures)
     text_image = hf_config.model_type in _TEXT_IMAGE and not classifier
     auto = AutoModel if text_image else AutoModelForImageClassification
-    model = auto.from_pretrained(name) if from_hub or Path(name).is_dir() else auto.from_config(hf_config)
+    if num_classes is None and (from_hub or Path(name).is_dir()):
+        model = auto.from_pretrained(name)
+    else:  # the weights come from a checkpoint (or are random): build from the config
+        model = auto.from_config(hf_config)
     adapter = get_adapter(model)
     extras = {"tokenizer": _hf_tokenizer(name)} if text_image else {}
     config = adapter.preprocess_config()
@@ -187,7 +316,7 @@ def _hf_tokenizer(name: str) -> Any:
         return None
 
 
-def _load_openclip(name: str, from_hub: bool) -> LoadedModel:
+def _load_openclip(name: str, from_hub: bool, num_classes: int | None) -> LoadedModel:
     import open_clip
 
     arch, _, tag = name.partition("/")

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gmar.capture import model_lock
+
 #: metric name -> which way is better
 DIRECTION = {
     "deletion_auc": "lower",
@@ -60,7 +62,8 @@ class Scorer:
         for start in range(0, images.shape[0], self.batch_size):
             chunk = images[start : start + self.batch_size]
             target = classes[start : start + self.batch_size]
-            logits = self.model(chunk).float()
+            with model_lock(self.model):  # not while another thread's explanation instruments it
+                logits = self.model(chunk).float()
             picked = logits.gather(1, target[:, None]).squeeze(1)
             if self.multi_label:
                 probabilities.append(torch.sigmoid(picked))
@@ -335,7 +338,8 @@ def cascading_randomisation(
         ``[(step label, spearman (B,)), ...]``.
     """
     original = explain(model).detach()
-    twin = copy.deepcopy(model)
+    with model_lock(model):  # a copy taken while another thread instruments the model would keep its hooks
+        twin = copy.deepcopy(model)
     parameters = dict(twin.named_parameters())
     generator = torch.Generator().manual_seed(seed)
     results = []
@@ -392,13 +396,14 @@ def head_ablation(
         for start in range(0, total + 1, scorer.batch_size):
             rows = slice(start, start + scorer.batch_size)  # each chunk masks with its own rows of `keep`
             handles = []
-            try:
-                for layer, (projection, count) in enumerate(projections):
-                    handles.append(projection.register_forward_pre_hook(_mask_heads(keep[rows, layer], count)))
-                scores.append(scorer(repeated[rows], targets[rows])[0])
-            finally:
-                for handle in handles:
-                    handle.remove()
+            with model_lock(adapter.model):  # the masking hooks must reach no other thread's call
+                try:
+                    for layer, (projection, count) in enumerate(projections):
+                        handles.append(projection.register_forward_pre_hook(_mask_heads(keep[rows, layer], count)))
+                    scores.append(scorer(repeated[rows], targets[rows])[0])
+                finally:
+                    for handle in handles:
+                        handle.remove()
         curves.append(torch.cat(scores))
     curve = torch.stack(curves)
     fractions = torch.linspace(0, 1, total + 1, device=curve.device)

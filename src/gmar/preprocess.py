@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gmar.errors import ImageLoadError
 
@@ -34,18 +36,70 @@ class PreprocessConfig:
     crop_pct: float = 1.0
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB; raise :class:`ImageLoadError` with the reason if it cannot be read."""
+#: What transparent pixels are composited over (see :func:`to_rgb`).
+WHITE = (255, 255, 255)
+
+
+def load_image(path: str | Path, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Open an image file as the RGB picture it shows (see :func:`to_rgb`), turned upright by its EXIF
+    orientation; raise :class:`ImageLoadError` with the reason if it cannot be read.
+
+    Images of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels are refused before they are decoded.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(f"{path}: no such file")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            # Pillow warns between one and two times its limit; gmar refuses that range itself, below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit is not None and image.width * image.height > limit:
+                    raise ImageLoadError(f"{path}: too large: {image.width} x {image.height} pixels{_limit(limit)}")
+                image.load()
+                ImageOps.exif_transpose(image, in_place=True)
+                return to_rgb(image, background)
+    except Image.DecompressionBombError as error:
+        count = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = f"{count.group(1)} pixels" if count else "more pixels than Pillow allows"
+        raise ImageLoadError(f"{path}: too large: {pixels}{_limit(Image.MAX_IMAGE_PIXELS)}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        if isinstance(error, ImageLoadError):
+            raise
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ImageLoadError(f"{path}: not a readable image ({reason})") from None
+
+
+def _limit(limit: int | None) -> str:
+    return f", above Pillow's limit of {limit} (raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file)"
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """The RGB picture an image shows, whatever its mode.
+
+    Transparent and partly transparent pixels (alpha channels, palette or colour-key transparency) are
+    composited over ``background``. 16-bit samples (modes ``I;16*`` and ``I``, as 16-bit PNG and TIFF
+    files open) are scaled to 8 bit (65535 -> 255). Floating-point images (``F``) are taken as
+    fractions of white when every value lies in [0, 1], else as 0-255 values; values outside 0-255
+    are clipped. CMYK, YCbCr, grey and 1-bit images are converted with Pillow's formulas.
+    """
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I"):
+            values = values / 257.0
+        elif values.size and np.nanmin(values) >= 0.0 and np.nanmax(values) <= 1.0:
+            values = values * 255.0
+        grey = np.clip(np.nan_to_num(np.round(values)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (*background, 255))
+        flat.alpha_composite(rgba)
+        return flat.convert("RGB")
+    return image.convert("RGB")
 
 
 def resize_and_crop(image: Image.Image, config: PreprocessConfig) -> Image.Image:
@@ -72,7 +126,7 @@ def preprocess(images: Image.Image | Sequence[Image.Image], config: PreprocessCo
     """PIL image(s) to the model's input tensor ``(B, 3, H, W)``."""
     if isinstance(images, Image.Image):
         images = [images]
-    return to_tensor([resize_and_crop(image.convert("RGB"), config) for image in images], config)
+    return to_tensor([resize_and_crop(to_rgb(image), config) for image in images], config)
 
 
 def denormalise(images: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:

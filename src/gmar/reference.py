@@ -77,20 +77,35 @@ def build_reference_model(config: ReferenceConfig = ReferenceConfig()) -> nn.Mod
 
 
 def load_reference_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """The shipped reference ViT (or the checkpoint at ``path``), in eval mode. Needs no network."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """The shipped reference ViT (or the checkpoint at ``path``), in eval mode. Needs no network.
+
+    ``path`` may be a safetensors file written by ``gmar train-reference`` (its architecture is read from
+    the file's metadata) or a ``torch.save`` state dict of the default architecture.
+    """
+    from gmar.loading import load_state, load_weights
 
     file = Path(path) if path is not None else Path(str(resources.files("gmar") / "assets" / CHECKPOINT))
-    if not file.is_file():
+    if not file.exists():
         raise ModelLoadError(f"no reference checkpoint at {file}; create one with gmar train-reference")
-    with safe_open(str(file), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    state = load_weights(file)
     known = ReferenceConfig.__dataclass_fields__
-    config = ReferenceConfig(**{k: v for k, v in json.loads(metadata.get("config", "{}")).items() if k in known})
+    stored = _stored_config(file)
+    config = ReferenceConfig(**{k: v for k, v in stored.items() if k in known})
     model = build_reference_model(config)
-    model.load_state_dict(load_file(str(file)))
+    load_state(model, state, file, "the reference ViT", head_flag=False)
     return model.to(device).eval()
+
+
+def _stored_config(file: Path) -> dict:
+    """The architecture saved in a safetensors file's metadata; empty for any other file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return json.loads(metadata.get("config", "{}"))
+    except Exception:  # a torch.save file (load_weights has read it already) or no readable metadata
+        return {}
 
 
 def decide(logits: torch.Tensor) -> torch.Tensor:

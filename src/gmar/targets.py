@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,8 +21,9 @@ def resolve_target(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The score ``y`` ``(B,)`` to explain, and the explained classes ``(B,)`` (None for a callable).
 
-    ``target`` is None (each sample's predicted class), an int (the same class for every sample),
-    ``B`` ints, or a callable ``f(model_output) -> (B,)`` scores (such as :class:`TextTarget`).
+    ``target`` is None (each sample's predicted class), an integer scalar (a Python or numpy int,
+    or a 0-dim integer tensor or array: the same class for every sample), ``B`` ints, or a callable
+    ``f(model_output) -> (B,)`` scores (such as :class:`TextTarget`).
     """
     batch = output.shape[0]
     if callable(target) and not isinstance(target, torch.Tensor):
@@ -39,19 +42,25 @@ def resolve_target(
     num_classes = output.shape[1]
     if target is None:
         classes = output.detach().argmax(dim=-1)
-    elif isinstance(target, bool):
+    elif isinstance(target, (bool, np.bool_)):
         raise TargetError("target must be a class index, not a bool")
     elif isinstance(target, (str, bytes)):
         raise TargetError(f"target must be None, an int, {batch} class indices or a callable, not a string")
-    elif isinstance(target, int):
-        classes = torch.full((batch,), target, dtype=torch.long, device=output.device)
+    elif isinstance(target, numbers.Integral):  # int, numpy integers
+        classes = torch.full((batch,), int(target), dtype=torch.long, device=output.device)
     else:
         try:
             classes = torch.as_tensor(target, device=output.device)
         except (TypeError, ValueError) as error:
             raise TargetError(f"target must be None, an int, {batch} ints or a callable: {error}") from None
-        if classes.is_floating_point() or classes.shape != (batch,):
-            raise TargetError(f"target must hold {batch} integer class indices, got shape {tuple(classes.shape)}")
+        if classes.dtype == torch.bool:
+            raise TargetError("target must be class indices, not bools")
+        if classes.ndim == 0 and not classes.is_floating_point() and not classes.is_complex():
+            classes = classes.expand(batch)  # a 0-dim integer tensor or array: one class for every sample
+        if classes.is_floating_point() or classes.is_complex() or classes.shape != (batch,):
+            raise TargetError(
+                f"target must hold {batch} integer class indices, got {classes.dtype} of shape {tuple(classes.shape)}"
+            )
         classes = classes.long()
     if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
         raise TargetError(f"target classes must be in [0, {num_classes}), got {classes.tolist()}")
@@ -83,7 +92,7 @@ class TextTarget:
     * ``P`` prompts and ``P`` images: image ``i`` against prompt ``i``.
 
     The text embeddings are computed once, here, without gradients, with the model in eval mode
-    (its modes are restored).
+    (its modes are restored) and its lock held (:func:`gmar.capture.model_lock`).
 
     Args:
         model: the CLIP model: an OpenCLIP model (``encode_text``) or a transformers ``CLIPModel`` /

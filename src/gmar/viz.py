@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -82,10 +83,27 @@ def head_weights_figure(head_weights: torch.Tensor, title: str = "GMAR head weig
     axis.set_ylabel("layer")
     axis.set_xticks(range(heads))
     axis.set_yticks(range(layers))
-    axis.set_title(title, fontsize=9)
     figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
-    figure.tight_layout()
+    _fit_title(figure, axis, title, fontsize=9)
     return figure
+
+
+def _fit_title(figure: Figure, axis, title: str, fontsize: float, max_lines: int = 3) -> None:
+    """Set ``axis``'s title wrapped (and, past ``max_lines`` lines, shortened with "…") so that it lies
+    within the figure, then lay the figure out."""
+    width = len(title)
+    while True:
+        lines = textwrap.wrap(title, width, break_long_words=True, break_on_hyphens=False) or [""]
+        if len(lines) > max_lines:
+            lines = lines[:max_lines]
+            lines[-1] = lines[-1][:-1] + "…"
+        text = axis.set_title("\n".join(lines), fontsize=fontsize)
+        figure.tight_layout()
+        figure.canvas.draw()
+        box, frame = text.get_window_extent(), figure.bbox
+        if width <= 8 or (frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1):
+            return
+        width = max(8, min(width - 1, int(width * frame.width / box.width * 0.95)))
 
 
 def save(figure: Figure, path) -> None:

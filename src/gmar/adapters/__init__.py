@@ -25,13 +25,21 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
 )
 
 SUPPORTED = (
-    "timm VisionTransformer (vit_*, deit_* incl. distilled, register tokens, global_pool='avg'); "
-    "transformers ViTForImageClassification, DeiTForImageClassification(WithTeacher), "
-    "Dinov2(WithRegisters)ForImageClassification, BeitForImageClassification, Data2VecVisionForImageClassification, "
-    "CLIPModel, CLIPVisionModel(WithProjection), CLIPForImageClassification, MetaClip2 and SigLIP (2) equivalents, "
-    "TimmWrapperForImageClassification; OpenCLIP CLIP with a VisionTransformer image tower; "
-    "torchvision VisionTransformer (vit_b_16, ...)"
+    "timm VisionTransformer (vit_*, deit_*, register tokens, class_token=False with global_pool='avg', "
+    "SigLIP's global_pool='map', hybrid patch embeddings, post-norm blocks) and VisionTransformerDistilled; "
+    "transformers ViTForImageClassification, ViTMSNForImageClassification, DeiTForImageClassification, "
+    "DeiTForImageClassificationWithTeacher, Dinov2ForImageClassification, Dinov2WithRegistersForImageClassification, "
+    "IJepaForImageClassification, BeitForImageClassification, Data2VecVisionForImageClassification, "
+    "CLIPForImageClassification, SiglipForImageClassification, TimmWrapperForImageClassification, the image-text "
+    "models CLIPModel and SiglipModel, and the backbones ViTModel, ViTMSNModel, DeiTModel, Dinov2Model, "
+    "Dinov2WithRegistersModel, IJepaModel, CLIPVisionModel(WithProjection), SiglipVisionModel "
+    "(MetaClip2 and Siglip2 likewise); "
+    "OpenCLIP CLIP with a VisionTransformer image tower or a TimmModel tower on a timm ViT trunk (SigLIP-style); "
+    "torchvision VisionTransformer (vit_b_16, vit_l_16, ...)"
 )
+
+#: Wrappers for data-parallel training: gmar explains the model they wrap.
+PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
@@ -40,6 +48,11 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         return model
     # torch.compile wraps the module; hooks and flags belong on the original, which runs eagerly.
     model = getattr(model, "_orig_mod", model)
+    if isinstance(model, PARALLEL_WRAPPERS):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a wrapper for parallel training: pass `model.module` "
+            "(the model it wraps) to gmar instead"
+        )
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter(model)

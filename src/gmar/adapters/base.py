@@ -29,6 +29,9 @@ class ModelAdapter(ABC):
     extra_poolings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module) -> None:
+        from gmar.versions import check_supported
+
+        check_supported(self.family)  # an older zoo is refused before the model is touched
         self.model = model
         #: True when the model pools its tokens with an attention head (SigLIP's MAP pooler).
         self.attention_pooled = False

@@ -52,7 +52,7 @@ class OpenCLIPAdapter(ModelAdapter):
                 )
             self._trunk = TimmAdapter(visual.trunk)
             self.attention_pooled = self._trunk.attention_pooled
-            self.extra_poolings = ()
+            self.extra_poolings = self._trunk.extra_poolings
             return
         if not isinstance(visual, VisionTransformer):
             tower = type(visual).__name__ if visual is not None else "no image tower"
@@ -133,7 +133,7 @@ class OpenCLIPAdapter(ModelAdapter):
         check_pooling(self, pooling)
         visual = self._visual
         if self._trunk:
-            output, attention = self._trunk.readout(tokens)
+            output, attention = self._trunk.readout(tokens, pooling)
             return visual.head(output), attention
         if pooling == "all_tokens":
             pooled = visual.ln_post(tokens.mean(dim=1))

@@ -54,6 +54,8 @@ class TimmAdapter(ModelAdapter):
                 raise UnsupportedModelError(f"{name}: attention pooler {type(attn_pool).__name__} is not supported")
             pool = "map"
             self.attention_pooled = True
+            #: the official LeGrad code's readout for attention-pooled towers: no final norm before the pooler
+            self.extra_poolings = ("no_final_norm",)
         if pool not in ("token", "avg", "map"):
             raise UnsupportedModelError(
                 f"{name}: global_pool={pool!r} is not supported; gmar explains timm ViTs that read the "
@@ -130,7 +132,7 @@ class TimmAdapter(ModelAdapter):
     def readout(self, tokens: torch.Tensor, pooling: str = "model") -> tuple[torch.Tensor, torch.Tensor | None]:
         check_pooling(self, pooling)
         model = self.model
-        x = model.norm(tokens)
+        x = tokens if pooling == "no_final_norm" else model.norm(tokens)
         if not self.attention_pooled:
             return model.forward_head(x), None
         if not model.pool_include_prefix:

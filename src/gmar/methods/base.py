@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from gmar.adapters import get_adapter
-from gmar.capture import AttentionStream, Captured, GradientOf, capture, collect, frozen_eval
-from gmar.errors import CaptureError, TargetError, UnsupportedModelError
+from gmar.capture import AttentionStream, Captured, GradientOf, capture, collect, frozen_eval, model_lock
+from gmar.errors import CaptureError, InputSizeError, ModelLoadError, TargetError, UnsupportedModelError, warn
 from gmar.explanation import Explanation, min_max, upsample
 from gmar.layout import TokenLayout
 from gmar.targets import Target, TextTarget, prepare_images, resolve_target
@@ -24,7 +24,9 @@ class Explainer:
 
     Calling an explainer runs the model once (eval mode, parameters frozen, attention captured)
     and, for gradient methods, takes one ``torch.autograd.grad`` call for the whole batch. The
-    model is left as it was found, also when the call raises.
+    model is left as it was found, also when the call raises. Calls on one model from several
+    threads run one at a time (:func:`gmar.capture.model_lock`); calls on different models do not
+    wait for each other.
 
     With ``low_memory`` (the default) the attention runs through an
     :class:`~gmar.capture.AttentionStream`: each layer's core is computed in chunks of samples, a
@@ -110,8 +112,11 @@ class Explainer:
         images = prepare_images(target, self._prepare(images))
         layout = self.adapter.token_layout(tuple(images.shape[-2:]))
         # inference_mode(False): gradient methods must work even when called under inference mode.
+        # The model's lock is held from the forward pass to the last reduction: another thread's
+        # call on this model waits, so neither sees the other's hooks, flags or frozen parameters.
         with (
             torch.inference_mode(False),
+            model_lock(self.model),
             frozen_eval(self.model),
             torch.set_grad_enabled(self.uses_gradients),
             ExitStack() as cleanup,
@@ -169,9 +174,19 @@ class Explainer:
             images = images.unsqueeze(0)
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(f"images must be a float tensor (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise InputSizeError(f"empty batch: images has shape {tuple(images.shape)}; pass at least one image")
+        if any(t.is_meta for t in (*self.model.parameters(), *self.model.buffers())):
+            raise ModelLoadError(
+                f"the parameters of {type(self.model).__name__} are on the meta device (no weights loaded): "
+                "materialise them with model.to_empty(device=...) and load the weights (load_state_dict) first"
+            )
         parameter = next(self.model.parameters(), None)
         if parameter is not None:
             images = images.to(device=parameter.device, dtype=parameter.dtype)
+        broken = (~torch.isfinite(images)).flatten(start_dim=1).any(dim=1)
+        for index in broken.nonzero().flatten().tolist():
+            warn(f"images[{index}] holds NaN or Inf values; its explanation (map, target and score) is meaningless")
         return images
 
     def gradients(

@@ -152,7 +152,8 @@ class LeGrad(Explainer):
             ``layer_index=-2``); default all layers.
         pooling: ``"model"`` pools each layer's tokens as the model does (default; for the last
             layer ``s_L`` is the model's own score). ``"all_tokens"`` (OpenCLIP ViT towers only) is
-            the official code's readout, ``ln_post(mean of all tokens) @ proj``.
+            the official code's readout, ``ln_post(mean of all tokens) @ proj``; ``"no_final_norm"``
+            (attention-pooled models only) is its readout for SigLIP: the pooler without the final norm.
         correction: the official SigLIP "empty prompt" correction: patches where the min-max
             normalised map of ``correction_prompt`` exceeds ``correction_threshold`` are set to 0.
             Needs a :class:`gmar.TextTarget`; costs a second backward through the readouts.
