@@ -98,9 +98,10 @@ class HFCLIPAdapter(ModelAdapter):
             head = getattr(tower, "head", None) if getattr(tower, "use_head", False) else None
             attention = getattr(head, "attention", None)
             if not isinstance(attention, nn.MultiheadAttention) or not attention.batch_first:
+                family = "Siglip2" if name.startswith("Siglip2") else "Siglip"
                 raise UnsupportedModelError(
                     f"{name}: its vision tower has no attention-pooling head (vision_use_head=False), so no pooled "
-                    "output to explain; explain its ForImageClassification model instead"
+                    f"output to explain; a {family}ForImageClassification on the same tower (mean pooling) can be"
                 )
             self.attention_pooled = True
 
