@@ -312,4 +312,4 @@ def test_cli_explains_a_prompt(clip_dir, tmp_path, capsys):
     target = gmar.TextTarget(loaded.model, tokenizer(), "a cat")
     for method in ("legrad", "gmar"):
         expected = gmar.explain(loaded.model, images, method, target=target).heatmap[0].numpy()
-        np.testing.assert_allclose(np.load(out / f"room_a-cat_{method}.npy"), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.load(out / f"room.png_a-cat_{method}.npy"), expected, rtol=1e-5, atol=1e-6)
