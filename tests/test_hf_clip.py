@@ -80,8 +80,9 @@ def layer_map(gradient: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 @functools.cache
-def pooled_reference(name: str, size: tuple[int, int] = (IMAGE, IMAGE)):
-    """Block outputs from the model's own forward; per layer, the head's attention and its gradient."""
+def pooled_reference(name: str, size: tuple[int, int] = (IMAGE, IMAGE), final_norm: bool = True):
+    """Block outputs from the model's own forward; per layer, the head's attention and its gradient
+    (``final_norm=False``: the head reads the block's tokens without ``post_layernorm``)."""
     net, images = model(name), batch(size=size)
     tower = getattr(net, "vision_model", net)
     with torch.no_grad():
@@ -91,8 +92,8 @@ def pooled_reference(name: str, size: tuple[int, int] = (IMAGE, IMAGE)):
     grid = (size[0] // 8, size[1] // 8)
     maps = []
     for tokens in out.hidden_states[1:]:
-        x = F.layer_norm(tokens, (tokens.shape[-1],), tower.post_layernorm.weight, tower.post_layernorm.bias,
-                         tower.post_layernorm.eps)  # fmt: skip
+        norm = tower.post_layernorm
+        x = F.layer_norm(tokens, (tokens.shape[-1],), norm.weight, norm.bias, norm.eps) if final_norm else tokens
         embedding, attention = pooling_head(tower.head, x)
         (gradient,) = torch.autograd.grad(clip_target(embedding).sum(), attention)
         maps.append(layer_map(gradient, grid))
@@ -110,6 +111,15 @@ def test_legrad_reads_the_pooling_heads_attention(name):
     assert_close(exp.scores, clip_target(output), **TOL)
     start = gmar.explain(model(name), batch(), "legrad", target=clip_target, start_layer=1)
     assert_close(start.token_map, maps[1:].sum(dim=0), **TOL)
+
+
+def test_legrad_without_the_final_norm():
+    """``pooling="no_final_norm"``: the official LeGrad code's readout, another map; the output is the model's."""
+    maps, output = pooled_reference("hf_siglip", final_norm=False)
+    exp = gmar.explain(model("hf_siglip"), batch(), "legrad", target=clip_target, pooling="no_final_norm")
+    assert_close(exp.token_map, maps.sum(dim=0), **TOL)
+    assert_close(exp.logits, output, **TOL)
+    assert not torch.allclose(exp.token_map, pooled_reference("hf_siglip")[0].sum(dim=0), atol=1e-4)
 
 
 def test_siglip2_non_square_input():

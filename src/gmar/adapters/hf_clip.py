@@ -104,6 +104,8 @@ class HFCLIPAdapter(ModelAdapter):
                     f"output to explain; a {family}ForImageClassification on the same tower (mean pooling) can be"
                 )
             self.attention_pooled = True
+            #: the official LeGrad code's readout for SigLIP: the head on the tokens without the final norm
+            self.extra_poolings = ("no_final_norm",)  # type: ignore[misc]
 
     @property
     def num_layers(self) -> int:
@@ -176,7 +178,7 @@ class HFCLIPAdapter(ModelAdapter):
         if kind.pooling == "mean":
             return self.model.classifier(tower.post_layernorm(tokens).mean(dim=1)), None
         if kind.pooling == "head":
-            return _attention_pool(tower.head, tower.post_layernorm(tokens))
+            return _attention_pool(tower.head, tokens if pooling == "no_final_norm" else tower.post_layernorm(tokens))
         pooled = tower.post_layernorm(tokens[:, 0])
         return (getattr(self.model, kind.projection)(pooled) if kind.projection else pooled), None
 
