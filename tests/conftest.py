@@ -149,6 +149,67 @@ def make_hf_dinov2_backbone(**kwargs) -> nn.Module:
     return spread(Dinov2Model(_hf_config(Dinov2Config, mlp_ratio=2, **kwargs)))
 
 
+# Hugging Face CLIP / MetaCLIP 2 / SigLIP / SigLIP 2 / BEiT / Data2Vec / timm wrapper. The text towers take
+# the real CLIP BPE ids (vocabulary 49408), so `hf_clip_tokenizer` drives them.
+_HF_VISION = dict(image_size=IMAGE, patch_size=PATCH, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  intermediate_size=64, projection_dim=16)  # fmt: skip
+_HF_TEXT = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=49408,
+                max_position_embeddings=16, projection_dim=16)  # fmt: skip
+
+
+def make_hf_clip(kind: str = "CLIPModel", **vision) -> nn.Module:
+    """``kind``: a CLIP, MetaClip2, Siglip or Siglip2 class name (``CLIPModel``, ``SiglipVisionModel``, ...)."""
+    import transformers
+
+    family = next(f for f in ("MetaClip2", "Siglip2", "Siglip", "CLIP") if kind.startswith(f))
+    vision = {**_HF_VISION, **vision}
+    if family == "Siglip2":  # NaFlex: a position grid of `num_patches`, resized to each input's grid
+        vision["num_patches"] = (vision.pop("image_size") // PATCH) ** 2
+    text, top = dict(_HF_TEXT), {}
+    if family.startswith("Siglip"):
+        text["projection_size"] = vision["hidden_size"]  # SigLIP's text head maps to the image embedding's width
+    else:
+        top["projection_dim"] = 16
+    config = getattr(transformers, f"{family}Config")(vision_config=vision, text_config=text, num_labels=5, **top)
+    if "Vision" in kind:
+        config = config.vision_config
+    return spread(getattr(transformers, kind)(config))
+
+
+def make_hf_beit(kind: str = "Beit", **kwargs) -> nn.Module:
+    """BEiT (relative position bias in every layer) or Data2Vec-vision (and a shared bias too); mean pooling."""
+    import transformers
+
+    options = dict(use_relative_position_bias=True, use_shared_relative_position_bias=kind == "Data2VecVision")
+    config = _hf_config(getattr(transformers, f"{kind}Config"), **{**options, **kwargs})
+    return spread(getattr(transformers, f"{kind}ForImageClassification")(config))
+
+
+def make_hf_timm_wrapper() -> nn.Module:
+    """transformers' ``TimmWrapperForImageClassification`` around a tiny timm ViT."""
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    args = dict(img_size=IMAGE, patch_size=PATCH, embed_dim=32, depth=3, num_heads=4)
+    config = TimmWrapperConfig(architecture="test_vit", model_args=args, num_labels=5)
+    return spread(TimmWrapperForImageClassification(config))
+
+
+def hf_clip_tokenizer():
+    """A transformers ``CLIPTokenizer`` built from OpenCLIP's bundled BPE merges (no network): the same ids."""
+    import gzip
+    from importlib.resources import files
+
+    from open_clip.tokenizer import bytes_to_unicode
+    from transformers import CLIPTokenizer
+
+    lines = gzip.decompress((files("open_clip") / "bpe_simple_vocab_16e6.txt.gz").read_bytes()).decode().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    symbols = list(bytes_to_unicode().values())
+    words = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab = {w: i for i, w in enumerate([*words, "<|startoftext|>", "<|endoftext|>"])}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=_HF_TEXT["max_position_embeddings"])
+
+
 def make_clip(**vision) -> nn.Module:
     import open_clip
 
@@ -311,11 +372,25 @@ FACTORIES = {
     **EVA_BEIT,
     "cait": make_cait,
     "timm_relpos": make_timm_relpos,
+    # Hugging Face CLIP, MetaCLIP 2, SigLIP (2) classifiers, BEiT, Data2Vec, timm wrapper (issue 13)
+    "hf_clip": make_hf_clip,
+    "hf_clip_classifier": lambda: make_hf_clip("CLIPForImageClassification"),
+    "hf_metaclip2_projection": lambda: make_hf_clip("MetaClip2VisionModelWithProjection"),
+    "hf_siglip_classifier": lambda: make_hf_clip("SiglipForImageClassification"),
+    "hf_siglip2_classifier": lambda: make_hf_clip("Siglip2ForImageClassification"),
+    "hf_beit": make_hf_beit,
+    "hf_data2vec": lambda: make_hf_beit("Data2VecVision"),
+    "hf_timm_wrapper": make_hf_timm_wrapper,
 }
 
+#: attention-pooled models (SigLIP's head): only legrad and gradcam explain them, so they are not in FACTORIES
+ATTENTION_POOLED = {
+    "hf_siglip": lambda: make_hf_clip("SiglipModel"),
+    "hf_siglip2_vision": lambda: make_hf_clip("Siglip2VisionModel"),
+}
 
 #: models whose output is an embedding, not class logits
-EMBEDDING_MODELS = {"openclip", "hf_vit_backbone", "hf_dinov2_backbone"}
+EMBEDDING_MODELS = {"openclip", "hf_vit_backbone", "hf_dinov2_backbone", "hf_clip", "hf_metaclip2_projection"}
 
 
 def target_for(name: str):

@@ -6,7 +6,8 @@ Nothing here calls gmar. Attention ``A_l`` ``(B, H, N, N)``, per-head outputs ``
 * timm and OpenCLIP: a forward pass written out from the model's weights (checked against the
   model's own output by :func:`trace`'s callers);
 * Hugging Face: an eager-attention copy of the model called with ``output_attentions=True`` and a
-  forward pre-hook on each ``o_proj`` that keeps the concatenated heads.
+  forward pre-hook on each output projection (``o_proj``, ``out_proj``) that keeps the concatenated heads
+  (transformers' timm wrapper: the timm forward of its ``timm_model``).
 
 The methods are then computed from their definitions on those tensors.
 """
@@ -593,34 +594,90 @@ HF_HEADS = {
     "IJepaForImageClassification": (0, (), True),
     "ViTModel": (1, (0,), False),
     "Dinov2Model": (1, (0,), False),
+    "CLIPModel": (1, (0,), False),
+    "CLIPVisionModel": (1, (0,), False),
+    "CLIPForImageClassification": (1, (), True),
+    "MetaClip2VisionModelWithProjection": (1, (0,), False),
+    "SiglipForImageClassification": (0, (), True),
+    "Siglip2ForImageClassification": (0, (), True),
+    "BeitForImageClassification": (1, (), True),
+    "Data2VecVisionForImageClassification": (1, (), True),
 }
 
 
+def hf_inputs(model: nn.Module, images: torch.Tensor) -> dict:
+    """Keyword arguments for a Hugging Face model (SigLIP 2: its patches, row-major, each (row, column, channel))."""
+    config = getattr(model.config, "vision_config", model.config)
+    if config.model_type != "siglip2_vision_model":
+        size = getattr(config, "image_size", None)  # the timm wrapper's config has none
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        resized = size[0] is not None and tuple(images.shape[-2:]) != size
+        return {"pixel_values": images, **({"interpolate_pos_encoding": True} if resized else {})}
+    p = config.patch_size
+    patches = images.unfold(2, p, p).unfold(3, p, p)  # (B, C, rows, columns, p, p)
+    rows, columns = patches.shape[2:4]
+    pixels = patches.permute(0, 2, 3, 4, 5, 1).reshape(images.shape[0], rows * columns, -1)
+    shapes = torch.tensor([[rows, columns]] * images.shape[0])
+    return {"pixel_values": pixels, "spatial_shapes": shapes, "pixel_attention_mask": None}
+
+
+def hf_call(model: nn.Module, images: torch.Tensor, **kwargs):
+    """The model's own call: ``get_image_features`` for an image-text model, else its forward."""
+    call = model.get_image_features if hasattr(model, "get_image_features") else model
+    return call(**hf_inputs(model, images), **kwargs)
+
+
 def hf_output(model: nn.Module, out) -> torch.Tensor:
-    """A Hugging Face model's explained output: a classifier's logits, a backbone's pooled output."""
-    logits = getattr(out, "logits", None)
-    return logits if logits is not None else out.pooler_output
+    """A Hugging Face model's explained output: logits, a projected image embedding, or the pooled output."""
+    for name in ("logits", "image_embeds", "pooler_output"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    raise AssertionError(f"no output in {type(out).__name__}")
+
+
+def hf_forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_output(model, hf_call(model, images))
+
+
+def _hf_attention_parts(tower: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(value projection, output projection) of every self-attention layer of a vision tower."""
+    parts = []
+    for module in tower.modules():
+        if hasattr(module, "v_proj") and (hasattr(module, "o_proj") or hasattr(module, "out_proj")):
+            parts.append((module.v_proj, getattr(module, "o_proj", None) or module.out_proj))
+        elif type(module).__name__ == "Data2VecVisionAttention":
+            parts.append((module.attention.value, module.output.dense))
+    return parts
 
 
 def trace_hf(model: nn.Module, images: torch.Tensor) -> Trace:
-    """An eager copy of a Hugging Face classifier, ``output_attentions=True``, ``o_proj`` inputs kept."""
-    eager = copy.deepcopy(model).eval()
-    eager.set_attn_implementation("eager")
-    assert eager.config._attn_implementation == "eager"
-    attention_modules = [m for m in eager.modules() if hasattr(m, "o_proj") and hasattr(m, "v_proj")]
-    assert len(attention_modules) == eager.config.num_hidden_layers
+    """An eager copy of a Hugging Face model, ``output_attentions=True``, output projections' inputs kept."""
+    if type(model).__name__.startswith("Data2VecVision"):  # its attention class is fixed when it is built
+        eager = type(model)._from_config(copy.deepcopy(model.config), attn_implementation="eager")
+        eager.load_state_dict(model.state_dict())
+        eager.eval()
+    else:
+        eager = copy.deepcopy(model).eval()
+        eager.set_attn_implementation("eager")
+    tower = getattr(eager, "vision_model", eager)  # CLIP's and SigLIP's text towers have attention too
+    config = tower.config
+    assert config._attn_implementation == "eager"
+    parts = _hf_attention_parts(tower)
+    assert len(parts) == config.num_hidden_layers
     merged, values = [], []
     handles = []
-    for module in attention_modules:
-        handles.append(module.o_proj.register_forward_pre_hook(lambda mod, args: merged.append(args[0])))
-        handles.append(module.v_proj.register_forward_hook(lambda mod, args, out: values.append(out)))
+    for value, projection in parts:
+        handles.append(projection.register_forward_pre_hook(lambda mod, args: merged.append(args[0])))
+        handles.append(value.register_forward_hook(lambda mod, args, out: values.append(out)))
     try:
-        out = eager(pixel_values=images, output_attentions=True, output_hidden_states=True)
+        out = hf_call(eager, images, output_attentions=True, output_hidden_states=True)
     finally:
         for handle in handles:
             handle.remove()
     attentions = list(out.attentions)
-    heads = eager.config.num_attention_heads
+    heads = config.num_attention_heads
 
     def split(t: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = t.shape
@@ -631,8 +688,8 @@ def trace_hf(model: nn.Module, images: torch.Tensor) -> Trace:
         torch.testing.assert_close(split(o), a @ split(v), rtol=1e-5, atol=1e-5)
 
     prefix, rows, patches = HF_HEADS[type(model).__name__]
-    prefix += getattr(eager.config, "num_register_tokens", 0) or 0
-    patch = eager.config.patch_size
+    prefix += getattr(config, "num_register_tokens", 0) or 0
+    patch = config.patch_size
     grid = (images.shape[-2] // patch, images.shape[-1] // patch)
     n = attentions[0].shape[-1]
     assert n == prefix + grid[0] * grid[1]
@@ -651,6 +708,8 @@ def trace(model: nn.Module, images: torch.Tensor) -> Trace:
     if module.startswith("timm."):
         return {"Eva": trace_eva, "Beit": trace_beit}.get(type(model).__name__, trace_timm)(model, images)
     if module.startswith("transformers."):
+        if hasattr(model, "timm_model"):  # transformers' timm wrapper: the timm model's written-out forward
+            return trace_timm(model.timm_model, images)
         return trace_hf(model, images)
     if module.startswith("open_clip."):
         return trace_openclip(model, images)

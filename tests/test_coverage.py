@@ -55,6 +55,9 @@ def test_no_class_fails_every_refusal_is_one_line():
         ("vit_b_16", set(METHODS)),
         ("ViT-B-32", set(METHODS)),
         ("ViT-B-16-SigLIP", {"legrad", "gradcam"}),
+        ("CLIPModel", set(METHODS)),  # Hugging Face image-text models (issue 13)
+        ("Siglip2Model", {"legrad", "gradcam"}),
+        ("BeitForImageClassification", set(METHODS)),
     ],
 )
 def test_what_is_known_to_work(example, explained):

@@ -32,6 +32,14 @@ EXPECTED = {
     "beit_shared": (1, (0,), False),
     "cait": (1, (0,), False),
     "timm_relpos": (1, (0,), False),
+    "hf_clip": (1, (0,), False),
+    "hf_clip_classifier": (1, (), True),
+    "hf_metaclip2_projection": (1, (0,), False),
+    "hf_siglip_classifier": (0, (), True),
+    "hf_siglip2_classifier": (0, (), True),
+    "hf_beit": (1, (), True),
+    "hf_data2vec": (1, (), True),
+    "hf_timm_wrapper": (1, (0,), False),
 }
 
 

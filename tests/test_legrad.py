@@ -88,6 +88,17 @@ def readout(name: str, net: nn.Module, tokens: torch.Tensor, pooling: str = "mod
         x = ln(net.norm, tokens)
         pooled = x[:, 0] if net.global_pool == "token" else x[:, net.num_prefix_tokens :].mean(dim=1)
         return linear(net.head, ln(net.fc_norm, pooled))
+    if name == "hf_timm_wrapper":
+        return readout("timm", net.timm_model, tokens)
+    if name.startswith(("hf_clip", "hf_metaclip2", "hf_siglip")):
+        tower = getattr(net, "vision_model", net)
+        if name.startswith("hf_siglip"):  # SigLIP classifiers: mean of all (patch) tokens after the final norm
+            return linear(net.classifier, ln(tower.post_layernorm, tokens).mean(dim=1))
+        if name == "hf_clip_classifier":  # mean of the patch tokens, no final norm
+            return linear(net.classifier, tokens[:, 1:].mean(dim=1))
+        return linear(net.visual_projection, ln(tower.post_layernorm, tokens[:, 0]))
+    if name in ("hf_beit", "hf_data2vec"):  # the pooler: layer norm of the mean of the patch tokens
+        return linear(net.classifier, ln(net.base_model.pooler.layernorm, tokens[:, 1:].mean(dim=1)))
     if name.startswith("hf_"):
         x = ln(net.base_model.layernorm, tokens)
         if name in ("hf_vit", "hf_vit_msn"):
@@ -120,7 +131,7 @@ def model_output(name: str, net: nn.Module, images: torch.Tensor) -> torch.Tenso
         if name in ("openclip", "clip_text"):
             return net.encode_image(images)
         if name.startswith("hf_"):
-            return R.hf_output(net, net(pixel_values=images))
+            return R.hf_forward(net, images)
         return net(images)
 
 

@@ -10,11 +10,12 @@ from torch.testing import assert_close
 
 import gmar
 import reference as R
-from conftest import FACTORIES, IMAGE, make_coca, make_siglip, make_timm
+from conftest import ATTENTION_POOLED, FACTORIES, IMAGE, make_coca, make_siglip, make_timm
 from gmar.capture import capture, collect, frozen_eval
 
 MODELS = {
     **FACTORIES,
+    **ATTENTION_POOLED,
     "siglip": make_siglip,
     "coca": make_coca,
     "timm_map": lambda: make_timm(class_token=False, reg_tokens=2, global_pool="map"),
@@ -35,7 +36,7 @@ def own_forward(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if hasattr(net, "encode_image"):
         return net.encode_image(x, normalize=False)
     if type(net).__module__.startswith("transformers."):
-        return R.hf_output(net, net(pixel_values=x))
+        return R.hf_forward(net, x)
     return net(x)
 
 

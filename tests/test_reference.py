@@ -55,7 +55,7 @@ def test_reference_forward_matches_model(name):
         if name == "openclip":
             expected = net.encode_image(images)
         elif name.startswith("hf_"):
-            expected = R.hf_output(net, net(pixel_values=images))
+            expected = R.hf_forward(net, images)
         else:
             expected = net(images)
     assert_close(trace.output.detach(), expected, **TOL)

@@ -188,7 +188,10 @@ def _text_target(args: argparse.Namespace, loaded: LoadedModel) -> TextTarget | 
     """The prompts as a target for a CLIP model; None for a classifier."""
     if get_adapter(loaded.model).is_classifier:
         if args.prompt:
-            raise GmarError(f"--prompt is for CLIP models (openclip:...); {loaded.spec} is a classifier, use --target")
+            raise GmarError(
+                f"--prompt is for CLIP models (openclip:..., hf: CLIP/SigLIP); {loaded.spec} is a classifier, "
+                "use --target"
+            )
         return None
     if not args.prompt:
         raise GmarError(f"{loaded.spec} compares images with text: give what to explain with --prompt TEXT")

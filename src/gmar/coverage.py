@@ -138,6 +138,19 @@ def _hf_pair(class_name: str, config_name: str, variant: str = "", size: int = 3
     return Case("hf", class_name, build, size, variant)
 
 
+def _hf_timm_wrapper() -> Case:
+    """transformers' ``TimmWrapperForImageClassification`` around a small timm ViT."""
+
+    def build() -> nn.Module:
+        from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+        args = {"img_size": 32, "patch_size": 8, "depth": 2}
+        config = TimmWrapperConfig(architecture="test_vit", model_args=args, num_labels=5)
+        return TimmWrapperForImageClassification(config)
+
+    return Case("hf", "TimmWrapperForImageClassification", build, 32, "timm ViT inside")
+
+
 def hf_cases() -> list[Case]:
     swin = {"patch_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4}
     # Swin's config takes the ViT names as aliases of its own (num_attention_heads is num_heads)
@@ -162,6 +175,10 @@ def hf_cases() -> list[Case]:
         _hf("SiglipVisionModel", "SiglipVisionConfig", "backbone"),
         _hf_pair("SiglipForImageClassification", "SiglipConfig", "classifier", num_labels=5),
         _hf_pair("SiglipModel", "SiglipConfig", "image and text"),
+        _hf_pair("MetaClip2Model", "MetaClip2Config", "image and text", projection_dim=16),
+        _hf_pair("Siglip2ForImageClassification", "Siglip2Config", "classifier, NaFlex", num_labels=5),
+        _hf_pair("Siglip2Model", "Siglip2Config", "image and text, NaFlex"),
+        _hf_timm_wrapper(),
         _hf("SwinForImageClassification", "SwinConfig", "hierarchical, windowed", **swin),
         _hf("Swinv2ForImageClassification", "Swinv2Config", "hierarchical, windowed", **swin),
     ]

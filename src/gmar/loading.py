@@ -277,16 +277,21 @@ def _load_timm(name: str, from_hub: bool, num_classes: int | None) -> LoadedMode
 
 
 def _load_hf(name: str, from_hub: bool, num_classes: int | None) -> LoadedModel:
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
-    if num_classes is not None:  # the weights come from a checkpoint (or are random): build from the config
-        config = AutoConfig.from_pretrained(name, num_labels=num_classes)
-        model = AutoModelForImageClassification.from_config(config)
-    elif from_hub or Path(name).is_dir():
-        model = AutoModelForImageClassification.from_pretrained(name)
-    else:
-        model = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(name))
+    hf_config = AutoConfig.from_pretrained(name, **({} if num_classes is None else {"num_labels": num_classes}))
+    # An image-text model (CLIP, SigLIP) is explained through its image embedding and text prompts: build
+    # it whole, not a classifier with a fresh head, unless a classifier is asked for or saved.
+    architectures = getattr(hf_config, "architectures", None) or []
+    classifier = num_classes is not None or any(a.endswith("ForImageClassification") for a in architectures)
+    text_image = hf_config.model_type in _TEXT_IMAGE and not classifier
+    auto = AutoModel if text_image else AutoModelForImageClassification
+    if num_classes is None and (from_hub or Path(name).is_dir()):
+        model = auto.from_pretrained(name)
+    else:  # the weights come from a checkpoint (or are random): build from the config
+        model = auto.from_config(hf_config)
     adapter = get_adapter(model)
+    extras = {"tokenizer": _hf_tokenizer(name)} if text_image else {}
     config = adapter.preprocess_config()
     try:
         processor = AutoImageProcessor.from_pretrained(name)
@@ -294,7 +299,21 @@ def _load_hf(name: str, from_hub: bool, num_classes: int | None) -> LoadedModel:
         processor = None
     if processor is not None and getattr(processor, "image_mean", None) and getattr(processor, "image_std", None):
         config = replace(config, mean=tuple(processor.image_mean), std=tuple(processor.image_std))
-    return LoadedModel(model, config, adapter.class_names(), f"hf:{name}")
+    return LoadedModel(model, config, adapter.class_names(), f"hf:{name}", extras)
+
+
+#: transformers model types with a text tower, loaded whole for text-prompt targets
+_TEXT_IMAGE = ("clip", "metaclip_2", "siglip", "siglip2")
+
+
+def _hf_tokenizer(name: str) -> Any:
+    """The saved tokenizer of an image-text model (None without one: the CLI then says so)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception:  # no saved tokenizer (or offline)
+        return None
 
 
 def _load_openclip(name: str, from_hub: bool, num_classes: int | None) -> LoadedModel:

@@ -81,7 +81,7 @@ def prepare_images(target: Target, images: torch.Tensor) -> torch.Tensor:
 
 
 class TextTarget:
-    """Cosine similarity between each image's embedding and a text prompt's embedding (CLIP models).
+    """Cosine similarity between each image's embedding and a text prompt's embedding (CLIP and SigLIP models).
 
     ``target = gmar.TextTarget(model, tokenizer, ["a photo of a cat", "a remote control"])`` is a
     callable target for every gradient method:
@@ -95,9 +95,11 @@ class TextTarget:
     (its modes are restored) and its lock held (:func:`gmar.capture.model_lock`).
 
     Args:
-        model: the CLIP model (anything with ``encode_text``).
-        tokenizer: the model's tokenizer, e.g. ``open_clip.get_tokenizer(name)``: a callable from
-            a list of strings to token ids.
+        model: the CLIP model: an OpenCLIP model (``encode_text``) or a transformers ``CLIPModel`` /
+            ``SiglipModel`` (``get_text_features``; MetaCLIP 2 and SigLIP 2 too).
+        tokenizer: the model's tokenizer, e.g. ``open_clip.get_tokenizer(name)`` (a callable from a
+            list of strings to token ids), or the transformers tokenizer or processor of the model
+            (``AutoTokenizer`` / ``AutoProcessor``), which pads as the model was trained.
         prompts: one prompt or a list of prompts.
     """
 
@@ -108,18 +110,27 @@ class TextTarget:
         if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
             raise TargetError("TextTarget needs one prompt or a non-empty list of prompts (strings)")
         encode = getattr(model, "encode_text", None)
-        if not callable(encode):
-            raise TargetError(f"{type(model).__name__} has no encode_text: text targets need a CLIP model")
+        transformers_model = not callable(encode) and callable(getattr(model, "get_text_features", None))
+        if not callable(encode) and not transformers_model:
+            raise TargetError(
+                f"{type(model).__name__} has no text tower (encode_text or get_text_features): text targets need "
+                "a CLIP model"
+            )
         self.model, self.tokenizer = model, tokenizer
-        tokens = tokenizer(self.prompts)
-        if isinstance(tokens, dict) or hasattr(tokens, "input_ids"):
-            tokens = tokens["input_ids"]
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else None
         # inference_mode(False) also around the normalisation: an inference tensor here could not
         # take part in the explanation's backward pass.
         with torch.inference_mode(False), torch.no_grad(), frozen_eval(model):
-            embeddings = encode(torch.as_tensor(tokens, device=device))
+            if transformers_model:
+                from gmar.adapters.hf_clip import text_features
+
+                embeddings = text_features(model, tokenizer, self.prompts, device)
+            else:
+                tokens = tokenizer(self.prompts)
+                if isinstance(tokens, dict) or hasattr(tokens, "input_ids"):
+                    tokens = tokens["input_ids"]
+                embeddings = encode(torch.as_tensor(tokens, device=device))
             #: ``(P, D)`` the prompts' text embeddings, normalised to unit length.
             self.embeddings = F.normalize(embeddings.float(), dim=-1)
 

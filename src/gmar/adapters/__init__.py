@@ -5,6 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from gmar.adapters.base import ModelAdapter
+from gmar.adapters.hf_clip import HFCLIPAdapter
+from gmar.adapters.hf_data2vec import Data2VecVisionAdapter
+from gmar.adapters.hf_timm import HFTimmWrapperAdapter
 from gmar.adapters.hf_vit import HFAdapter
 from gmar.adapters.openclip_vit import OpenCLIPAdapter
 from gmar.adapters.swin import SwinAdapter
@@ -23,6 +26,9 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     CaitAdapter,
     TimmRelPosAdapter,
     SwinAdapter,
+    HFCLIPAdapter,
+    Data2VecVisionAdapter,
+    HFTimmWrapperAdapter,
     HFAdapter,
     OpenCLIPAdapter,
     TorchvisionAdapter,
@@ -35,8 +41,11 @@ SUPPORTED = (
     "SwinTransformer(V2) (gradcam only); "
     "transformers ViTForImageClassification, ViTMSNForImageClassification, DeiTForImageClassification, "
     "DeiTForImageClassificationWithTeacher, Dinov2ForImageClassification, Dinov2WithRegistersForImageClassification, "
-    "IJepaForImageClassification, Swin(v2)ForImageClassification (gradcam only) and the backbones ViTModel, "
-    "ViTMSNModel, DeiTModel, Dinov2Model, Dinov2WithRegistersModel, IJepaModel; "
+    "IJepaForImageClassification, BeitForImageClassification, Data2VecVisionForImageClassification, "
+    "CLIPForImageClassification, SiglipForImageClassification, TimmWrapperForImageClassification, "
+    "Swin(v2)ForImageClassification (gradcam only), the image-text models CLIPModel and SiglipModel, and the "
+    "backbones ViTModel, ViTMSNModel, DeiTModel, Dinov2Model, Dinov2WithRegistersModel, IJepaModel, "
+    "CLIPVisionModel(WithProjection), SiglipVisionModel (MetaClip2 and Siglip2 likewise); "
     "OpenCLIP CLIP and CoCa with a VisionTransformer image tower or a TimmModel tower on a timm trunk of those "
     "(SigLIP, EVA02-*, PE-Core-*); torchvision VisionTransformer (vit_b_16, vit_l_16, ...). "
     "docs/models.md lists every class"
@@ -66,7 +75,10 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 __all__ = [
     "ADAPTERS",
     "CaitAdapter",
+    "Data2VecVisionAdapter",
     "HFAdapter",
+    "HFCLIPAdapter",
+    "HFTimmWrapperAdapter",
     "ModelAdapter",
     "OpenCLIPAdapter",
     "SwinAdapter",

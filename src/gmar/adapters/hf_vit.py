@@ -1,5 +1,7 @@
-"""Hugging Face transformers ViTs: the classifiers of ViT, ViT-MSN, DeiT (with teacher), DINOv2 (with registers)
-and I-JEPA, and their backbones (``ViTModel``, ``Dinov2Model``, ...), whose pooled output is explained."""
+"""Hugging Face transformers ViTs: the classifiers of ViT, ViT-MSN, DeiT (with teacher), DINOv2 (with registers),
+I-JEPA and BEiT, and the backbones (``ViTModel``, ``Dinov2Model``, ...), whose pooled output is explained.
+
+BEiT's relative position bias reaches the attention as its additive mask, so gmar's streamed core adds it too."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -28,7 +31,8 @@ class _Head:
     #: what the output is made of: "cls" (the first token), "teacher" (the mean of the CLS and
     #: distillation heads), "cls+mean" (CLS concatenated with the mean of the patch tokens), "mean"
     #: (the mean of all tokens, which are all patches), "pooler" (the backbone's pooler on the tokens,
-    #: or the CLS token where it has none)
+    #: or the CLS token where it has none), "beit" (BEiT's pooler: the layer-normed mean of the patch
+    #: tokens with ``use_mean_pooling``, else the CLS token, then the classifier)
     reads: str
     #: True for a backbone (``…Model``): its output is an embedding, explained through a callable target
     backbone: bool = False
@@ -42,6 +46,7 @@ _HEADS = {
     "Dinov2ForImageClassification": _Head(1, "cls+mean"),
     "Dinov2WithRegistersForImageClassification": _Head(1, "cls+mean"),
     "IJepaForImageClassification": _Head(0, "mean"),
+    "BeitForImageClassification": _Head(1, "beit"),
     "ViTModel": _Head(1, "pooler", backbone=True),
     "ViTMSNModel": _Head(1, "pooler", backbone=True),
     "DeiTModel": _Head(2, "pooler", backbone=True),
@@ -53,25 +58,22 @@ _HEADS = {
 
 class HFAdapter(ModelAdapter):
     family = "hf"
+    #: class name -> how its head reads the tokens (a subclass brings its own classes)
+    heads: ClassVar[dict[str, _Head]] = _HEADS
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return type(model).__module__.startswith("transformers.") and any(
-            klass.__name__ in _HEADS for klass in type(model).__mro__
+            klass.__name__ in cls.heads for klass in type(model).__mro__
         )
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self._kind = next(klass.__name__ for klass in type(model).__mro__ if klass.__name__ in _HEADS)
-        self._head = _HEADS[self._kind]
+        self._kind = next(klass.__name__ for klass in type(model).__mro__ if klass.__name__ in self.heads)
+        self._head = self.heads[self._kind]
         #: a backbone returns its pooled output, an embedding: targets are callables on it
         self.is_classifier = not self._head.backbone  # type: ignore[misc]
-        attention_class = getattr(model, "_can_record_outputs", {}).get("attentions")
-        self._attention = [
-            module
-            for module in model.modules()
-            if isinstance(attention_class, type) and isinstance(module, attention_class) and hasattr(module, "o_proj")
-        ]
+        self._attention = self._find_attention()
         expected = model.config.num_hidden_layers
         if len(self._attention) != expected:
             raise UnsupportedModelError(
@@ -87,6 +89,15 @@ class HFAdapter(ModelAdapter):
         if self._blocks is None:
             raise UnsupportedModelError(f"{type(model).__name__}: cannot find the list of transformer blocks")
 
+    def _find_attention(self) -> list[nn.Module]:
+        """Each layer's attention module, in order: those of the attention interface (with ``o_proj``)."""
+        attention_class = getattr(self.model, "_can_record_outputs", {}).get("attentions")
+        return [
+            module
+            for module in self.model.modules()
+            if isinstance(attention_class, type) and isinstance(module, attention_class) and hasattr(module, "o_proj")
+        ]
+
     def _holds_attention(self, blocks: nn.Module) -> bool:
         if not isinstance(blocks, nn.ModuleList) or len(blocks) != len(self._attention):
             return False
@@ -101,9 +112,12 @@ class HFAdapter(ModelAdapter):
         patch = config.patch_size if isinstance(config.patch_size, (tuple, list)) else (config.patch_size,) * 2
         head = self._head
         prefix = head.prefix + (getattr(config, "num_register_tokens", 0) or 0)
-        if head.reads == "teacher":
+        reads = head.reads
+        if reads == "beit":
+            reads = "mean" if getattr(config, "use_mean_pooling", False) else "cls"
+        if reads == "teacher":
             readout: tuple[int, ...] = (0, 1)
-        elif head.reads == "mean":
+        elif reads == "mean":
             readout = ()
         else:
             readout = (0,)  # the class token (a pooler reads it too)
@@ -112,7 +126,7 @@ class HFAdapter(ModelAdapter):
             grid_size=(image_size[0] // patch[0], image_size[1] // patch[1]),
             patch_size=tuple(patch),  # type: ignore[arg-type]
             readout_prefix=readout,
-            readout_patches=head.reads in ("cls+mean", "mean"),
+            readout_patches=reads in ("cls+mean", "mean"),
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -138,24 +152,7 @@ class HFAdapter(ModelAdapter):
 
     @contextmanager
     def instrument(self, recorder: Recorder) -> Iterator[None]:
-        handles: list = []
-        with ExitStack() as stack:
-            previous = self.model.config._attn_implementation
-            # sdpa and flash kernels return no probabilities: switch to eager for the call, or to
-            # gmar's streamed core, which the attention modules call through the attention interface.
-            wanted = _register_streamed_attention() if recorder.stream is not None else "eager"
-            if previous != wanted:
-                self.model.set_attn_implementation(wanted)
-                stack.callback(self.model.set_attn_implementation, previous)
-            stack.callback(remove_all(handles))
-            for layer, attn in enumerate(self._attention):
-                heads = attn.config.num_attention_heads
-                if recorder.stream is not None:
-                    attn._gmar_route = (recorder, layer)
-                    stack.callback(delattr, attn, "_gmar_route")
-                else:
-                    handles.append(attn.register_forward_hook(partial(_record_probabilities, recorder, layer)))
-                handles.append(attn.o_proj.register_forward_pre_hook(split_heads_hook(layer, heads, recorder)))
+        with instrument_attention(self.model, self._attention, self.head_projections(), recorder):
             yield
 
     @property
@@ -183,6 +180,8 @@ class HFAdapter(ModelAdapter):
             return model.classifier(torch.cat([x[:, 0], patches.mean(dim=1)], dim=1)), None
         if reads == "mean":
             return model.classifier(x.mean(dim=1)), None
+        if reads == "beit":
+            return model.classifier(model.base_model.pooler(x)), None
         return model.classifier(x[:, 0]), None
 
     def preprocess_config(self) -> PreprocessConfig:
@@ -198,14 +197,48 @@ class HFAdapter(ModelAdapter):
         return PreprocessConfig(input_size=size, interpolation="bicubic")  # type: ignore[arg-type]
 
     def class_names(self) -> list[str] | None:
-        id2label = getattr(self.model.config, "id2label", None) or {}
-        names = [id2label.get(i) for i in range(len(id2label))]
-        if not names or any(n is None for n in names) or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
-            return None
-        return names  # type: ignore[return-value]
+        return class_names(self.model.config)
+
+
+def class_names(config) -> list[str] | None:
+    """The class names a transformers config carries (None for none, or only the default ``LABEL_i``)."""
+    id2label = getattr(config, "id2label", None) or {}
+    names = [id2label.get(i) for i in range(len(id2label))]
+    if not names or any(n is None for n in names) or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        return None
+    return names  # type: ignore[return-value]
 
 
 STREAMED = "gmar_streamed"
+
+
+@contextmanager
+def instrument_attention(
+    model: nn.Module, attention: Sequence[nn.Module], projections: Sequence[tuple[nn.Module, int]], recorder: Recorder
+) -> Iterator[None]:
+    """Make the attention modules of transformers' attention interface report to ``recorder``; undone on exit.
+
+    ``model`` is the ``PreTrainedModel`` whose config the modules read (a CLIP model's vision tower);
+    ``projections`` holds each layer's output projection and number of heads.
+    """
+    handles: list = []
+    with ExitStack() as stack:
+        previous = model.config._attn_implementation
+        # sdpa and flash kernels return no probabilities: switch to eager for the call, or to
+        # gmar's streamed core, which the attention modules call through the attention interface.
+        wanted = _register_streamed_attention() if recorder.stream is not None else "eager"
+        if previous != wanted:
+            model.set_attn_implementation(wanted)
+            stack.callback(model.set_attn_implementation, previous)
+        stack.callback(remove_all(handles))
+        for layer, (attn, (projection, heads)) in enumerate(zip(attention, projections, strict=True)):
+            if recorder.stream is not None:
+                attn._gmar_route = (recorder, layer)
+                stack.callback(delattr, attn, "_gmar_route")
+            else:
+                handles.append(attn.register_forward_hook(partial(_record_probabilities, recorder, layer)))
+            handles.append(projection.register_forward_pre_hook(split_heads_hook(layer, heads, recorder)))
+        yield
 
 
 def _register_streamed_attention() -> str:
