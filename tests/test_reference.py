@@ -163,7 +163,7 @@ def test_grad_rollout_pairs_each_layer_with_its_own_gradient(name):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("name", ["timm", "timm_distilled", "hf_vit", "hf_dinov2_registers", "openclip", "cait"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_batch_equals_single_images(name, method):
     whole = explain(name, method)
     for i in range(4):
