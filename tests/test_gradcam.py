@@ -336,3 +336,30 @@ def test_model_is_untouched(name):
     assert getattr(getattr(net, "config", None), "_attn_implementation", None) == attn_impl
     for key, value in net.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+@pytest.mark.parametrize("name", ["timm", "hf_vit", "openclip", "torchvision"])
+def test_gradcam_alone_runs_the_models_own_attention_and_stops_at_its_block(name, monkeypatch):
+    """Grad-CAM reads no attention: alone, it lets the model run its own (fused) attention, and its
+    backward pass goes no lower than the block whose input it reads."""
+    from gmar.capture import AttentionStream, Recorder
+
+    net = FACTORIES[name]()
+    images = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(4))
+    expected = gmar.explain(net, images, "gradcam", target=target_for(name), layer=-1).token_map
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Grad-CAM alone must not route the attention through gmar")
+
+    monkeypatch.setattr(AttentionStream, "attend", refuse)
+    monkeypatch.setattr(Recorder, "attention", refuse)
+    below = []
+    embed = {"timm": lambda m: m.patch_embed, "hf_vit": lambda m: m.vit.embeddings}.get(name, lambda m: None)(net)
+    handle = embed.register_full_backward_hook(lambda *args: below.append(1)) if embed is not None else None
+    try:
+        exp = gmar.explain(net, images, "gradcam", target=target_for(name), layer=-1)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert_close(exp.token_map, expected, **TOL)
+    assert below == []  # no gradient reached the patch embedding

@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
@@ -106,6 +106,7 @@ class Recorder:
         detach_from: blocks with this index and above read a detached copy of their input that
             requires grad (None: the graph is left whole).
         norm_input_layer: record the tokens entering this block's first norm (None: none).
+        expects_attention: False when the attention is not instrumented (Grad-CAM alone): no layer reports.
         stream: if given, adapters route each layer's attention core through :meth:`attend`, and
             what the stream makes of it (a forward-only method's reduction, or nothing) is stored
             instead of the probabilities.
@@ -117,6 +118,8 @@ class Recorder:
     detach_from: int | None = None
     norm_input_layer: int | None = None
     stream: AttentionStream | None = None
+    #: False: the attention is not captured (the layers are not expected to report)
+    expects_attention: bool = True
     attentions: list[torch.Tensor | None] = field(init=False)
     reported: list[bool] = field(init=False)
     num_tokens: int | None = field(init=False, default=None)
@@ -234,11 +237,14 @@ def capture(
     detach_from: int | None = None,
     norm_input_layer: int | None = None,
     stream: AttentionStream | None = None,
+    attention: bool = True,
 ) -> Iterator[Recorder]:
     """Instrument ``adapter.model`` for one forward pass; every hook and flag is undone on exit.
 
     Use :func:`collect` on the recorder after the forward pass to get the checked tensors. The
-    options are those of :class:`Recorder`. Holds the model's lock (:func:`model_lock`) throughout.
+    options are those of :class:`Recorder`; ``attention=False`` leaves the attention modules alone
+    (the model runs its own, fused, attention) and records only the blocks' tensors. Holds the
+    model's lock (:func:`model_lock`) throughout.
     """
     recorder = Recorder(
         adapter.num_layers,
@@ -247,8 +253,10 @@ def capture(
         detach_from=detach_from,
         norm_input_layer=norm_input_layer,
         stream=stream,
+        expects_attention=attention,
     )
-    with model_lock(adapter.model), adapter.instrument(recorder), _instrument_blocks(adapter, recorder):
+    instrumented = adapter.instrument(recorder) if attention else nullcontext()
+    with model_lock(adapter.model), instrumented, _instrument_blocks(adapter, recorder):
         yield recorder
 
 
@@ -303,7 +311,7 @@ def collect(recorder: Recorder, output: torch.Tensor, model: nn.Module) -> Captu
     The recorder lets go of them, so that whoever holds the :class:`Captured` decides how long
     each tensor lives.
     """
-    missing = [i for i, reported in enumerate(recorder.reported) if not reported]
+    missing = [i for i, reported in enumerate(recorder.reported) if not reported] if recorder.expects_attention else []
     name = type(model).__name__
     if len(missing) == recorder.num_layers:
         raise CaptureError(

@@ -31,6 +31,9 @@ class ModelAdapter(ABC):
     #: Only methods that need no attention (Grad-CAM) explain such a model; its layers report
     #: :meth:`Recorder.no_attention`.
     no_global_attention: ClassVar[str | None] = None
+    #: True when :attr:`blocks` and :meth:`first_norm` work while the model runs its own attention
+    #: uninstrumented (so a method that reads no attention, Grad-CAM, can leave it alone).
+    runs_own_attention: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module) -> None:
         from gmar.versions import check_supported

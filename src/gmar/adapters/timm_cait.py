@@ -35,6 +35,8 @@ from gmar.preprocess import PreprocessConfig
 
 
 class CaitAdapter(ModelAdapter):
+    # gmar's stages exist only while it instruments the model
+    runs_own_attention = False
     family = "timm"
 
     @classmethod

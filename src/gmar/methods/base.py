@@ -133,15 +133,18 @@ class Explainer:
     def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
         images = prepare_images(target, self._prepare(images))
         layout = self.adapter.token_layout(tuple(images.shape[-2:]))
+        # A method that reads no attention lets the model run its own (fused) attention.
+        own_attention = not self.needs_attention and self.adapter.runs_own_attention
+        options = {**self.capture_options(), "attention": not own_attention}
         with instrumented(self.model, self.uses_gradients) as cleanup:
             stream = None
-            if self.low_memory:
+            if self.low_memory and not own_attention:
                 stream = AttentionStream(
                     self.adapter.num_layers, reduce_attention=None if self.uses_gradients else self.reduce_attention
                 )
                 # The stream and the graph refer to each other; closing it frees the graph at once.
                 cleanup.callback(stream.close)
-            captured = run_forward(self.adapter, images, layout, stream, self.capture_options(), self.uses_gradients)
+            captured = run_forward(self.adapter, images, layout, stream, options, self.uses_gradients)
             scores, classes = score(self.adapter, captured.output, target, self.uses_gradients)
             if self.uses_gradients:
                 reduced = self.gradients(captured, scores, classes, target, layout)
@@ -297,10 +300,13 @@ def run_forward(
     with capture(adapter, stream=stream, **options) as recorder:
         output = adapter.forward(inputs)
     captured = collect(recorder, output, adapter.model)
-    if captured.num_tokens != layout.num_tokens:
+    tokens = captured.num_tokens
+    if not options.get("attention", True):  # no attention ran through gmar: count the block input's tokens
+        tokens = adapter.block_tokens(captured.norm_input).shape[1]  # type: ignore[arg-type]
+    if tokens != layout.num_tokens:
         raise CaptureError(
-            f"captured attention over {captured.num_tokens} tokens, but the token layout of "
-            f"{type(adapter.model).__name__} expects {layout.num_tokens}"
+            f"captured {tokens} tokens, but the token layout of {type(adapter.model).__name__} "
+            f"expects {layout.num_tokens}"
         )
     return captured
 
