@@ -80,6 +80,21 @@ def test_package_gradcam_gives_gmars_map(options, size):
     assert (theirs - other).abs().max() > 0.1
 
 
+def test_package_gradcam_runs_as_its_users_run_it():
+    """One forward and one backward pass, the package choosing the predicted classes itself: no extra
+    forward pass of gmar's in the timed case."""
+    model = make_timm()
+    images = torch.randn(2, 3, IMAGE, IMAGE)
+    run = bench._package_gradcam(model, images)
+    forwards = []
+    hook = model.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        run()
+    finally:
+        hook.remove()
+    assert len(forwards) == 1
+
+
 def test_package_gradcam_leaves_the_model_as_it_was():
     model = make_timm().train()
     images = torch.randn(2, 3, IMAGE, IMAGE)

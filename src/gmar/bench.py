@@ -282,10 +282,11 @@ def run_setting(
 
 def _package_gradcam(model: nn.Module, images: torch.Tensor) -> Callable[[], object]:
     """pytorch-grad-cam's ``GradCAM`` on the tokens entering the last block (``blocks[-2]``'s
-    output), as its documentation sets it up for a ViT, explaining the predicted classes."""
+    output), as its documentation sets it up for a ViT, explaining the predicted classes: with
+    ``targets=None`` it picks them from its own forward pass, so the case is one forward and one
+    backward, as its users run it (parameters left requiring grad, as they come)."""
     try:
         from pytorch_grad_cam import GradCAM as PackageGradCAM
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     except ImportError:
         raise GmarError(f"the comparison needs {GRADCAM_PACKAGE}: pip install 'gmar[bench]'") from None
     from gmar.adapters import get_adapter
@@ -301,15 +302,13 @@ def _package_gradcam(model: nn.Module, images: torch.Tensor) -> Callable[[], obj
 
     def run() -> object:
         with model_lock(model):
-            with torch.no_grad():
-                classes = model(images).argmax(dim=-1).tolist()
             # The package puts the model in eval mode and backpropagates into the parameters' .grad;
             # both are undone afterwards, so the other cases see the model as it was.
             modes = [(module, module.training) for module in model.modules()]
             grads = [(param, param.grad) for param in model.parameters()]
             cam = PackageGradCAM(model=model, target_layers=[model.blocks[-2]], reshape_transform=to_grid)
             try:
-                return cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in classes])
+                return cam(input_tensor=images, targets=None)  # the predicted class of each image
             finally:
                 cam.activations_and_grads.release()
                 for module, training in modes:
