@@ -18,6 +18,7 @@ from torch import nn
 import gmar
 from conftest import IMAGE, clip_target, make_clip, make_hf_vit, make_timm
 from gmar.capture import model_lock
+from test_capture import unusual_state
 
 METHODS = gmar.available_methods()
 CALLS = 20
@@ -50,18 +51,6 @@ def full_state(model: nn.Module) -> dict:
     return {"modules": modules, "parameters": parameters, "attn_implementation": implementation}
 
 
-def mixed_state(model: nn.Module) -> nn.Module:
-    """Train mode on some modules and some parameters frozen, so that a lost restore shows."""
-    model.train()
-    for i, module in enumerate(model.modules()):
-        if i % 3 == 0:
-            module.eval()
-    for i, param in enumerate(model.parameters()):
-        if i % 2 == 0:
-            param.requires_grad_(False)
-    return model
-
-
 def batch(index: int) -> torch.Tensor:
     return torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(100 + index))
 
@@ -92,7 +81,7 @@ FAMILIES = {"timm": make_timm, "hf": make_hf_vit, "openclip": make_clip}
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_two_threads_on_one_model_give_the_single_threaded_results(family):
-    model = mixed_state(FAMILIES[family]())
+    model = unusual_state(FAMILIES[family]())
     before = full_state(model)
     jobs = [job(family, thread, call) for thread in range(2) for call in range(CALLS)]
     alone = {key: explain(model, *key) for key in set(jobs)}
@@ -183,7 +172,7 @@ def test_locks_do_not_keep_models_alive():
 def test_text_targets_made_while_another_thread_explains():
     from conftest import clip_tokenizer, make_clip_with_text
 
-    model = mixed_state(make_clip_with_text())
+    model = unusual_state(make_clip_with_text())
     tokenizer = clip_tokenizer()
     target = gmar.TextTarget(model, tokenizer, "a photo of a cat")
     before = full_state(model)
