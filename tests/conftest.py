@@ -401,3 +401,13 @@ def target_for(name: str):
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(4, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
+
+
+def one_error_line(capsys) -> str:
+    """The single ``gmar: error: ...`` line a command printed on stderr (no traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("gmar: error: ")
+    return lines[0]

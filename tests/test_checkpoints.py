@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gmar
+from conftest import one_error_line
 from gmar.cli import main
 from gmar.loading import load_model
 
@@ -37,15 +38,6 @@ def fine_tuned(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("fine-tuned")
     state = timm_model(num_classes=10).state_dict()
     return {suffix: save(state, folder / f"ft{suffix}") for suffix in (".pth", ".safetensors")}
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("gmar: error: ")
-    return lines[0]
 
 
 def shape_text(shape) -> str:

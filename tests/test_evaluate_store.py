@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import one_error_line
 from gmar import evaluate as E
 from gmar.cli import main
 from gmar.errors import GmarError
@@ -25,15 +26,6 @@ from gmar.reference import ReferenceConfig, build_reference_model, save_referenc
 TINY = ReferenceConfig(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
 FAST = ["--methods", "gae", "--metrics", "deletion", "--steps", "2", "--limit", "2", "--sanity-items", "0"]
 REPORT = {"test_exact_set_accuracy": 0.0, "test_scenes": 0, "train_seconds": 0.0, "threads": 1}
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("gmar: error: ")
-    return lines[0]
 
 
 def fingerprint(folder: Path) -> dict[str, str]:

@@ -9,7 +9,21 @@ from torch import nn
 
 from gmar.adapters.base import additive_mask
 from gmar.capture import Recorder
-from gmar.errors import CaptureError
+from gmar.errors import CaptureError, UnsupportedModelError
+
+
+def multihead_attention_layers(blocks, attribute: str, model_name: str, what: str) -> list[nn.MultiheadAttention]:
+    """Each block's ``nn.MultiheadAttention`` (at ``block.<attribute>``, self-attention with one
+    packed input projection); a block without one is refused, naming ``what`` gmar captures."""
+    layers = []
+    for index, block in enumerate(blocks):
+        attn = getattr(block, attribute, None)
+        if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
+            raise UnsupportedModelError(
+                f"{model_name}: block {index} has {type(attn).__name__} attention; gmar captures {what}"
+            )
+        layers.append(attn)
+    return layers
 
 
 class ExplicitAttention:

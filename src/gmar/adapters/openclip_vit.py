@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gmar.adapters.base import ModelAdapter, check_pooling, override_forward
-from gmar.adapters.mha import ExplicitAttention
+from gmar.adapters.mha import ExplicitAttention, multihead_attention_layers
 from gmar.capture import Recorder
 from gmar.errors import InputSizeError, UnsupportedModelError
 from gmar.layout import TokenLayout
@@ -66,15 +66,9 @@ class OpenCLIPAdapter(ModelAdapter):
             self.extra_poolings = ()
         elif visual.pool_type not in ("tok", "avg"):
             raise UnsupportedModelError(f"{name}: pool_type={visual.pool_type!r} is not supported")
-        self._attention: list[nn.MultiheadAttention] = []
-        for index, block in enumerate(visual.transformer.resblocks):
-            attn = getattr(block, "attn", None)
-            if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
-                raise UnsupportedModelError(
-                    f"{name}: block {index} has {type(attn).__name__} attention; gmar captures "
-                    "nn.MultiheadAttention blocks"
-                )
-            self._attention.append(attn)
+        self._attention = multihead_attention_layers(
+            visual.transformer.resblocks, "attn", name, "nn.MultiheadAttention blocks"
+        )
 
     @property
     def num_layers(self) -> int:

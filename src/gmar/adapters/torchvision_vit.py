@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gmar.adapters.base import ModelAdapter, check_pooling, override_forward
-from gmar.adapters.mha import ExplicitAttention
+from gmar.adapters.mha import ExplicitAttention, multihead_attention_layers
 from gmar.capture import Recorder
 from gmar.errors import InputSizeError, UnsupportedModelError
 from gmar.layout import TokenLayout
@@ -34,15 +34,9 @@ class TorchvisionAdapter(ModelAdapter):
         if not isinstance(model.conv_proj, nn.Conv2d):
             # conv_stem_configs: a stack of convolutions (ViTC) whose last layer is a 1x1 projection
             raise UnsupportedModelError(f"{name}: a convolutional stem (conv_stem_configs) is not supported")
-        self._attention: list[nn.MultiheadAttention] = []
-        for index, block in enumerate(model.encoder.layers):
-            attn = getattr(block, "self_attention", None)
-            if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
-                raise UnsupportedModelError(
-                    f"{name}: block {index} has {type(attn).__name__} attention; gmar captures "
-                    "torchvision's EncoderBlock with nn.MultiheadAttention"
-                )
-            self._attention.append(attn)
+        self._attention = multihead_attention_layers(
+            model.encoder.layers, "self_attention", name, "torchvision's EncoderBlock with nn.MultiheadAttention"
+        )
 
     @property
     def num_layers(self) -> int:
