@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     b.add_argument("--gradcam", action="store_true", help="also time pytorch-grad-cam's GradCAM (gmar[bench])")
+    b.add_argument(
+        "--torchcam",
+        action="store_true",
+        help="also time torchcam's GradCAM, and its LeGrad next to gmar's on a torchvision twin (gmar[bench])",
+    )
     b.add_argument("--out", default="gmar-bench", metavar="DIR")
     b.set_defaults(func=run_bench)
     return parser
@@ -349,6 +354,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 device=args.device,
                 memory=not args.no_memory,
                 gradcam=args.gradcam,
+                torchcam=args.torchcam,
             )
             print(f"{bench.table(setting)}\n{where}, torch {torch.__version__}\n", flush=True)
             settings.append(setting)
