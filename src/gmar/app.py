@@ -25,7 +25,7 @@ from torch import nn
 from gmar import viz
 from gmar.adapters import get_adapter
 from gmar.capture import model_lock
-from gmar.errors import GmarError
+from gmar.errors import GmarError, ImageLoadError
 from gmar.explanation import Explanation, min_max, upsample
 from gmar.layout import TokenLayout
 from gmar.loading import LoadedModel
@@ -134,7 +134,10 @@ def read_image(path: str | Path | None) -> Image.Image:
     """The uploaded file as an RGB picture; a message for the page when it is none."""
     if path is None:
         raise GmarError("no image: upload one or click an example")
-    return load_image(path)
+    try:
+        return load_image(path)
+    except ImageLoadError as error:  # name the file as the user knows it, not the server's copy
+        raise ImageLoadError(str(error).replace(str(path), Path(path).name, 1)) from None
 
 
 def model_input(served: Served, image: Image.Image) -> torch.Tensor:
@@ -490,6 +493,19 @@ def build_page(served: Served, workdir: Path):
             slider.change(on_head, [state, layer, head], [head_image, head_caption, picture], api_visibility="private")
     page.queue(max_size=64)
     return page, theme
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse, with what to do, an address the page cannot be served on (before the model loads)."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise GmarError(f"--port must be in [1, 65535], not {port}")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as error:
+        raise GmarError(f"cannot serve on {host}:{port} ({error.strerror or error}): pass another --port") from None
 
 
 def launch(served: Served, host: str = "127.0.0.1", port: int = 7860) -> None:

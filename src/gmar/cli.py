@@ -408,8 +408,7 @@ def run_app(args: argparse.Namespace) -> int:
         from gmar import app
     except ImportError as error:  # gradio is an extra
         raise GmarError(f"gmar app needs gradio ({error}): pip install 'gmar[app]'") from None
-    if not 0 <= args.port <= 65535:
-        raise GmarError(f"--port must be in [0, 65535], not {args.port}")
+    app.check_port(args.host, args.port)
     device = _device(args.device)
     if args.model == "reference":
         from gmar.reference import load_reference_model
