@@ -139,7 +139,7 @@ def chromium():
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         options.add_argument(argument)
-    options.add_argument("--window-size=1280,2100")
+    options.add_argument("--window-size=1280,1800")
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
@@ -165,6 +165,9 @@ def test_page_explains_an_example_and_shows_a_head(server, scenes, reference, tm
         upload = driver.find_element(By.CSS_SELECTOR, "#image-file input[type=file]")
         upload.send_keys(str(not_an_image(tmp_path)))
         wait.until(lambda d: "notes.png: not a readable image" in d.find_element(By.TAG_NAME, "body").text)
+        assert "/tmp" not in driver.find_element(By.TAG_NAME, "body").text  # the file's name, not the server's path
+        for close in driver.find_elements(By.CSS_SELECTOR, ".toast-close"):
+            close.click()
 
         # an example: the page offers its top-5 classes and targets the first
         thumbnails[1].click()

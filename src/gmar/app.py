@@ -137,7 +137,7 @@ def read_image(path: str | Path | None) -> Image.Image:
     try:
         return load_image(path)
     except ImageLoadError as error:  # name the file as the user knows it, not the server's copy
-        raise ImageLoadError(str(error).replace(str(path), Path(path).name, 1)) from None
+        raise ImageLoadError(str(error).replace(str(path), Path(path).name)) from None
 
 
 def model_input(served: Served, image: Image.Image) -> torch.Tensor:
