@@ -365,3 +365,26 @@ def test_busy_port_is_refused_before_the_model_loads(capsys):
     assert f"cannot serve on 127.0.0.1:{port}" in one_error_line(capsys)
     assert main(["app", "--port", "70000"]) == 2
     assert "--port must be in [1, 65535]" in one_error_line(capsys)
+
+
+def test_command_line_serves_reference_or_any_spec(monkeypatch, capsys):
+    """`gmar app` hands app.launch the model it names (the page itself is tested above)."""
+    from conftest import one_error_line
+
+    served = []
+    monkeypatch.setattr(app, "launch", lambda model, host, port: served.append((model, host, port)))
+    port = free_port()
+    assert main(["app", "--port", str(port)]) == 0
+    reference, host, given = served.pop()
+    assert (reference.spec, host, given, reference.multi_label) == ("reference", "127.0.0.1", port, True)
+    assert len(reference.examples) == 6 and reference.head_grid == (4, 4)
+    assert main(["app", "--model", "timm:vit_tiny_patch16_224", "--random-init", "--port", str(port)]) == 0
+    timm, _, _ = served.pop()
+    assert timm.spec == "timm:vit_tiny_patch16_224" and timm.head_grid == (12, 3) and not timm.multi_label
+    assert timm.methods == gmar.available_methods()
+    result = app.explain_image(timm, timm.examples[0][0], ["gmar", "legrad"], target=7)
+    assert int(result.explanations["gmar"].target[0]) == 7 and len(app.overlays(result)) == 2
+    best = app.top_classes(timm, app.model_input(timm, app.read_image(timm.examples[0][0])))
+    assert len(best) == 5 and sum(p for _, _, p in best) <= 1.0 + 1e-6
+    assert main(["app", "--random-init", "--port", str(port)]) == 2
+    assert "the reference model is trained" in one_error_line(capsys)
