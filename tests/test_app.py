@@ -4,6 +4,7 @@ One server (`gmar app`, the reference ViT, a free local port) serves every test 
 Debian's chromium and chromium-driver, driven by selenium; nothing is downloaded.
 """
 
+import importlib.util
 import io
 import json
 import os
@@ -199,8 +200,9 @@ def test_page_explains_an_example_and_shows_a_head(server, scenes, reference, tm
         cells = driver.find_element(By.CSS_SELECTOR, "#head-weights img")
         scale_x = cells.size["width"] / int(cells.get_attribute("naturalWidth"))
         scale_y = cells.size["height"] / int(cells.get_attribute("naturalHeight"))
-        x = (app.LEFT + 2.5 * app.CELL) * scale_x - cells.size["width"] / 2
-        y = (app.TOP + 1.5 * app.CELL) * scale_y - cells.size["height"] / 2
+        left, top, right, bottom = app.cell_box(1, 2, (4, 4))
+        x = (left + right) / 2 * scale_x - cells.size["width"] / 2
+        y = (top + bottom) / 2 * scale_y - cells.size["height"] / 2
         ActionChains(driver).move_to_element_with_offset(cells, round(x), round(y)).click().perform()
         caption = wait.until(
             lambda d: (t := d.find_element(By.CSS_SELECTOR, "#head-caption").text).startswith("layer 1, head 2") and t
@@ -337,15 +339,26 @@ def test_head_weights_picture_and_clicks_agree(reference, scenes):
     result = app.explain_image(served, scenes[0], ["gmar", "rollout"])
     weights = result.explanations["gmar"].head_weights[0]
     picture = app.heads_picture(weights, (1, 2), served.head_grid)
+    grid = served.head_grid
     for layer in range(4):
         for head in range(4):
-            x, y = app.LEFT + (head + 0.5) * app.CELL, app.TOP + (layer + 0.5) * app.CELL
-            assert app.head_at(x, y, served.head_grid) == (layer, head)
-    assert app.head_at(app.LEFT - 1, app.TOP + 1, served.head_grid) is None
-    assert app.head_at(app.LEFT + 4 * app.CELL, app.TOP + 1, served.head_grid) is None
+            left, top, right, bottom = app.cell_box(layer, head, grid)
+            for x, y in ((left, top), (right, bottom), ((left + right) / 2, (top + bottom) / 2)):
+                assert app.head_at(x, y, grid) == (layer, head)
+    assert app.head_at(app.LEFT - 1, app.TOP + 1, grid) is None
+    assert app.head_at(app.cell_box(0, 3, grid)[2] + 1, app.TOP + 1, grid) is None
+    assert app.head_at(app.LEFT + 1, app.cell_box(3, 0, grid)[3] + 1, grid) is None
     # the selected cell is outlined in white: its border differs from an unselected picture's
-    plain = app.heads_picture(weights, None, served.head_grid)
-    assert (picture != plain).any() and (picture[app.TOP + app.CELL + 1, app.LEFT + 2 * app.CELL + 1] == 255).all()
+    plain = app.heads_picture(weights, None, grid)
+    left, top = app.cell_box(1, 2, grid)[:2]
+    assert (
+        (picture != plain).any()
+        and (picture[top + 1, left + 1] == 255).all()
+        and (plain[top + 1, left + 1] != 255).any()
+    )
+    right, bottom = app.cell_box(11, 11, (12, 12))[2:]
+    assert app.heads_picture(None, None, (12, 12)).shape[:2] == (bottom + 3, right + 3)
+    assert app.cell_size((12, 12)) < app.cell_size(grid)  # many heads: smaller cells
     # the head view is gmar.head_attention's map for that head, with GMAR's weight
     view, caption = app.head_view(result, 1, 2)
     assert caption.endswith(f"GMAR weight {float(weights[1, 2]):.3f}")
@@ -365,6 +378,15 @@ def test_busy_port_is_refused_before_the_model_loads(capsys):
     assert f"cannot serve on 127.0.0.1:{port}" in one_error_line(capsys)
     assert main(["app", "--port", "70000"]) == 2
     assert "--port must be in [1, 65535]" in one_error_line(capsys)
+
+
+def test_without_gradio_says_what_to_install(monkeypatch, capsys):
+    from conftest import one_error_line
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert main(["app", "--port", str(free_port())]) == 2
+    assert one_error_line(capsys) == "gmar: error: gmar app needs gradio: pip install 'gmar[app]'"
 
 
 def test_command_line_serves_reference_or_any_spec(monkeypatch, capsys):

@@ -35,8 +35,8 @@ from gmar.targets import TextTarget
 
 #: the shorter side, in pixels, that pictures are drawn at on the page (small inputs are enlarged)
 DISPLAY = 256
-#: the side of one layer x head cell in the head-weights picture, and its margins for the labels
-CELL, LEFT, TOP = 48, 34, 22
+#: the margins of the head-weights picture, for the layer and head labels (and the page's own label)
+LEFT, TOP = 40, 44
 #: how many of the model's best classes the page offers as targets
 TOP_K = 5
 #: pyplot keeps global state: figures are drawn one at a time, whichever request asks
@@ -253,11 +253,24 @@ def head_weights(result: Result) -> dict | None:
     return {"rows": result.rows, "head_weights": gmar.head_weights.float().cpu().tolist()}
 
 
+def cell_size(grid: tuple[int, int]) -> int:
+    """The side in pixels of one layer x head cell: large for a few heads, smaller for many."""
+    return min(48, max(28, 400 // max(grid)))
+
+
+def cell_box(layer: int, head: int, grid: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Where :func:`heads_picture` draws cell ``(layer, head)``: ``(left, top, right, bottom)``, inclusive."""
+    cell = cell_size(grid)
+    left, top = LEFT + head * cell, TOP + layer * cell
+    return left, top, left + cell - 1, top + cell - 1
+
+
 def heads_picture(weights: torch.Tensor | None, selected: tuple[int, int] | None, grid: tuple[int, int]) -> np.ndarray:
-    """The layers x heads weights ``(L, H)`` as cells (layer 0 at the top, head 0 at the left), the
-    selected cell outlined; all grey without weights. Cell ``(l, h)`` is where :func:`head_at` finds it."""
+    """The layers x heads weights ``(L, H)`` as cells (layer 0 at the top, head 0 at the left), each
+    with its weight, the selected cell outlined; all grey without weights (see :func:`cell_box`)."""
     layers, heads = grid
-    picture = Image.new("RGB", (LEFT + heads * CELL + 2, TOP + layers * CELL + 2), "white")
+    right, bottom = cell_box(layers - 1, heads - 1, grid)[2:]
+    picture = Image.new("RGB", (right + 3, bottom + 3), "white")
     draw = ImageDraw.Draw(picture)
     font = ImageFont.load_default()
     if weights is not None:
@@ -266,19 +279,21 @@ def heads_picture(weights: torch.Tensor | None, selected: tuple[int, int] | None
         scaled = (values - values.min()) / span if span > 0 else np.zeros_like(values)
         colours = (viz.plt.get_cmap("viridis")(scaled)[..., :3] * 255).round().astype(int)
     for layer in range(layers):
-        draw.text((4, TOP + layer * CELL + CELL // 2 - 6), f"L{layer}", fill="black", font=font)
         for head in range(heads):
-            box = (LEFT + head * CELL, TOP + layer * CELL, LEFT + (head + 1) * CELL - 1, TOP + (layer + 1) * CELL - 1)
+            box = cell_box(layer, head, grid)
             colour = tuple(colours[layer, head]) if weights is not None else (200, 200, 200)
             draw.rectangle(box, fill=colour)
             if weights is not None:  # the weight itself, dark on light cells and light on dark ones
                 ink = "black" if sum(colour) > 3 * 140 else "white"
-                draw.text((box[0] + 6, box[1] + CELL // 2 - 6), f"{values[layer, head]:.2f}", fill=ink, font=font)
+                middle = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+                draw.text(middle, f"{values[layer, head]:.2f}", fill=ink, font=font, anchor="mm")
+        draw.text((LEFT - 6, (cell_box(layer, 0, grid)[1] + cell_box(layer, 0, grid)[3]) / 2), f"L{layer}",
+                  fill="black", font=font, anchor="rm")  # fmt: skip
     for head in range(heads):
-        draw.text((LEFT + head * CELL + CELL // 2 - 8, 4), f"h{head}", fill="black", font=font)
+        box = cell_box(0, head, grid)
+        draw.text(((box[0] + box[2]) / 2, TOP - 4), f"h{head}", fill="black", font=font, anchor="mb")
     if selected is not None:
-        layer, head = selected
-        box = (LEFT + head * CELL, TOP + layer * CELL, LEFT + (head + 1) * CELL - 1, TOP + (layer + 1) * CELL - 1)
+        box = cell_box(*selected, grid)
         draw.rectangle(box, outline="white", width=3)
         draw.rectangle((box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1), outline="black", width=1)
     return np.asarray(picture)
@@ -286,7 +301,8 @@ def heads_picture(weights: torch.Tensor | None, selected: tuple[int, int] | None
 
 def head_at(x: float, y: float, grid: tuple[int, int]) -> tuple[int, int] | None:
     """The ``(layer, head)`` of the cell of :func:`heads_picture` at pixel ``(x, y)``; None outside."""
-    layer, head = math.floor((y - TOP) / CELL), math.floor((x - LEFT) / CELL)
+    cell = cell_size(grid)
+    layer, head = math.floor((y - TOP) / cell), math.floor((x - LEFT) / cell)
     if 0 <= layer < grid[0] and 0 <= head < grid[1]:
         return layer, head
     return None
@@ -493,6 +509,14 @@ def build_page(served: Served, workdir: Path):
             slider.change(on_head, [state, layer, head], [head_image, head_caption, picture], api_visibility="private")
     page.queue(max_size=64)
     return page, theme
+
+
+def require_gradio() -> None:
+    """Refuse, with what to install, a machine without gradio (before the model loads)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise GmarError("gmar app needs gradio: pip install 'gmar[app]'")
 
 
 def check_port(host: str, port: int) -> None:

@@ -404,10 +404,9 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def run_app(args: argparse.Namespace) -> int:
-    try:
-        from gmar import app
-    except ImportError as error:  # gradio is an extra
-        raise GmarError(f"gmar app needs gradio ({error}): pip install 'gmar[app]'") from None
+    from gmar import app
+
+    app.require_gradio()  # an extra
     app.check_port(args.host, args.port)
     device = _device(args.device)
     if args.model == "reference":
