@@ -99,9 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=run_demo)
 
     a = commands.add_parser("app", help="a web page to explain images, compare methods and look inside every head")
-    a.add_argument(
-        "--model", default="reference", metavar="SPEC", help="'reference' (default) or a SPEC as for explain"
-    )
+    a.add_argument("--model", default="reference", metavar="SPEC", help="'reference' (default) or SPEC as for explain")
     a.add_argument("--checkpoint", metavar="FILE", help="local weights for --model")
     a.add_argument("--random-init", action="store_true", help="seeded random weights for --model SPEC")
     a.add_argument("--num-classes", type=int, metavar="N", help="the checkpoint's number of classes (timm:, hf:)")
