@@ -12,6 +12,7 @@ from gmar.adapters import get_adapter
 from gmar.explanation import Explanation
 from gmar.methods.base import Explainer
 from gmar.methods.explainers import GAE, GMAR, AttentionRollout, GradCAM, GradientRollout, LeGrad, RawAttention
+from gmar.methods.heads import head_attention
 from gmar.methods.joint import explain_jointly
 from gmar.targets import Target
 
@@ -117,6 +118,7 @@ __all__ = [
     "explain",
     "explain_jointly",
     "get_method",
+    "head_attention",
     "select_methods",
     "supported_methods",
 ]
