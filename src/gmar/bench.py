@@ -36,7 +36,7 @@ from torch import nn
 
 from gmar.capture import model_lock
 from gmar.errors import GmarError
-from gmar.methods import available_methods, explain
+from gmar.methods import all_methods, available_methods, explain
 from gmar.outputs import OutputFolder
 
 ATTENTION_ONLY = ("raw_attention", "rollout")
@@ -251,7 +251,7 @@ def run_setting(
     """Measure every case for one model, batch size and resolution."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, not {repeats}")
-    methods = list(available_methods() if methods is None else methods)
+    methods = list(all_methods() if methods is None else methods)
     model = build_model(spec, resolution, device)
     size = input_size(model, resolution)
     images = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(0)).to(device)
