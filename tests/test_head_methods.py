@@ -47,9 +47,9 @@ def taylor_loop(g: R.Gradients) -> torch.Tensor:
 
 
 def taylor_weights(scores: torch.Tensor) -> torch.Tensor:
-    positive = scores.clamp_min(0)
-    total = positive.sum(dim=-1, keepdim=True)
-    return torch.where(total > 0, positive / total, torch.full_like(positive, 1 / positive.shape[-1]))
+    """Per layer, the heads' non-negative scores ``(B, L, H)`` over their sum (uniform for a zero sum)."""
+    total = scores.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, scores / total, torch.full_like(scores, 1 / scores.shape[-1]))
 
 
 def gmar_gae_written_out(g: R.Gradients, head_weights=True, signed=True, start_layer=0):
@@ -114,20 +114,22 @@ def occlusion_loop(net, images, target, window=1, baseline=None, patch=8):
 # -------------------------------------------------------------------------------------------------- Taylor
 
 
+@pytest.mark.parametrize("score", ["taylor", "taylor_signed"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_taylor_scores_and_map_against_a_per_head_loop(name):
+def test_taylor_scores_and_map_against_a_per_head_loop(name, score):
     g = ref(name)
-    exp = gmar.explain(model(name), batch(), "gmar", target=target_for(name), head_score="taylor")
-    scores = taylor_loop(g)
+    exp = gmar.explain(model(name), batch(), "gmar", target=target_for(name), head_score=score)
+    signed = taylor_loop(g)
+    scores = signed.abs() if score == "taylor" else signed
     assert_close(exp.head_scores, scores, **TOL)
-    assert_close(exp.head_weights, taylor_weights(scores), **TOL)
+    assert_close(exp.head_weights, taylor_weights(scores.clamp_min(0)), **TOL)
     if name == "cait":
         # Talking heads mix the probabilities across heads, so one head's rows may sum below zero; the
         # tiny CaiT's Taylor weights pick such a head alone, and rollout's row normalisation is then
         # undefined (gmar clamps the sum, the hand version divides by it). The map's mix is checked
         # with the weights above; the rollout itself on CaiT is test_reference's.
         return
-    assert_close(exp.token_map, R.gmar(g, weights=taylor_weights(scores))[0], **TOL)
+    assert_close(exp.token_map, R.gmar(g, weights=taylor_weights(scores.clamp_min(0)))[0], **TOL)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -155,7 +157,7 @@ def test_taylor_is_the_derivative_of_switching_a_head_off(name):
     net = model(name)
     adapter = get_adapter(net)
     target = target_for(name)
-    exp = gmar.explain(net, batch(), "gmar", target=target, head_score="taylor")
+    exp = gmar.explain(net, batch(), "gmar", target=target, head_score="taylor_signed")
     projections = adapter.head_projections()
     gates = [torch.ones(batch().shape[0], heads, requires_grad=True) for _, heads in projections]
 
@@ -180,13 +182,16 @@ def test_taylor_is_the_derivative_of_switching_a_head_off(name):
     y = target(output) if callable(target) else output.gather(1, output.argmax(-1, keepdim=True)).squeeze(1)
     derivatives = torch.stack(torch.autograd.grad(y.sum(), gates), dim=1)
     assert_close(exp.head_scores, derivatives, rtol=1e-4, atol=1e-5)
+    magnitude = gmar.explain(net, batch(), "gmar", target=target, head_score="taylor")
+    assert_close(magnitude.head_scores, derivatives.abs(), rtol=1e-4, atol=1e-5)
 
 
 def test_taylor_takes_neither_norm_nor_head_grad():
     net = model("timm")
     for options in ({"norm": "l2"}, {"head_grad": "output"}, {"head_grad": "attention"}):
-        with pytest.raises(ValueError, match="head_score='taylor' takes neither"):
-            gmar.GMAR(net, head_score="taylor", **options)
+        for score in ("taylor", "taylor_signed"):
+            with pytest.raises(ValueError, match=f"head_score='{score}' takes neither"):
+                gmar.GMAR(net, head_score=score, **options)
     with pytest.raises(ValueError, match="head_score must be"):
         gmar.GMAR(net, head_score="hessian")
 
@@ -298,7 +303,13 @@ def test_occlusion_counts_its_forward_passes_and_takes_no_backward(monkeypatch):
 # -------------------------------------------------------------------------- every new method and option
 
 
-NEW = [("gmar", {"head_score": "taylor"}), ("gmar_gae", {}), ("gmar_gae", {"signed": False}), ("occlusion", {})]
+NEW = [
+    ("gmar", {"head_score": "taylor"}),
+    ("gmar", {"head_score": "taylor_signed"}),
+    ("gmar_gae", {}),
+    ("gmar_gae", {"signed": False}),
+    ("occlusion", {}),
+]
 
 
 @pytest.mark.parametrize(("method", "options"), NEW, ids=str)

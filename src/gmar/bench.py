@@ -36,10 +36,12 @@ from torch import nn
 
 from gmar.capture import model_lock
 from gmar.errors import GmarError
-from gmar.methods import all_methods, available_methods, explain
+from gmar.methods import all_methods, available_methods, explain, get_method
 from gmar.outputs import OutputFolder
 
 ATTENTION_ONLY = ("raw_attention", "rollout")
+#: option variants timed as cases of their own when their method is asked: ``case -> (method, options)``
+VARIANTS = {"gmar (taylor)": ("gmar", {"head_score": "taylor"})}
 #: the case that runs every method asked in one call (``gmar.explain(model, images, [...])``)
 ALL = "all (one call)"
 GRADCAM_PACKAGE = "grad-cam"
@@ -132,6 +134,9 @@ def cases(model: nn.Module, images: torch.Tensor, methods: Sequence[str], gradca
     runs: dict[str, Callable] = {"F": lambda: forward(model, images), "FB": lambda: forward_backward(model, images)}
     for method in methods:
         runs[method] = lambda method=method: explain(model, images, method=method)
+        for case, (base, options) in VARIANTS.items():
+            if base == method:
+                runs[case] = lambda base=base, options=options: explain(model, images, method=base, **options)
     if len(methods) > 1:  # every method asked, as one call: the shared pass
         runs[ALL] = lambda: explain(model, images, method=list(methods))
     if gradcam:
@@ -142,7 +147,10 @@ def cases(model: nn.Module, images: torch.Tensor, methods: Sequence[str], gradca
 def baseline_of(case: str) -> str | None:
     if case in ("F", "FB"):
         return None
-    return "F" if case in ATTENTION_ONLY else "FB"
+    method = VARIANTS[case][0] if case in VARIANTS else case
+    if method in ATTENTION_ONLY or (method in available_methods() and not get_method(method).uses_gradients):
+        return "F"  # forward passes only (occlusion: many)
+    return "FB"
 
 
 def time_cases(runs: dict[str, Callable], repeats: int, device: str) -> dict[str, float]:
@@ -212,7 +220,8 @@ def _child_peak(
     torch.set_num_threads(threads)
     model = build_model(spec, resolution, "cpu")
     images = torch.randn(batch, 3, *input_size(model, resolution), generator=torch.Generator().manual_seed(0))
-    methods = list(every) if name == ALL else [name] if name in available_methods() else []
+    method = VARIANTS[name][0] if name in VARIANTS else name
+    methods = list(every) if name == ALL else [method] if method in available_methods() else []
     run = cases(model, images, methods, gradcam=name == GRADCAM_PACKAGE)[name]
     before = _status("VmRSS")  # runtime, weights and input: what the call starts from
     run()  # warm-up: libraries' caches are then in place, as they are for the timed calls

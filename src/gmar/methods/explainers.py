@@ -90,9 +90,10 @@ class GMAR(Explainer):
     (``head_grad="attention"``); per sample and layer the scores are normalised to weights, the
     heads mixed with them, and the mix rolled out.
 
-    ``head_score="taylor"``: ``S = Σ O_{l,h} ⊙ ∂y/∂O_{l,h}`` (Michel et al. 2019), the first-order
-    estimate of how much ``y`` drops when the head is switched off; the weights are
-    ``ReLU(S) / Σ_h ReLU(S)``, so a head whose removal would raise ``y`` gets none.
+    ``head_score="taylor"``: ``S = |Σ O_{l,h} ⊙ ∂y/∂O_{l,h}|`` (Michel, Levy & Neubig 2019), the size
+    of the first-order change of ``y`` when the head is switched off (``O = A V``, the attention
+    core's output); the weights are ``S / Σ_h S``. ``head_score="taylor_signed"`` keeps the sign
+    (positive: switching the head off lowers ``y``) and mixes with ``ReLU(S) / Σ_h ReLU(S)``.
 
     ``head_weights`` holds the weights of every layer, ``head_scores`` the scores ``S`` before
     normalisation (comparable across layers); ``start_layer`` only limits the rollout.
@@ -112,13 +113,13 @@ class GMAR(Explainer):
         head_score: str = "gradient",
     ) -> None:
         super().__init__(model, start_layer=start_layer)
-        if head_score not in ("gradient", "taylor"):
-            raise ValueError(f"head_score must be 'gradient' or 'taylor', not {head_score!r}")
+        if head_score not in ("gradient", "taylor", "taylor_signed"):
+            raise ValueError(f"head_score must be 'gradient', 'taylor' or 'taylor_signed', not {head_score!r}")
         if norm not in ("l1", "l2"):
             raise ValueError(f"norm must be 'l1' or 'l2', not {norm!r}")
-        if head_score == "taylor" and (head_grad is not None or norm != "l1"):
+        if head_score != "gradient" and (head_grad is not None or norm != "l1"):
             raise ValueError(
-                "norm and head_grad choose the paper's gradient score; head_score='taylor' takes neither "
+                f"norm and head_grad choose the paper's gradient score; head_score={head_score!r} takes neither "
                 "(Σ O ⊙ ∂y/∂O is computed as Σ A ⊙ ∂y/∂A, which is equal)"
             )
         head_grad = "output" if head_grad is None and head_score == "gradient" else head_grad or "attention"
@@ -132,6 +133,9 @@ class GMAR(Explainer):
     def reduce_gradient(self, layer, gradient, attention, captured, layout):
         attention = attention.float()  # type: ignore[union-attr]
         if self.head_score == "taylor":
+            scores = Fn.taylor_head_scores(attention, gradient.float()).abs_()
+            weights = Fn.normalise_head_scores(scores)
+        elif self.head_score == "taylor_signed":
             scores = Fn.taylor_head_scores(attention, gradient.float())
             weights = Fn.positive_head_weights(scores)
         else:
