@@ -360,3 +360,15 @@ def test_callable_targets_reach_the_new_methods():
     for method, options in NEW:
         exp = gmar.explain(net, batch(), method, target=clip_target, **options)
         assert exp.target is None and exp.scores is not None
+
+
+def test_a_progress_bar_inside_another_stays_quiet(capsys):
+    from gmar.progress import Progress
+
+    outer = Progress(3, "evaluating", True)
+    capsys.readouterr()
+    gmar.explain(model("timm"), batch(), "occlusion", progress=True)
+    assert capsys.readouterr().err == ""
+    outer.close()
+    gmar.explain(model("timm"), batch(), "occlusion", progress=True)
+    assert "occlusion: [" in capsys.readouterr().err

@@ -77,12 +77,12 @@ class Explainer:
         if cls.needs_readout_rows and adapter.attention_pooled:
             return (
                 f"{name} pools its tokens with an attention head, so it has no readout token for {cls.name}; "
-                "explain it with legrad or gradcam"
+                "explain it with legrad, gradcam or occlusion"
             )
         if cls.needs_attention and adapter.no_global_attention:
             return (
                 f"{name} {adapter.no_global_attention}, so it has no global token-to-token attention for "
-                f"{cls.name}; explain it with gradcam"
+                f"{cls.name}; explain it with gradcam or occlusion"
             )
         return None
 
