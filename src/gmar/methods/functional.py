@@ -142,12 +142,15 @@ def head_weighted_layer(
         ``S`` ``(B, H)`` and ``Ā`` ``(B, N, N)``.
     """
     product = attention * gradient
-    rectified = product.clamp_min(0)
-    scores = rectified.sum(dim=(-2, -1))
-    weights = normalise_head_scores(scores) if weighted else torch.full_like(scores, 1.0 / scores.shape[-1])
     if signed:
-        return scores, mix_heads(product, weights).clamp_min_(0)
-    return scores, mix_heads(rectified, weights)
+        scores = product.clamp_min(0).sum(dim=(-2, -1))  # the rectified copy is freed at once
+        mixed = product
+    else:
+        mixed = product.clamp_min_(0)
+        scores = mixed.sum(dim=(-2, -1))
+    weights = normalise_head_scores(scores) if weighted else torch.full_like(scores, 1.0 / scores.shape[-1])
+    mixed = mix_heads(mixed, weights)
+    return scores, mixed.clamp_min_(0) if signed else mixed
 
 
 def mix_heads(attention: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
