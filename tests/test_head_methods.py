@@ -372,3 +372,37 @@ def test_a_progress_bar_inside_another_stays_quiet(capsys):
     outer.close()
     gmar.explain(model("timm"), batch(), "occlusion", progress=True)
     assert "occlusion: [" in capsys.readouterr().err
+
+
+def test_windows_cover_the_grid_and_their_map_averages_the_drops():
+    from gmar.methods import functional as Fn
+
+    windows = Fn.occlusion_windows((3, 4), 2)
+    assert windows.shape == (6, 3, 4) and windows.sum(dim=(1, 2)).tolist() == [4] * 6
+    assert windows.sum(dim=0).tolist() == [[1, 2, 2, 1], [2, 4, 4, 2], [1, 2, 2, 1]]
+    assert Fn.occlusion_windows((3, 4), 9).shape == (1, 3, 4)
+    drops = torch.arange(6.0)[None]
+    token_map = Fn.occlusion_map(drops, windows)
+    # patch (1, 1) lies in windows 0, 1, 3 and 4
+    assert token_map[0, 1, 1].item() == pytest.approx((0 + 1 + 3 + 4) / 4)
+    assert token_map[0, 0, 0].item() == 0.0 and token_map[0, 2, 3].item() == 5.0
+
+
+def test_head_ablation_pairs_each_ranking_with_the_oracle_and_gmar(tmp_path):
+    import statistics
+
+    from gmar.evaluate import Store, _paired_heads
+
+    store = Store(tmp_path / "results.sqlite")
+    aucs = {"a": (0.6, 0.4, 0.3), "b": (0.7, 0.5, 0.35), "c": (0.65, 0.38, 0.33)}  # gmar, taylor, oracle
+    for item, values in aucs.items():
+        names = ("gmar", "taylor", "oracle")
+        store.write(item, "gmar", {f"head_ablation_auc[{n}]": v for n, v in zip(names, values, strict=True)}, {})
+    rows = store.scores()
+    store.close()
+    text = _paired_heads(rows)
+    differences = [t - o for _, t, o in aucs.values()]
+    ci = 1.96 * statistics.stdev(differences) / 3**0.5
+    assert f"| taylor | {statistics.mean(differences):+.3f} ± {ci:.3f} |" in text
+    assert "| oracle | — |" in text and "| gmar | " in text
+    assert _paired_heads([r for r in rows if "oracle" not in r[2]]) == ""
