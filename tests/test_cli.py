@@ -123,6 +123,14 @@ def test_unloadable_model_is_one_line_through_the_real_entry_point(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("gmar: error: cannot load hf:no-such-org/no-such-model")
 
 
+def test_occlusion_and_gmar_gae_by_name_on_the_command_line(tmp_path):
+    out = tmp_path / "named"
+    argv = ["explain", "--example", "--model", "timm:test_vit", "--random-init", "--out", str(out)]
+    assert main([*argv, "--method", "gmar_gae,occlusion", "--save-maps"]) == 0
+    names = sorted(p.name for p in out.iterdir() if p.suffix == ".npy")
+    assert names == [f"example_{s}.png_{m}.npy" for s in ("shapes", "stripes") for m in ("gmar_gae", "occlusion")]
+
+
 def test_example_images_with_a_random_timm_model(tmp_path):
     out = tmp_path / "example"
     assert main(["explain", "--example", "--model", "timm:test_vit", "--random-init", "--out", str(out)]) == 0

@@ -310,3 +310,14 @@ def test_a_report_never_replaces_a_file_gmar_did_not_write(checkpoint, tmp_path,
     (out / "results.md").unlink()
     assert main(evaluate_argv(checkpoint, out, "--limit", "2", *FAST)) == 0
     assert main(evaluate_argv(checkpoint, out, "--limit", "2", *FAST)) == 0  # its own report is replaced
+
+
+def test_occlusion_and_gmar_gae_by_name(checkpoint, tmp_path):
+    """Occlusion is evaluated when named (it is not in "all"); gmar_gae is paired with GAE item by item."""
+    out = tmp_path / "named"
+    argv = ["--methods", "gae,gmar_gae,occlusion", "--metrics", "pointing,deletion", "--steps", "2", "--limit", "3"]
+    assert main(evaluate_argv(checkpoint, out, *argv)) == 0
+    table = read_csv(out / "results.csv")
+    assert {m for m, _ in table} == {"gae", "gmar_gae", "occlusion"}
+    markdown = (out / "results.md").read_text()
+    assert "| occlusion |" in markdown and "## gmar_gae against gae, item by item" in markdown
