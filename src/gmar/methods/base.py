@@ -57,6 +57,9 @@ class Explainer:
     runs_alone: ClassVar[bool] = False
     #: ``method="all"`` includes the method (False for the slow ones, which are asked by name).
     in_all: ClassVar[bool] = True
+    #: Options for a smoke run that checks the method works on a model (``gmar models``), where its
+    #: defaults would be slow for no gain (occlusion: one window over the whole grid).
+    smoke_options: ClassVar[dict] = {}
     low_memory: bool = True
 
     def __init__(self, model: nn.Module, *, start_layer: int = 0) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -368,6 +369,7 @@ class Occlusion(Explainer):
     needs_attention = False
     runs_alone = True
     in_all = False
+    smoke_options: ClassVar[dict] = {"window": 2**31}
 
     def __init__(
         self,
