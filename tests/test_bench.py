@@ -11,6 +11,7 @@ import torch
 from conftest import IMAGE, make_timm
 from gmar import bench
 from gmar.cli import main
+from gmar.errors import GmarError
 from gmar.methods import explain
 
 
@@ -29,6 +30,7 @@ def test_bench_smoke_run_writes_every_case(tmp_path, capsys):
             "--threads",
             "1",
             "--gradcam",
+            "--torchcam",
             "--out",
             str(tmp_path),
         ]
@@ -40,7 +42,18 @@ def test_bench_smoke_run_writes_every_case(tmp_path, capsys):
     assert [s["batch_size"] for s in settings] == [2, 4]
     for setting in settings:
         rows = {row["case"]: row for row in setting["rows"]}
-        assert list(rows) == ["F", "FB", "gmar", "gmar (taylor)", "rollout", "all (one call)", "grad-cam"]
+        assert list(rows) == [
+            "F",
+            "FB",
+            "gmar",
+            "gmar (taylor)",
+            "rollout",
+            "all (one call)",
+            "grad-cam",
+            bench.TORCHCAM_GRADCAM,
+            bench.TWIN_LEGRAD,
+            bench.TORCHCAM_LEGRAD,
+        ]
         assert rows["gmar"]["baseline"] == "FB" and rows["rollout"]["baseline"] == "F"
         assert rows["gmar (taylor)"]["baseline"] == "FB"
         assert rows["all (one call)"]["baseline"] == "FB"
@@ -51,8 +64,9 @@ def test_bench_smoke_run_writes_every_case(tmp_path, capsys):
         assert rows["gmar"]["ratio"] == pytest.approx(rows["gmar"]["seconds"] / rows["FB"]["seconds"])
         assert rows["rollout"]["peak_ratio"] == pytest.approx(rows["rollout"]["peak"] / rows["F"]["peak"])
         assert setting["gradcam_max_difference"] < 1e-4
+        assert setting["torchcam_max_difference"] < 1e-5
     with (tmp_path / "bench.csv").open() as handle:
-        assert len(list(csv.DictReader(handle))) == 14
+        assert len(list(csv.DictReader(handle))) == 20
     assert (tmp_path / "scaling.png").stat().st_size > 0
     assert "| gmar |" in (tmp_path / "bench.md").read_text()
 
@@ -116,3 +130,45 @@ def test_bench_never_replaces_a_file_gmar_did_not_write(tmp_path, capsys):
 def test_each_case_is_measured_against_the_passes_it_takes():
     assert bench.baseline_of("gmar_gae") == bench.baseline_of("gmar (taylor)") == "FB"
     assert bench.baseline_of("occlusion") == bench.baseline_of("raw_attention") == "F"  # forward passes only
+
+
+def test_torchvision_twin_computes_what_the_timm_model_computes():
+    """The twin's logits, and gmar's maps on it, are the timm model's: the LeGrad comparison runs
+    torchcam on the same weights."""
+    model = make_timm()
+    images = torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
+    twin = bench.torchvision_twin(model)
+    assert type(twin).__module__.startswith("torchvision")
+    with torch.no_grad():
+        torch.testing.assert_close(twin(images), model(images), rtol=0, atol=1e-5)
+    for method in ("gae", "legrad", "rollout"):
+        torch.testing.assert_close(
+            explain(twin, images, method=method).token_map, explain(model, images, method=method).token_map
+        )
+    with pytest.raises(GmarError, match="plain timm ViTs"):
+        bench.torchvision_twin(make_timm(reg_tokens=2))
+
+
+def test_torchcam_gradcam_gives_gmars_map():
+    """torchcam's GradCAM on ``blocks[-2]`` is gmar's ``gradcam`` token map, min-max normalised."""
+    model = make_timm()
+    images = torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
+    theirs = bench._torchcam_gradcam(model, images)()
+    ours = explain(model, images, method="gradcam").token_map
+    assert theirs.shape == ours.shape
+    assert bench._torchcam_difference(model, images) < 1e-5
+    other = explain(model, images, method="gradcam", layer=0).token_map
+    other = other / other.flatten(1).amax(dim=1)[:, None, None]
+    assert (theirs - other).abs().max() > 0.1, "the check can fail"
+
+
+def test_torchcam_cases_leave_the_models_as_found():
+    model = make_timm()
+    images = torch.randn(2, 3, IMAGE, IMAGE)
+    runs = bench.cases(model, images, ["gradcam"], gradcam=False, torchcam=True)
+    assert list(runs) == ["F", "FB", "gradcam", bench.TORCHCAM_GRADCAM, bench.TWIN_LEGRAD, bench.TORCHCAM_LEGRAD]
+    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    for name in (bench.TORCHCAM_GRADCAM, bench.TORCHCAM_LEGRAD):
+        assert runs[name]().shape == (2, IMAGE // 8, IMAGE // 8)
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
+    assert all(p.grad is None for p in model.parameters())

@@ -353,13 +353,20 @@ def test_gradcam_alone_runs_the_models_own_attention_and_stops_at_its_block(name
 
     monkeypatch.setattr(AttentionStream, "attend", refuse)
     monkeypatch.setattr(Recorder, "attention", refuse)
-    below = []
+    below, recorded = [], []
     embed = {"timm": lambda m: m.patch_embed, "hf_vit": lambda m: m.vit.embeddings}.get(name, lambda m: None)(net)
     handle = embed.register_full_backward_hook(lambda *args: below.append(1)) if embed is not None else None
+
+    def first_block(module, args, output):
+        recorded.append((output[0] if isinstance(output, tuple) else output).requires_grad)
+
+    first = gmar.adapters.get_adapter(net).blocks[0].register_forward_hook(first_block)
     try:
         exp = gmar.explain(net, images, "gradcam", target=target_for(name), layer=-1)
     finally:
+        first.remove()
         if handle is not None:
             handle.remove()
     assert_close(exp.token_map, expected, **TOL)
     assert below == []  # no gradient reached the patch embedding
+    assert recorded == [False]  # and the blocks before the last one ran unrecorded

@@ -296,3 +296,19 @@ def test_nothing_of_the_graph_outlives_the_call(method, low_memory):
     finally:
         handle.remove()
     assert len(alive) == 1 and alive[0]() is None
+
+
+def test_default_chunk_size_follows_the_device():
+    """The stream's chunks hold 16 MB of probabilities on the CPU (its caches), 256 MB elsewhere
+    (fewer kernel launches on an accelerator): ViT-B/16 at 224 px, 8 samples a chunk against 142."""
+    from gmar.capture import _Core, chunk_bytes_for
+
+    assert chunk_bytes_for(torch.device("cpu")) == 16 * 2**20
+    assert chunk_bytes_for(torch.device("cuda")) == chunk_bytes_for(torch.device("mps")) == 256 * 2**20
+    per_sample = 12 * 197 * 197 * 4
+    for device, budget in (("cpu", 16 * 2**20), ("meta", 256 * 2**20)):
+        q, k, v = (torch.zeros((), device=device).expand(300, 12, 197, 64) for _ in range(3))
+        chunks = AttentionStream(1)._chunks(_Core(v, q=q, k=k, scale=0.125))
+        assert chunks[0] == slice(0, budget // per_sample), device
+        assert chunks[-1].stop == 300
+    assert AttentionStream(1, chunk_bytes=1)._chunks(_Core(v, q=q, k=k))[0] == slice(0, 1)

@@ -230,6 +230,43 @@ def test_deletion_baseline_value_and_image():
     assert_close(curve[0], torch.tensor([HIGH] + [sigmoid(1.0)] * 4))
 
 
+@pytest.mark.parametrize("baseline", [0.0, 0.3])
+def test_faithfulness_of_several_maps_equals_the_single_calls_and_scores_each_image_once(baseline):
+    """M maps of B images through all four protocols at once: the single calls' values, with every
+    shared image (unperturbed, fully deleted, blurred; with a zero baseline the positive perturbation
+    steps, which lie on the deletion curve) scored once."""
+    images = torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(11))
+    images[:, :, REGION] += 0.5
+    maps = torch.stack([torch.stack([random_map(10 * m + b) for b in range(3)]) for m in range(4)])
+    maps[1, 0] = PERFECT  # ties, broken by position alike in both paths
+    classes = torch.tensor([0, 1, 0])
+    model = RegionModel()
+    scorer = M.Scorer(model, batch_size=7)
+    together = M.faithfulness(scorer, images, maps, classes, steps=20, baseline=baseline, blur_sigma=2.0)
+    scored = sum(model.calls)
+    for m in range(4):
+        expected = {
+            "deletion": M.deletion(scorer, images, maps[m], classes, 20, baseline),
+            "insertion": M.insertion(scorer, images, maps[m], classes, 20, 2.0),
+            "perturbation_positive": M.perturbation(scorer, images, maps[m], classes, positive=True),
+            "perturbation_negative": M.perturbation(scorer, images, maps[m], classes, positive=False),
+        }
+        for protocol, (auc, curve) in expected.items():
+            assert_close(together[protocol][0][m], auc, rtol=0, atol=1e-6)
+            assert_close(together[protocol][1][m], curve, rtol=0, atol=1e-6)
+    # Per image: the unperturbed, the blurred and the fully deleted image; per map and image the
+    # inner steps: 19 of deletion, 19 of insertion, 9 of each perturbation test, of which the
+    # positive one's are deletion's own with a zero baseline (its 0.1 … 0.9 are deletion's 2/20 … 18/20).
+    inner = 19 + 19 + 9 + (0 if baseline == 0.0 else 9)
+    assert scored == 3 * 3 + 4 * 3 * inner
+    single = M.faithfulness(scorer, images, maps[0], classes, steps=20, baseline=baseline, blur_sigma=2.0)
+    for protocol, (auc, curve) in single.items():
+        assert auc.shape == (3,) and curve.shape[0] == 3
+        assert_close(auc, together[protocol][0][0], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown protocols"):
+        M.faithfulness(scorer, images, maps, classes, ["deletion", "wrong"])
+
+
 # ------------------------------------------------------------------------------------------ insertion
 
 

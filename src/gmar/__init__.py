@@ -27,6 +27,7 @@ from gmar.methods import (
     all_methods,
     available_methods,
     explain,
+    head_attention,
     supported_methods,
 )
 from gmar.preprocess import PreprocessConfig, denormalise, load_image, preprocess
@@ -63,6 +64,7 @@ __all__ = [
     "denormalise",
     "explain",
     "get_adapter",
+    "head_attention",
     "load_image",
     "load_model",
     "load_reference_model",

@@ -45,6 +45,11 @@ VARIANTS = {"gmar (taylor)": ("gmar", {"head_score": "taylor"})}
 #: the case that runs every method asked in one call (``gmar.explain(model, images, [...])``)
 ALL = "all (one call)"
 GRADCAM_PACKAGE = "grad-cam"
+#: torchcam's GradCAM on the same model and block as gmar's ``gradcam``
+TORCHCAM_GRADCAM = "torchcam gradcam"
+#: gmar's ``legrad`` and torchcam's LeGrad on a torchvision ``VisionTransformer`` with the timm model's weights
+TWIN_LEGRAD = "legrad (torchvision twin)"
+TORCHCAM_LEGRAD = "torchcam legrad (torchvision twin)"
 DEFAULT_MODEL = "timm:vit_base_patch16_224"
 
 
@@ -72,6 +77,7 @@ class Setting:
     repeats: int
     rows: list[Row] = field(default_factory=list)
     gradcam_max_difference: float | None = None
+    torchcam_max_difference: float | None = None
 
 
 def build_model(spec: str, resolution: int | None, device: str) -> nn.Module:
@@ -129,8 +135,10 @@ def forward_backward(model: nn.Module, images: torch.Tensor) -> None:
                 p.requires_grad_(flag)
 
 
-def cases(model: nn.Module, images: torch.Tensor, methods: Sequence[str], gradcam: bool) -> dict[str, Callable]:
-    """The measured calls, by name: the baselines, each method, and pytorch-grad-cam if asked."""
+def cases(
+    model: nn.Module, images: torch.Tensor, methods: Sequence[str], gradcam: bool, torchcam: bool = False
+) -> dict[str, Callable]:
+    """The measured calls, by name: the baselines, each method, pytorch-grad-cam and torchcam if asked."""
     runs: dict[str, Callable] = {"F": lambda: forward(model, images), "FB": lambda: forward_backward(model, images)}
     for method in methods:
         runs[method] = lambda method=method: explain(model, images, method=method)
@@ -141,6 +149,11 @@ def cases(model: nn.Module, images: torch.Tensor, methods: Sequence[str], gradca
         runs[ALL] = lambda: explain(model, images, method=list(methods))
     if gradcam:
         runs[GRADCAM_PACKAGE] = _package_gradcam(model, images)
+    if torchcam:
+        runs[TORCHCAM_GRADCAM] = _torchcam_gradcam(model, images)
+        twin = torchvision_twin(model)
+        runs[TWIN_LEGRAD] = lambda: explain(twin, images, method="legrad")
+        runs[TORCHCAM_LEGRAD] = _torchcam_legrad(twin, images)
     return runs
 
 
@@ -222,7 +235,8 @@ def _child_peak(
     images = torch.randn(batch, 3, *input_size(model, resolution), generator=torch.Generator().manual_seed(0))
     method = VARIANTS[name][0] if name in VARIANTS else name
     methods = list(every) if name == ALL else [method] if method in available_methods() else []
-    run = cases(model, images, methods, gradcam=name == GRADCAM_PACKAGE)[name]
+    peers = {"gradcam": name == GRADCAM_PACKAGE, "torchcam": name in (TORCHCAM_GRADCAM, TWIN_LEGRAD, TORCHCAM_LEGRAD)}
+    run = cases(model, images, methods, **peers)[name]
     before = _status("VmRSS")  # runtime, weights and input: what the call starts from
     run()  # warm-up: libraries' caches are then in place, as they are for the timed calls
     _reset_peak()
@@ -256,6 +270,7 @@ def run_setting(
     device: str = "cpu",
     memory: bool = True,
     gradcam: bool = False,
+    torchcam: bool = False,
 ) -> Setting:
     """Measure every case for one model, batch size and resolution."""
     if repeats < 1:
@@ -264,10 +279,12 @@ def run_setting(
     model = build_model(spec, resolution, device)
     size = input_size(model, resolution)
     images = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(0)).to(device)
-    runs = cases(model, images, methods, gradcam)
+    runs = cases(model, images, methods, gradcam, torchcam)
     setting = Setting(spec, batch, size[0], device, torch.get_num_threads(), repeats)
     if gradcam:
         setting.gradcam_max_difference = _gradcam_difference(model, images)
+    if torchcam:
+        setting.torchcam_max_difference = _torchcam_difference(model, images)
     seconds = time_cases(runs, repeats, device)
     peaks: dict = {}
     if memory:
@@ -328,6 +345,130 @@ def _package_gradcam(model: nn.Module, images: torch.Tensor) -> Callable[[], obj
     return run
 
 
+def _torchcam_gradcam(model: nn.Module, images: torch.Tensor) -> Callable[[], object]:
+    """torchcam's ``GradCAM`` on the tokens entering the last block (``blocks[-2]``'s output, the
+    block gmar's ``gradcam`` reads), explaining the predicted classes, as its documentation runs it:
+    the user's forward pass, then the extractor called on its scores (parameters as they come)."""
+    cam_class = _torchcam("GradCAM")
+    layout = _timm_layout(model, images, "torchcam")
+
+    def to_grid(tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, layout.patch_slice]
+        return patches.reshape(patches.shape[0], *layout.grid_size, patches.shape[-1]).permute(0, 3, 1, 2)
+
+    def run() -> torch.Tensor:
+        with model_lock(model), cam_class(model, target_layer=model.blocks[-2], reshape_transform=to_grid) as cam:
+            scores = model(images)
+            return cam(class_idx=scores.argmax(dim=1).tolist(), scores=scores)[0]
+
+    return run
+
+
+def _torchcam_legrad(twin: nn.Module, images: torch.Tensor) -> Callable[[], object]:
+    """torchcam's ``LeGrad`` on every block of a torchvision ``VisionTransformer``, explaining the
+    predicted classes (the user's forward pass, then the extractor). Its readout for the layers'
+    scores is its own (the head on the final norm of the *mean* token), not the class token, so its
+    map differs from gmar's ``legrad``; the case measures time and memory only."""
+    cam_class = _torchcam("LeGrad")
+
+    def run() -> torch.Tensor:
+        with model_lock(twin), cam_class(twin, list(twin.encoder.layers)) as cam:
+            scores = twin(images)
+            return cam(class_idx=scores.argmax(dim=1).tolist(), scores=scores)[0]
+
+    return run
+
+
+def _torchcam(name: str) -> type:
+    try:
+        import torchcam.methods
+    except ImportError:
+        raise GmarError("the comparison needs torchcam: pip install 'gmar[bench]'") from None
+    return getattr(torchcam.methods, name)
+
+
+def _timm_layout(model: nn.Module, images: torch.Tensor, peer: str):
+    from gmar.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    if adapter.family != "timm":
+        raise GmarError(f"the {peer} comparison is set up for timm ViTs only")
+    return adapter.token_layout(tuple(images.shape[-2:]))
+
+
+def torchvision_twin(model: nn.Module) -> nn.Module:
+    """A torchvision ``VisionTransformer`` computing what the timm ``VisionTransformer`` ``model``
+    computes, with a copy of its weights (class-token readout, pre-norm blocks, no layer scale)."""
+    try:
+        from torchvision.models.vision_transformer import VisionTransformer
+    except ImportError:
+        raise GmarError("the torchvision twin needs torchvision: pip install 'gmar[torchvision]'") from None
+    blocks = model.blocks
+    first = blocks[0]
+    plain = (
+        type(model).__name__ == "VisionTransformer"
+        and model.global_pool == "token"
+        and model.num_prefix_tokens == 1
+        and model.has_class_token
+        and isinstance(model.fc_norm, nn.Identity)
+        and isinstance(model.norm_pre, nn.Identity)
+        and isinstance(first.ls1, nn.Identity)
+        and first.attn.qkv.bias is not None
+        and model.patch_embed.proj.kernel_size[0] == model.patch_embed.proj.kernel_size[1]
+    )
+    if not plain:
+        raise GmarError("a torchvision twin exists only for plain timm ViTs (class token, pre-norm, no layer scale)")
+    size = model.patch_embed.img_size
+    if size[0] != size[1] or getattr(model, "dynamic_img_size", False):
+        raise GmarError("a torchvision twin needs a square, fixed input size")
+    twin = VisionTransformer(
+        image_size=size[0],
+        patch_size=model.patch_embed.proj.kernel_size[0],
+        num_layers=len(blocks),
+        num_heads=first.attn.num_heads,
+        hidden_dim=model.embed_dim,
+        mlp_dim=first.mlp.fc1.out_features,
+        num_classes=model.num_classes,
+    )
+    copies = {
+        "conv_proj": model.patch_embed.proj,
+        "encoder.ln": model.norm,
+        "heads.head": model.head,
+    }
+    for i, block in enumerate(blocks):
+        layer = f"encoder.layers.encoder_layer_{i}"
+        copies |= {
+            f"{layer}.ln_1": block.norm1,
+            f"{layer}.self_attention.out_proj": block.attn.proj,
+            f"{layer}.ln_2": block.norm2,
+            f"{layer}.mlp.0": block.mlp.fc1,
+            f"{layer}.mlp.3": block.mlp.fc2,
+        }
+    state = {}
+    for name, module in copies.items():
+        state |= {f"{name}.{key}": value for key, value in module.state_dict().items()}
+    for i, block in enumerate(blocks):
+        layer = f"encoder.layers.encoder_layer_{i}.self_attention"
+        state[f"{layer}.in_proj_weight"] = block.attn.qkv.weight
+        state[f"{layer}.in_proj_bias"] = block.attn.qkv.bias
+    state["class_token"] = model.cls_token
+    state["encoder.pos_embedding"] = model.pos_embed
+    with torch.no_grad():
+        twin.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
+    parameter = next(model.parameters())
+    return twin.to(device=parameter.device, dtype=parameter.dtype).eval()
+
+
+def _torchcam_difference(model: nn.Module, images: torch.Tensor) -> float:
+    """Largest difference between torchcam's GradCAM map and gmar's ``gradcam`` token map, both
+    min-max normalised on the patch grid."""
+    theirs = _torchcam_gradcam(model, images)().detach().cpu()
+    ours = explain(model, images, method="gradcam").token_map.cpu()
+    low = ours.flatten(1).amin(dim=1)[:, None, None]
+    high = ours.flatten(1).amax(dim=1)[:, None, None]
+    return float((theirs - (ours - low) / (high - low + 1e-8)).abs().max())
+
+
 def _gradcam_difference(model: nn.Module, images: torch.Tensor) -> float:
     """Largest pixel difference between pytorch-grad-cam's map and gmar's ``gradcam`` (both in [0, 1])."""
     theirs = torch.from_numpy(_package_gradcam(model, images)())
@@ -360,6 +501,12 @@ def table(setting: Setting) -> str:
         lines += [
             "",
             f"pytorch-grad-cam against gmar gradcam: max pixel difference {setting.gradcam_max_difference:.1e}",
+        ]
+    if setting.torchcam_max_difference is not None:
+        lines += [
+            "",
+            f"torchcam GradCAM against gmar gradcam: max difference on the patch grid "
+            f"{setting.torchcam_max_difference:.1e}",
         ]
     return "\n".join(lines)
 

@@ -238,13 +238,16 @@ def capture(
     norm_input_layer: int | None = None,
     stream: AttentionStream | None = None,
     attention: bool = True,
+    leaf_at: int | None = None,
 ) -> Iterator[Recorder]:
     """Instrument ``adapter.model`` for one forward pass; every hook and flag is undone on exit.
 
     Use :func:`collect` on the recorder after the forward pass to get the checked tensors. The
     options are those of :class:`Recorder`; ``attention=False`` leaves the attention modules alone
-    (the model runs its own, fused, attention) and records only the blocks' tensors. Holds the
-    model's lock (:func:`model_lock`) throughout.
+    (the model runs its own, fused, attention) and records only the blocks' tensors. ``leaf_at``
+    gives block ``leaf_at`` a leaf copy of its input that requires grad: with an input image that
+    does not, nothing before that block is recorded for the backward pass. Holds the model's lock
+    (:func:`model_lock`) throughout.
     """
     recorder = Recorder(
         adapter.num_layers,
@@ -256,17 +259,18 @@ def capture(
         expects_attention=attention,
     )
     instrumented = adapter.instrument(recorder) if attention else nullcontext()
-    with model_lock(adapter.model), instrumented, _instrument_blocks(adapter, recorder):
+    with model_lock(adapter.model), instrumented, _instrument_blocks(adapter, recorder, leaf_at):
         yield recorder
 
 
 @contextmanager
-def _instrument_blocks(adapter: ModelAdapter, recorder: Recorder) -> Iterator[None]:
+def _instrument_blocks(adapter: ModelAdapter, recorder: Recorder, leaf_at: int | None = None) -> Iterator[None]:
     handles: list = []
     with ExitStack() as stack:
         stack.callback(lambda: [handle.remove() for handle in handles])
         for layer, block in enumerate(adapter.blocks):
-            if recorder.detach_from is not None and layer >= recorder.detach_from:
+            cut = recorder.detach_from is not None and layer >= recorder.detach_from
+            if cut or layer == leaf_at:
                 handles.append(block.register_forward_pre_hook(_detach_input, with_kwargs=True))
             if recorder.keep_block_outputs:
                 handles.append(block.register_forward_hook(_block_output_hook(recorder, layer)))
@@ -344,6 +348,16 @@ def collect(recorder: Recorder, output: torch.Tensor, model: nn.Module) -> Captu
 #: the chunk's temporaries from its heap (it maps blocks above 32 MB afresh on every allocation,
 #: and faulting those pages in made ViT-B/16 at 448 px 15-20 % slower with 64 MB chunks).
 CHUNK_BYTES = 16 * 2**20
+#: The same on an accelerator (CUDA, MPS, ...), where memory is no cache question but every chunk
+#: costs a kernel launch per operation: the probabilities of ViT-B/16 at 224 px (1.9 MB a sample)
+#: then fit a batch of 128 in one chunk, ViT-L/16 at 448 px (39 MB a sample) 6 samples.
+ACCELERATOR_CHUNK_BYTES = 256 * 2**20
+
+
+def chunk_bytes_for(device: torch.device) -> int:
+    """The default chunk size of an :class:`AttentionStream` for tensors on ``device``."""
+    return CHUNK_BYTES if device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
+
 
 GradientOf = Literal["attention", "output", "both"]
 
@@ -369,7 +383,7 @@ class AttentionStream:
         self,
         num_layers: int,
         reduce_attention: Callable[[int, torch.Tensor], Any] | None = None,
-        chunk_bytes: int = CHUNK_BYTES,
+        chunk_bytes: int | None = None,
     ) -> None:
         self.reduce_attention = reduce_attention
         self.chunk_bytes = chunk_bytes
@@ -479,7 +493,8 @@ class AttentionStream:
     def _chunks(self, core: _Core) -> list[slice]:
         batch, heads, queries, keys = core.shape
         per_sample = heads * queries * keys * core.v.element_size()
-        step = max(1, self.chunk_bytes // max(1, per_sample))
+        budget = chunk_bytes_for(core.v.device) if self.chunk_bytes is None else self.chunk_bytes
+        step = max(1, budget // max(1, per_sample))
         return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
 
     def _backward(self, layer: int, core: _Core, grad_output: torch.Tensor, needs: tuple) -> tuple:

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from importlib import resources
@@ -99,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--scenes", type=int, default=100, help="scenes in the evaluation table (default 100)")
     d.set_defaults(func=run_demo)
 
+    a = commands.add_parser("app", help="a web page to explain images, compare methods and look inside every head")
+    a.add_argument("--model", default="reference", metavar="SPEC", help="'reference' (default) or SPEC as for explain")
+    a.add_argument("--checkpoint", metavar="FILE", help="local weights for --model")
+    a.add_argument("--random-init", action="store_true", help="seeded random weights for --model SPEC")
+    a.add_argument("--num-classes", type=int, metavar="N", help="the checkpoint's number of classes (timm:, hf:)")
+    a.add_argument("--host", default="127.0.0.1", help="address to serve on (default %(default)s: this machine only)")
+    a.add_argument("--port", type=int, default=7860, help="port to serve on (default %(default)s)")
+    a.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    a.set_defaults(func=run_app)
+
     m = commands.add_parser("models", help="which model classes gmar explains: build each small, run every method")
     m.add_argument("--zoo", default="", metavar="Z[,Z...]", help="timm, hf, openclip, torchvision (default: installed)")
     m.add_argument("--out", metavar="FILE", help="write the table as markdown (docs/models.md is this output)")
@@ -116,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     b.add_argument("--gradcam", action="store_true", help="also time pytorch-grad-cam's GradCAM (gmar[bench])")
+    b.add_argument(
+        "--torchcam",
+        action="store_true",
+        help="also time torchcam's GradCAM, and its LeGrad next to gmar's on a torchvision twin (gmar[bench])",
+    )
     b.add_argument("--out", default="gmar-bench", metavar="DIR")
     b.set_defaults(func=run_bench)
     return parser
@@ -351,6 +367,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 device=args.device,
                 memory=not args.no_memory,
                 gradcam=args.gradcam,
+                torchcam=args.torchcam,
             )
             print(f"{bench.table(setting)}\n{where}, torch {torch.__version__}\n", flush=True)
             settings.append(setting)
@@ -390,6 +407,25 @@ def run_models(args: argparse.Namespace) -> int:
         f"{counts['some methods']} by some, {counts['none']} refused; {counts['failures']} failure(s)"
     )
     return 1 if counts["failures"] else 0
+
+
+def run_app(args: argparse.Namespace) -> int:
+    from gmar import app
+
+    app.require_gradio()  # an extra
+    app.check_port(args.host, args.port)
+    device = _device(args.device)
+    if args.model == "reference":
+        from gmar.reference import load_reference_model
+
+        if args.random_init or args.num_classes is not None:
+            raise GmarError("--random-init and --num-classes are for --model SPEC; the reference model is trained")
+        model = load_reference_model(args.checkpoint, device=device)
+        with tempfile.TemporaryDirectory(prefix="gmar-examples-") as folder:
+            app.launch(app.serve_reference(model, Path(folder)), args.host, args.port)
+        return 0
+    app.launch(app.serve_loaded(_load(args, device)), args.host, args.port)
+    return 0
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -341,6 +341,8 @@ def evaluate(
         # The methods no item of the chunk has yet are explained in one call, sharing their pass.
         whole = [m for m in settings.methods if all((item.key, m) not in done for item in chunk)]
         shared = explain(model, images, whole, target=targets) if whole else {}
+        # Their perturbation curves too: each perturbed image that several curves share is scored once.
+        curves = _faithfulness(scorer, images, targets, [shared[m].heatmap for m in whole], settings)
         for method in settings.methods:
             pending = [i for i, item in enumerate(chunk) if (item.key, method) not in done]
             if not pending:
@@ -349,7 +351,13 @@ def evaluate(
             explanation = (
                 shared[method] if method in shared else explain(model, images[pending], method, target=targets[pending])
             )
-            results = _score_method(scorer, explanation.heatmap, images[pending], targets[pending], sub, settings)
+            if method in shared:
+                position, faithful = whole.index(method), curves
+            else:
+                position = 0
+                faithful = _faithfulness(scorer, images[pending], targets[pending], [explanation.heatmap], settings)
+            faithful = {k: (auc[position], curve[position]) for k, (auc, curve) in faithful.items()}
+            results = _score_method(explanation.heatmap, sub, settings, faithful)
             if method == "gmar" and "head_ablation_auc" in settings.metrics:
                 keys = [item.key for item in sub]
                 rankings = _head_rankings(
@@ -394,8 +402,29 @@ def _targets(scorer: M.Scorer, images: torch.Tensor, chunk: Sequence[Item]) -> t
     return torch.tensor(targets, dtype=torch.long)
 
 
-def _score_method(scorer, heatmaps, images, targets, items, settings) -> list[tuple[dict, dict]]:
-    """Every selected metric of one method's ``heatmaps`` ``(B, H, W)`` of ``images``."""
+#: the stored metric of each faithfulness protocol, and the name of its stored curve (None: not stored)
+PROTOCOLS = {
+    "deletion": ("deletion_auc", "deletion"),
+    "insertion": ("insertion_auc", "insertion"),
+    "perturbation_positive": ("perturbation_positive", None),
+    "perturbation_negative": ("perturbation_negative", None),
+}
+
+
+def _faithfulness(scorer, images, targets, heatmaps: list[torch.Tensor], settings) -> dict:
+    """The selected faithfulness protocols of several maps ``(B, H, W)`` of ``images`` at once
+    (:func:`gmar.metrics.faithfulness`): per protocol ``(auc, curve)`` with a leading map axis."""
+    wanted = [p for p, (metric, _) in PROTOCOLS.items() if metric in settings.metrics]
+    if not heatmaps or not wanted:
+        return {}
+    return M.faithfulness(
+        scorer, images, torch.stack(heatmaps), targets, wanted, settings.steps, settings.baseline, settings.blur_sigma
+    )
+
+
+def _score_method(heatmaps, items, settings, faithful: dict) -> list[tuple[dict, dict]]:
+    """Every selected metric of one method's ``heatmaps`` ``(B, H, W)`` of ``items``'s images, with
+    its faithfulness protocols' ``(auc, curve)`` already measured in ``faithful``."""
     wanted = set(settings.metrics)
     results: list[tuple[dict, dict]] = [({}, {}) for _ in items]
 
@@ -403,19 +432,12 @@ def _score_method(scorer, heatmaps, images, targets, items, settings) -> list[tu
         for row, value in zip(range(len(items)) if rows is None else rows, values.tolist(), strict=True):
             results[row][0][name] = value
 
-    if "deletion_auc" in wanted:
-        auc, curve = M.deletion(scorer, images, heatmaps, targets, settings.steps, settings.baseline)
-        put("deletion_auc", auc)
-        for i, c in enumerate(curve.tolist()):
-            results[i][1]["deletion"] = c
-    if "insertion_auc" in wanted:
-        auc, curve = M.insertion(scorer, images, heatmaps, targets, settings.steps, settings.blur_sigma)
-        put("insertion_auc", auc)
-        for i, c in enumerate(curve.tolist()):
-            results[i][1]["insertion"] = c
-    if "perturbation_positive" in wanted:
-        put("perturbation_positive", M.perturbation(scorer, images, heatmaps, targets, positive=True)[0])
-        put("perturbation_negative", M.perturbation(scorer, images, heatmaps, targets, positive=False)[0])
+    for protocol, (auc, curve) in faithful.items():
+        metric, stored = PROTOCOLS[protocol]
+        put(metric, auc)
+        if stored is not None:
+            for i, c in enumerate(curve.tolist()):
+                results[i][1][stored] = c
     masked = [i for i, item in enumerate(items) if item.mask is not None]
     if masked:
         maps, masks = heatmaps[masked], torch.stack([items[i].mask for i in masked])

@@ -55,7 +55,7 @@ class Scorer:
     multi_label: bool = False
     batch_size: int = 64
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Target probability ``(N,)`` and hit ``(N,)`` bool for ``images`` ``(N, 3, H, W)``."""
         probabilities, hits = [], []
@@ -83,33 +83,125 @@ def trapezoid(values: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
     return ((values[..., 1:] + values[..., :-1]) / 2 * widths).sum(dim=-1)
 
 
-def _order(heatmaps: torch.Tensor, descending: bool = True) -> torch.Tensor:
-    """Pixel indices ``(B, H*W)`` from most to least relevant (ties broken by position, stably)."""
-    flat = heatmaps.flatten(1).float()
-    return torch.sort(flat, dim=1, descending=descending, stable=True).indices
+#: the faithfulness protocols :func:`faithfulness` runs, by name
+FAITHFULNESS = ("deletion", "insertion", "perturbation_positive", "perturbation_negative")
 
 
-def _blend_curve(
+def faithfulness(
     scorer: Scorer,
     images: torch.Tensor,
-    replacement: torch.Tensor,
-    order: torch.Tensor,
-    fractions: torch.Tensor,
+    heatmaps: torch.Tensor,
     classes: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores ``(B, S)`` and hits after replacing the first ``fraction`` of ``order``'s pixels."""
-    batch, _, height, width = images.shape
+    protocols: Sequence[str] = FAITHFULNESS,
+    steps: int = 20,
+    baseline: float | torch.Tensor = 0.0,
+    blur_sigma: float = 5.0,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Several faithfulness protocols for several maps of the same images, each perturbed image
+    scored once.
+
+    ``heatmaps`` is ``(B, H, W)`` or ``(M, B, H, W)``: M maps (methods) of each of the B images.
+    Returns, per protocol of ``protocols`` (:data:`FAITHFULNESS`), what :func:`deletion`,
+    :func:`insertion` or :func:`perturbation` returns, with a leading ``M`` axis when ``heatmaps``
+    has one: ``(auc, curve)``. The values are those of the single calls; only the work is shared:
+
+    - an image that several curves pass through is scored once: the unperturbed image (the start of
+      deletion and of both perturbation tests, the end of insertion), the fully deleted one (the end
+      of every deletion curve), the blurred one (the start of every insertion curve), and, with a
+      zero ``baseline``, every step of the positive perturbation test, which lies on the deletion
+      curve (the same pixels set to 0);
+    - the remaining perturbed images of all maps and protocols go to the model together, in batches
+      of ``scorer.batch_size``, built batch by batch (memory stays at one batch of images).
+    """
+    unknown = [p for p in protocols if p not in FAITHFULNESS]
+    if unknown:
+        raise ValueError(f"unknown protocols {unknown}; choose from {FAITHFULNESS}")
+    single = heatmaps.ndim == 3
+    maps = heatmaps[None] if single else heatmaps
+    methods, batch, height, width = maps.shape
+    if images.shape[0] != batch or images.shape[-2:] != (height, width):
+        raise ValueError(f"heatmaps {tuple(heatmaps.shape)} do not match images {tuple(images.shape)}")
     pixels = height * width
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(pixels, device=order.device).expand(batch, -1))
-    steps = []
-    for fraction in fractions.tolist():
-        count = round(fraction * pixels)
-        replaced = (rank < count).view(batch, 1, height, width)
-        steps.append(torch.where(replaced, replacement, images))
-    stacked = torch.stack(steps, dim=1).flatten(0, 1)  # (B*S, 3, H, W)
-    scores, hits = scorer(stacked, classes.repeat_interleave(len(fractions)))
-    return scores.view(batch, -1), hits.view(batch, -1)
+    # The images a perturbed image is made of, by kind: it is ``base`` where a pixel's rank is at
+    # least ``count``, ``replacement`` elsewhere.
+    sources = {"image": images}
+    zero_baseline = not isinstance(baseline, torch.Tensor) and float(baseline) == 0.0
+    if "deletion" in protocols and not zero_baseline:
+        sources["baseline"] = torch.as_tensor(baseline, dtype=images.dtype, device=images.device).expand_as(images)
+    if {"perturbation_positive", "perturbation_negative"} & set(protocols) or zero_baseline:
+        sources["zero"] = torch.zeros((), dtype=images.dtype, device=images.device).expand_as(images)
+    if "insertion" in protocols:
+        sources["blur"] = gaussian_blur(images, blur_sigma)
+    flat = maps.flatten(2).float()
+    ranks = {}  # (direction) -> (M, B, P): each pixel's position in the order of removal
+    for descending in (True, False):
+        order = torch.sort(flat, dim=2, descending=descending, stable=True).indices
+        rank = torch.empty_like(order)
+        rank.scatter_(2, order, torch.arange(pixels, device=order.device).expand_as(order))
+        ranks[descending] = rank
+    curve_fractions = torch.linspace(0, 1, steps + 1)
+    test_fractions = torch.arange(10) / 10
+    plans = {  # protocol -> (base, replacement, most relevant first, fractions)
+        "deletion": ("image", "zero" if zero_baseline else "baseline", True, curve_fractions),
+        "insertion": ("blur", "image", True, curve_fractions),
+        "perturbation_positive": ("image", "zero", True, test_fractions),
+        "perturbation_negative": ("image", "zero", False, test_fractions),
+    }
+    keys: dict[tuple, int] = {}  # a perturbed image's description -> its position among the scored
+    wanted: dict[str, list[int]] = {}
+    for protocol in protocols:
+        base, replacement, descending, fractions = plans[protocol]
+        positions = []
+        for m in range(methods):
+            for b in range(batch):
+                for fraction in fractions.tolist():
+                    count = round(fraction * pixels)
+                    if count == 0:
+                        key: tuple = (b, base)
+                    elif count == pixels:
+                        key = (b, replacement)
+                    else:
+                        key = (b, base, replacement, m, descending, count)
+                    positions.append(keys.setdefault(key, len(keys)))
+        wanted[protocol] = positions
+    described = list(keys)
+    probabilities, hits = [], []
+    for start in range(0, len(described), scorer.batch_size):
+        part = described[start : start + scorer.batch_size]
+        rows = torch.tensor([key[0] for key in part], device=images.device)
+        chosen = _perturbed(part, rows, sources, ranks, height, width)
+        p, h = scorer(chosen, classes[rows.to(classes.device)])
+        probabilities.append(p)
+        hits.append(h)
+    scores, hit = torch.cat(probabilities), torch.cat(hits)
+    results = {}
+    for protocol in protocols:
+        fractions = plans[protocol][3]
+        index = torch.tensor(wanted[protocol], device=scores.device).view(methods, batch, len(fractions))
+        if protocol.startswith("perturbation"):
+            curve = hit[index].float()
+            auc = 100 * trapezoid(curve, fractions.to(curve.device))
+        else:
+            curve = scores[index]
+            auc = trapezoid(curve, fractions.to(curve.device))
+        results[protocol] = (auc[0], curve[0]) if single else (auc, curve)
+    return results
+
+
+def _perturbed(
+    keys: list[tuple], rows: torch.Tensor, sources: dict, ranks: dict, height: int, width: int
+) -> torch.Tensor:
+    """The images ``(n, 3, H, W)`` that ``keys`` describe (see :func:`faithfulness`)."""
+    bases = torch.stack([sources[key[1]][key[0]] for key in keys])
+    partial = [i for i, key in enumerate(keys) if len(key) > 2]
+    if partial:
+        picked = [keys[i] for i in partial]
+        replacements = torch.stack([sources[key[2]][key[0]] for key in picked])
+        rank = torch.stack([ranks[key[4]][key[3], key[0]] for key in picked])
+        counts = torch.tensor([key[5] for key in picked], device=rank.device)
+        replaced = (rank < counts[:, None]).view(len(picked), 1, height, width)
+        bases[partial] = torch.where(replaced, replacements, bases[partial])
+    return bases
 
 
 def deletion(
@@ -127,10 +219,7 @@ def deletion(
     ``baseline`` is a value (in the model's input space) or an image ``(B|1, 3, H, W)``.
     Returns ``(auc (B,), curve (B, steps + 1))``.
     """
-    fractions = torch.linspace(0, 1, steps + 1)
-    replacement = torch.as_tensor(baseline, dtype=images.dtype, device=images.device).expand_as(images)
-    curve, _ = _blend_curve(scorer, images, replacement, _order(heatmaps), fractions, classes)
-    return trapezoid(curve, fractions.to(curve.device)), curve
+    return faithfulness(scorer, images, heatmaps, classes, ["deletion"], steps, baseline)["deletion"]
 
 
 def insertion(
@@ -144,12 +233,7 @@ def insertion(
     """Insertion (Petsiuk et al. 2018): from a blurred copy, the original pixels are put back from
     most to least relevant; the AUC of the target's probability over the fraction inserted, in
     ``k / steps`` steps, by the trapezoid rule. **Higher is better.** Returns ``(auc, curve)``."""
-    fractions = torch.linspace(0, 1, steps + 1)
-    blurred = gaussian_blur(images, blur_sigma)
-    # Inserting the top pixels into the blur = replacing the *least* relevant of the original by blur.
-    order = _order(heatmaps)
-    curve, _ = _blend_curve(scorer, blurred, images, order, fractions, classes)
-    return trapezoid(curve, fractions.to(curve.device)), curve
+    return faithfulness(scorer, images, heatmaps, classes, ["insertion"], steps, blur_sigma=blur_sigma)["insertion"]
 
 
 def perturbation(
@@ -162,12 +246,8 @@ def perturbation(
     in percent; per image this returns ``100 × trapezoid(hits)``, whose mean is exactly that.
     Returns ``(auc (B,), hits (B, 10))``.
     """
-    fractions = torch.arange(10) / 10
-    order = _order(heatmaps, descending=positive)
-    replacement = torch.zeros_like(images)
-    _, hits = _blend_curve(scorer, images, replacement, order, fractions, classes)
-    hits = hits.float()
-    return 100 * trapezoid(hits, fractions.to(hits.device)), hits
+    protocol = "perturbation_positive" if positive else "perturbation_negative"
+    return faithfulness(scorer, images, heatmaps, classes, [protocol])[protocol]
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:

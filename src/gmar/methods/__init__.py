@@ -22,6 +22,7 @@ from gmar.methods.explainers import (
     Occlusion,
     RawAttention,
 )
+from gmar.methods.heads import head_attention
 from gmar.methods.joint import explain_jointly
 from gmar.targets import Target
 
@@ -148,6 +149,7 @@ __all__ = [
     "explain",
     "explain_jointly",
     "get_method",
+    "head_attention",
     "select_methods",
     "supported_methods",
 ]

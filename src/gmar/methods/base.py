@@ -314,7 +314,8 @@ def run_forward(
     inputs = images.detach()
     if inputs.is_inference():
         inputs = inputs.clone()
-    inputs.requires_grad_(gradients)
+    # With a leaf block (Grad-CAM's), the image needs no gradient: the blocks before it run unrecorded.
+    inputs.requires_grad_(gradients and options.get("leaf_at") is None)
     with capture(adapter, stream=stream, **options) as recorder:
         output = adapter.forward(inputs)
     captured = collect(recorder, output, adapter.model)

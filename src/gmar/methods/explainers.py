@@ -320,7 +320,10 @@ class LeGrad(Explainer):
 
 class GradCAM(Explainer):
     """Grad-CAM on ViT tokens: the tokens ``X`` entering block ``layer``, prefix tokens dropped, channel
-    weights ``w_c = mean over patches of ∂y/∂X_c``, map ``ReLU(Σ_c w_c X_c)``."""
+    weights ``w_c = mean over patches of ∂y/∂X_c``, map ``ReLU(Σ_c w_c X_c)``.
+
+    Alone, it lets the model run its own (fused) attention, records the forward pass for the
+    backward only from block ``layer`` on, and the backward pass stops at that block's input."""
 
     name = "gradcam"
     uses_gradients = True
@@ -332,7 +335,8 @@ class GradCAM(Explainer):
         self.layer = self._layer_index(layer, "layer")
 
     def capture_options(self) -> dict:
-        return {"norm_input_layer": self.layer}
+        # Only block ``layer``'s input is differentiated: the blocks before it need no graph.
+        return {"norm_input_layer": self.layer, "leaf_at": self.layer}
 
     def gradients(self, captured, scores, classes, target, layout):
         return self.reduced_gradients(scores.sum(), [captured.norm_input], [None], captured, layout)  # type: ignore[list-item]

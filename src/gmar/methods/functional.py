@@ -190,6 +190,18 @@ def readout_map(matrix: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return layout.patch_map(torch.einsum("n,bnm->bm", weights, matrix))
 
 
+def head_readout(attention: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each head's attention from the readout: ``Σ_n w_n A_h[n, :]``, heads kept apart.
+
+    Args:
+        attention: ``(B, H, N, N)``, rows as queries.
+        weights: ``(N,)``, the readout rows' weights (see :meth:`TokenLayout.readout_weights`).
+    Returns:
+        ``(B, H, N)``: over every token, how much the readout attends to it in each head.
+    """
+    return torch.einsum("n,bhnm->bhm", weights.to(attention), attention)
+
+
 def legrad_layer(gradient: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """LeGrad's map of one layer: ``mean over heads and query rows of ReLU(∂s_l/∂A_l)``, patch columns.
 

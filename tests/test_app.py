@@ -1,0 +1,412 @@
+"""`gmar app`: the page in headless Chromium, its `explain` API against gmar.explain, bad input.
+
+One server (`gmar app`, the reference ViT, a free local port) serves every test here. The browser is
+Debian's chromium and chromium-driver, driven by selenium; nothing is downloaded.
+"""
+
+import importlib.util
+import io
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import gmar
+from gmar import app
+from gmar.cli import main
+from gmar.preprocess import load_image, preprocess
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+INSTALL = "apt-get install -y chromium chromium-driver"
+#: how long the server may take to start, and an explanation to arrive, on a busy two-core machine
+START_S, WAIT_S = 180, 90
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``gmar app`` in a subprocess: its URL; stopped (and checked to have kept running) afterwards."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gmar", "app", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=log.parent,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + START_S
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"gmar app exited with {process.returncode}:\n{log.read_text()}", pytrace=False)
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"gmar app did not answer within {START_S} s:\n{log.read_text()}", pytrace=False)
+        time.sleep(0.5)
+    yield url
+    alive = process.poll() is None
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    assert alive, f"the server died during the tests:\n{log.read_text()}"
+    assert f"serving reference at {url.rstrip('/')}" in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> list[Path]:
+    """The example files the page offers (test scenes), written as the app writes them."""
+    folder = tmp_path_factory.mktemp("scenes")
+    served = app.serve_reference(gmar.load_reference_model(), folder, scenes=3)
+    return [path for path, _ in served.examples]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return gmar.load_reference_model()
+
+
+def expected(model, path: Path, methods: list[str], target=None) -> dict[str, gmar.Explanation]:
+    """What gmar.explain gives for the file, read and preprocessed as the app reads it."""
+    batch = preprocess(load_image(path), gmar.preprocess_config(model))
+    return gmar.explain(model, batch, methods, target=target)
+
+
+def not_an_image(folder: Path) -> Path:
+    path = folder / "notes.png"
+    path.write_text("these are notes, not a picture\n")
+    return path
+
+
+def huge_image(folder: Path) -> Path:
+    """A PNG whose header says 30000 x 30000 pixels (above Pillow's limit) but holds no pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    path = folder / "huge.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path
+
+
+def variance(png: bytes) -> float:
+    return float(np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64).var())
+
+
+# --------------------------------------------------------------------------------------------- the browser
+
+
+def chromium():
+    """Headless Chromium through selenium, or a failure that says what to install."""
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).exists() and not shutil.which(path)]
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} missing: install the browser with {INSTALL}", pytrace=False)
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("selenium missing: pip install -e '.[dev]'", pytrace=False)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument("--window-size=1280,1800")
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
+
+
+def test_page_explains_an_example_and_shows_a_head(server, scenes, reference, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chromium()
+    try:
+        wait = WebDriverWait(driver, WAIT_S)
+        driver.get(server)
+        thumbnails = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples button.thumbnail-item"))
+        assert len(thumbnails) == 6
+
+        # bad input first: a text file named .png gives a message on the page
+        upload = driver.find_element(By.CSS_SELECTOR, "#image-file input[type=file]")
+        upload.send_keys(str(not_an_image(tmp_path)))
+        wait.until(lambda d: "notes.png: not a readable image" in d.find_element(By.TAG_NAME, "body").text)
+        assert "/tmp" not in driver.find_element(By.TAG_NAME, "body").text  # the file's name, not the server's path
+        for close in driver.find_elements(By.CSS_SELECTOR, ".toast-close"):
+            close.click()
+
+        # an example: the page offers its top-5 classes and targets the first
+        thumbnails[1].click()
+        top = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#top-classes input").get_attribute("value"))
+        assert "p=" in top
+        target = driver.find_element(By.CSS_SELECTOR, "#target input")
+        assert target.get_attribute("value") == top.split("[")[1].split("]")[0]
+
+        driver.find_element(By.CSS_SELECTOR, "#explain").click()
+        methods = gmar.supported_methods(reference)
+
+        def overlays(d):
+            images = d.find_elements(By.CSS_SELECTOR, "#overlays img")
+            loaded = [i for i in images if int(i.get_attribute("naturalWidth") or 0) > 0]
+            return loaded if len(loaded) == len(methods) else False
+
+        images = wait.until(overlays)
+        captions = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#overlays .caption-label")]
+        assert [c.split(":")[0] for c in captions] == methods
+        for image in images:  # each overlay is a picture, not a blank
+            assert variance(fetch(image.get_attribute("src"))) > 100
+
+        # the head view of the sliders' layer and head (the last layer, head 0) follows the explanation
+        caption = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#head-caption").text)
+        assert caption.startswith("layer 3, head 0: attention from the readout token; GMAR weight")
+        first_view = driver.find_element(By.CSS_SELECTOR, "#head-view img").get_attribute("src")
+
+        # click the cell of layer 1, head 2 in the head-weights picture
+        cells = driver.find_element(By.CSS_SELECTOR, "#head-weights img")
+        scale_x = cells.size["width"] / int(cells.get_attribute("naturalWidth"))
+        scale_y = cells.size["height"] / int(cells.get_attribute("naturalHeight"))
+        left, top, right, bottom = app.cell_box(1, 2, (4, 4))
+        x = (left + right) / 2 * scale_x - cells.size["width"] / 2
+        y = (top + bottom) / 2 * scale_y - cells.size["height"] / 2
+        ActionChains(driver).move_to_element_with_offset(cells, round(x), round(y)).click().perform()
+        caption = wait.until(
+            lambda d: (t := d.find_element(By.CSS_SELECTOR, "#head-caption").text).startswith("layer 1, head 2") and t
+        )
+        weights = expected(reference, scenes[1], ["gmar"])["gmar"].head_weights[0]
+        assert caption.endswith(f"GMAR weight {float(weights[1, 2]):.3f}")
+        assert driver.find_element(By.CSS_SELECTOR, "#layer input[type=number]").get_attribute("value") == "1"
+        assert driver.find_element(By.CSS_SELECTOR, "#head input[type=number]").get_attribute("value") == "2"
+        second_view = wait.until(
+            lambda d: (
+                (src := d.find_element(By.CSS_SELECTOR, "#head-view img").get_attribute("src")) != first_view and src
+            )
+        )
+        assert fetch(second_view) != fetch(first_view)
+        assert variance(fetch(second_view)) > 100
+
+        # downloads are offered
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#maps a")) >= len(methods)
+        assert driver.find_elements(By.CSS_SELECTOR, "#figure a")
+
+        screenshot = tmp_path / "app.png"
+        driver.save_screenshot(str(screenshot))
+        assert variance(screenshot.read_bytes()) > 500, "the screenshot is blank"
+        if os.environ.get("GMAR_APP_SCREENSHOT"):  # how docs/app.png is refreshed
+            shutil.copy(screenshot, os.environ["GMAR_APP_SCREENSHOT"])
+
+        # offline: the page asked nothing of any host but the server
+        requested = set()
+        for entry in driver.get_log("performance"):
+            message = json.loads(entry["message"])["message"]
+            if message["method"] == "Network.requestWillBeSent":
+                requested.add(message["params"]["request"]["url"])
+        elsewhere = [u for u in requested if not u.startswith((server, "data:", "blob:"))]
+        assert not elsewhere, elsewhere
+    finally:
+        driver.quit()
+
+
+# ------------------------------------------------------------------------------------------ the API endpoint
+
+
+def client(url: str):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def call(connection, path: Path, methods: list[str], target=None, prompts: str = ""):
+    from gradio_client import handle_file
+
+    return connection.predict(handle_file(str(path)), methods, target, prompts, api_name="/explain")
+
+
+def check_maps(result, explanations: dict[str, gmar.Explanation]) -> None:
+    gallery, weights, maps, figure, picture = result
+    assert [item["caption"].split(":")[0] for item in gallery] == list(explanations)
+    assert [Path(m).name for m in maps] == [f"{name}.npy" for name in explanations]
+    for path, (name, explanation) in zip(maps, explanations.items(), strict=True):
+        np.testing.assert_allclose(np.load(path), explanation.heatmap[0].numpy(), rtol=0, atol=1e-5, err_msg=name)
+    if "gmar" in explanations:
+        np.testing.assert_allclose(weights["head_weights"], explanations["gmar"].head_weights.numpy(), atol=1e-6)
+    assert Image.open(figure).size[0] > 0 and Path(picture).is_file()
+
+
+def test_api_explain_equals_gmar_explain(server, scenes, reference):
+    connection = client(server)
+    assert "/explain" in connection.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    methods = gmar.supported_methods(reference)
+    check_maps(call(connection, scenes[0], methods), expected(reference, scenes[0], methods))
+    # another class than the predicted one, two methods
+    check_maps(call(connection, scenes[0], ["gmar", "gae"], 5), expected(reference, scenes[0], ["gmar", "gae"], 5))
+
+
+def test_concurrent_requests_get_their_own_maps(server, scenes, reference):
+    """Two clients at once (two tabs): each gets the maps of its own image and target."""
+    methods = ["gmar", "rollout", "legrad", "gradcam"]
+    jobs = [(scenes[1], None), (scenes[2], 3), (scenes[1], 2), (scenes[2], None)]
+    connections = [client(server), client(server)]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda i: call(connections[i % 2], jobs[i][0], methods, jobs[i][1]), range(len(jobs))))
+    for (path, target), result in zip(jobs, results, strict=True):
+        check_maps(result, expected(reference, path, methods, target))
+
+
+def test_bad_input_gives_a_message_and_the_server_keeps_running(server, scenes, reference, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    connection = client(server)
+    cases = [
+        ((not_an_image(tmp_path), ["gmar"]), {}, "notes.png: not a readable image"),
+        ((huge_image(tmp_path), ["gmar"]), {}, "huge.png: too large: 900000000 pixels, above Pillow's limit"),
+        ((scenes[0], ["gmar"]), {"prompts": "a circle"}, "reference is a classifier: text prompts are for CLIP"),
+        ((scenes[0], ["gmar"]), {"target": 6}, "target classes must be in [0, 6)"),
+        ((scenes[0], []), {}, "choose at least one method"),
+    ]
+    for args, options, message in cases:
+        with pytest.raises(AppError) as error:
+            call(connection, *args, **options)
+        assert message in str(error.value)
+    check_maps(call(connection, scenes[0], ["gmar"]), expected(reference, scenes[0], ["gmar"]))
+
+
+# ------------------------------------------------------------------------------------- in process, no server
+
+
+def test_prompts_explain_a_clip_model_one_row_per_prompt(tmp_path):
+    from conftest import clip_tokenizer, make_clip_with_text
+
+    model = make_clip_with_text()
+    loaded = gmar.LoadedModel(
+        model, gmar.preprocess_config(model), None, "openclip:tiny", {"tokenizer": clip_tokenizer()}
+    )
+    served = app.serve_loaded(loaded)
+    assert not served.is_classifier and served.head_grid == (3, 4)
+    path = served.examples[0][0]
+    result = app.explain_image(served, path, ["gmar", "rollout"], prompts="a red circle\n\n a stripe \n")
+    assert [row.split(" (")[0] for row in result.rows] == ['"a red circle"', '"a stripe"']
+    captions = [caption for _, caption in app.overlays(result)]
+    assert len(captions) == 4 and captions[0].startswith('gmar: "a red circle"')
+    batch = preprocess(load_image(path), served.preprocess)
+    target = gmar.TextTarget(model, clip_tokenizer(), ["a red circle", "a stripe"])
+    for name, explanation in gmar.explain(model, batch, ["gmar", "rollout"], target=target).items():
+        torch.testing.assert_close(result.explanations[name].heatmap, explanation.heatmap)
+    maps, figure = app.write_downloads(result, tmp_path / "out")
+    assert np.load(maps[0]).shape == (2, *served.preprocess.input_size) and Path(figure).is_file()
+    with pytest.raises(gmar.GmarError, match="write at least one prompt"):
+        app.explain_image(served, path, ["gmar"])
+    with pytest.raises(gmar.GmarError, match="with text prompts, not a class index"):
+        app.explain_image(served, path, ["gmar"], target=1, prompts="a circle")
+
+
+def test_head_weights_picture_and_clicks_agree(reference, scenes):
+    served = app.serve_reference(reference, scenes[0].parent, scenes=1)
+    result = app.explain_image(served, scenes[0], ["gmar", "rollout"])
+    weights = result.explanations["gmar"].head_weights[0]
+    picture = app.heads_picture(weights, (1, 2), served.head_grid)
+    grid = served.head_grid
+    for layer in range(4):
+        for head in range(4):
+            left, top, right, bottom = app.cell_box(layer, head, grid)
+            for x, y in ((left, top), (right, bottom), ((left + right) / 2, (top + bottom) / 2)):
+                assert app.head_at(x, y, grid) == (layer, head)
+    assert app.head_at(app.LEFT - 1, app.TOP + 1, grid) is None
+    assert app.head_at(app.cell_box(0, 3, grid)[2] + 1, app.TOP + 1, grid) is None
+    assert app.head_at(app.LEFT + 1, app.cell_box(3, 0, grid)[3] + 1, grid) is None
+    # the selected cell is outlined in white: its border differs from an unselected picture's
+    plain = app.heads_picture(weights, None, grid)
+    left, top = app.cell_box(1, 2, grid)[:2]
+    assert (
+        (picture != plain).any()
+        and (picture[top + 1, left + 1] == 255).all()
+        and (plain[top + 1, left + 1] != 255).any()
+    )
+    right, bottom = app.cell_box(11, 11, (12, 12))[2:]
+    assert app.heads_picture(None, None, (12, 12)).shape[:2] == (bottom + 3, right + 3)
+    assert app.cell_size((12, 12)) < app.cell_size(grid)  # many heads: smaller cells
+    # the head view is gmar.head_attention's map for that head, with GMAR's weight
+    view, caption = app.head_view(result, 1, 2)
+    assert caption.endswith(f"GMAR weight {float(weights[1, 2]):.3f}")
+    batch = preprocess(load_image(scenes[0]), served.preprocess)
+    torch.testing.assert_close(result.head_maps, gmar.head_attention(reference, batch)[0])
+    assert view.shape[0] >= app.DISPLAY and not (view == app.head_view(result, 1, 3)[0]).all()
+
+
+def test_busy_port_is_refused_before_the_model_loads(capsys):
+    from conftest import one_error_line
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["app", "--port", str(port)]) == 2
+    assert f"cannot serve on 127.0.0.1:{port}" in one_error_line(capsys)
+    assert main(["app", "--port", "70000"]) == 2
+    assert "--port must be in [1, 65535]" in one_error_line(capsys)
+
+
+def test_without_gradio_says_what_to_install(monkeypatch, capsys):
+    from conftest import one_error_line
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert main(["app", "--port", str(free_port())]) == 2
+    assert one_error_line(capsys) == "gmar: error: gmar app needs gradio: pip install 'gmar[app]'"
+
+
+def test_command_line_serves_reference_or_any_spec(monkeypatch, capsys):
+    """`gmar app` hands app.launch the model it names (the page itself is tested above)."""
+    from conftest import one_error_line
+
+    served = []
+    monkeypatch.setattr(app, "launch", lambda model, host, port: served.append((model, host, port)))
+    port = free_port()
+    assert main(["app", "--port", str(port)]) == 0
+    reference, host, given = served.pop()
+    assert (reference.spec, host, given, reference.multi_label) == ("reference", "127.0.0.1", port, True)
+    assert len(reference.examples) == 6 and reference.head_grid == (4, 4)
+    assert main(["app", "--model", "timm:vit_tiny_patch16_224", "--random-init", "--port", str(port)]) == 0
+    timm, _, _ = served.pop()
+    assert timm.spec == "timm:vit_tiny_patch16_224" and timm.head_grid == (12, 3) and not timm.multi_label
+    assert timm.methods == gmar.all_methods()  # occlusion, slow, is asked by name
+    result = app.explain_image(timm, timm.examples[0][0], ["gmar", "legrad"], target=7)
+    assert int(result.explanations["gmar"].target[0]) == 7 and len(app.overlays(result)) == 2
+    best = app.top_classes(timm, app.model_input(timm, app.read_image(timm.examples[0][0])))
+    assert len(best) == 5 and sum(p for _, _, p in best) <= 1.0 + 1e-6
+    assert main(["app", "--random-init", "--port", str(port)]) == 2
+    assert "the reference model is trained" in one_error_line(capsys)
