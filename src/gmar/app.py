@@ -55,7 +55,7 @@ class Served:
         multi_label: class probabilities are sigmoids (the reference model), not a softmax.
         tokenizer: text prompts' tokenizer for CLIP-style models; None for classifiers.
         examples: ``(image file, caption)`` pairs the page offers.
-        methods: the methods defined for this model (:func:`gmar.supported_methods`), in :func:`gmar.available_methods`' order.
+        methods: the methods defined for this model, in :func:`gmar.available_methods`' order.
         head_grid: ``(layers, heads)`` of the head view; None when the model has no readout rows.
     """
 
