@@ -403,7 +403,7 @@ def test_command_line_serves_reference_or_any_spec(monkeypatch, capsys):
     assert main(["app", "--model", "timm:vit_tiny_patch16_224", "--random-init", "--port", str(port)]) == 0
     timm, _, _ = served.pop()
     assert timm.spec == "timm:vit_tiny_patch16_224" and timm.head_grid == (12, 3) and not timm.multi_label
-    assert timm.methods == gmar.available_methods()
+    assert timm.methods == gmar.all_methods()  # occlusion, slow, is asked by name
     result = app.explain_image(timm, timm.examples[0][0], ["gmar", "legrad"], target=7)
     assert int(result.explanations["gmar"].target[0]) == 7 and len(app.overlays(result)) == 2
     best = app.top_classes(timm, app.model_input(timm, app.read_image(timm.examples[0][0])))

@@ -46,6 +46,7 @@ def test_bench_smoke_run_writes_every_case(tmp_path, capsys):
             "F",
             "FB",
             "gmar",
+            "gmar (taylor)",
             "rollout",
             "all (one call)",
             "grad-cam",
@@ -54,6 +55,7 @@ def test_bench_smoke_run_writes_every_case(tmp_path, capsys):
             bench.TORCHCAM_LEGRAD,
         ]
         assert rows["gmar"]["baseline"] == "FB" and rows["rollout"]["baseline"] == "F"
+        assert rows["gmar (taylor)"]["baseline"] == "FB"
         assert rows["all (one call)"]["baseline"] == "FB"
         assert rows["grad-cam"]["baseline"] == "FB"
         for name, row in rows.items():
@@ -64,7 +66,7 @@ def test_bench_smoke_run_writes_every_case(tmp_path, capsys):
         assert setting["gradcam_max_difference"] < 1e-4
         assert setting["torchcam_max_difference"] < 1e-5
     with (tmp_path / "bench.csv").open() as handle:
-        assert len(list(csv.DictReader(handle))) == 18
+        assert len(list(csv.DictReader(handle))) == 20
     assert (tmp_path / "scaling.png").stat().st_size > 0
     assert "| gmar |" in (tmp_path / "bench.md").read_text()
 
@@ -123,6 +125,11 @@ def test_bench_never_replaces_a_file_gmar_did_not_write(tmp_path, capsys):
     assert main(["bench", "--model", "reference", "--out", str(tmp_path)]) == 2
     assert "bench.csv exists and was not written by gmar" in capsys.readouterr().err
     assert (tmp_path / "bench.csv").read_text() == "my table"
+
+
+def test_each_case_is_measured_against_the_passes_it_takes():
+    assert bench.baseline_of("gmar_gae") == bench.baseline_of("gmar (taylor)") == "FB"
+    assert bench.baseline_of("occlusion") == bench.baseline_of("raw_attention") == "F"  # forward passes only
 
 
 def test_torchvision_twin_computes_what_the_timm_model_computes():

@@ -86,9 +86,9 @@ def test_folder_of_images_and_all_methods(model_dir, inputs, tmp_path):
     code = main(["explain", str(cat.parent), "--model", f"hf:{model_dir}", "--out", str(out), "--save-maps"])
     assert code == 2  # the corrupt file in the folder is reported, the others explained
     assert sorted(p.name for p in out.glob("*_gmar.npy")) == ["cat.png_gmar.npy", "dog.png_gmar.npy"]
-    expected = sorted(f"cat.png_{m}.npy" for m in gmar.available_methods())
+    expected = sorted(f"cat.png_{m}.npy" for m in gmar.all_methods())
     assert sorted(p.name for p in out.glob("cat.png_*.npy")) == expected
-    assert len(gmar.available_methods()) == 7
+    assert len(gmar.all_methods()) == 8 and gmar.available_methods() == [*gmar.all_methods(), "occlusion"]
 
 
 @pytest.mark.parametrize(
@@ -121,6 +121,14 @@ def test_unloadable_model_is_one_line_through_the_real_entry_point(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gmar: error: cannot load hf:no-such-org/no-such-model")
+
+
+def test_occlusion_and_gmar_gae_by_name_on_the_command_line(tmp_path):
+    out = tmp_path / "named"
+    argv = ["explain", "--example", "--model", "timm:test_vit", "--random-init", "--out", str(out)]
+    assert main([*argv, "--method", "gmar_gae,occlusion", "--save-maps"]) == 0
+    names = sorted(p.name for p in out.iterdir() if p.suffix == ".npy")
+    assert names == [f"example_{s}.png_{m}.npy" for s in ("shapes", "stripes") for m in ("gmar_gae", "occlusion")]
 
 
 def test_example_images_with_a_random_timm_model(tmp_path):

@@ -14,7 +14,7 @@ from gmar.cli import main
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 METHODS = gmar.available_methods()
-ROLLOUT_FAMILY = {"raw_attention", "rollout", "grad_rollout", "gae", "gmar"}
+ROLLOUT_FAMILY = {"raw_attention", "rollout", "grad_rollout", "gae", "gmar_gae", "gmar"}
 
 
 @functools.cache
@@ -49,14 +49,14 @@ def test_no_class_fails_every_refusal_is_one_line():
         ("vit_tiny_patch16_224", set(METHODS)),
         ("vit_tiny_r_s16_p8_224", set(METHODS)),  # hybrid stem: the grid must cover the whole input
         ("vit_base_mci_224", set(METHODS)),
-        ("vit_base_patch16_siglip_224", {"legrad", "gradcam"}),  # attention pooling: no readout token
+        ("vit_base_patch16_siglip_224", {"legrad", "gradcam", "occlusion"}),  # attention pooling: no readout token
         ("ViTForImageClassification", set(METHODS)),
         ("Dinov2Model", set(METHODS)),
         ("vit_b_16", set(METHODS)),
         ("ViT-B-32", set(METHODS)),
-        ("ViT-B-16-SigLIP", {"legrad", "gradcam"}),
+        ("ViT-B-16-SigLIP", {"legrad", "gradcam", "occlusion"}),
         ("CLIPModel", set(METHODS)),  # Hugging Face image-text models (issue 13)
-        ("Siglip2Model", {"legrad", "gradcam"}),
+        ("Siglip2Model", {"legrad", "gradcam", "occlusion"}),
         ("BeitForImageClassification", set(METHODS)),
     ],
 )
@@ -68,7 +68,7 @@ def test_what_is_known_to_work(example, explained):
 def test_attention_pooled_models_refuse_the_rollout_family_saying_what_works():
     result = next(r for r in sweep() if r.case.example == "vit_base_patch16_siglip_224")
     for method in ROLLOUT_FAMILY:
-        assert "explain it with legrad or gradcam" in result.outcomes[method].detail
+        assert "explain it with legrad, gradcam or occlusion" in result.outcomes[method].detail
 
 
 def test_docs_models_md_is_the_sweeps_output():

@@ -67,7 +67,11 @@ def test_writes_tables_plots_and_per_item_rows(checkpoint, tmp_path):
         assert (out / name).is_file(), name
     table = read_csv(out / "results.csv")
     methods = {m for m, _ in table}
-    assert {"gmar", "rollout", "legrad", "gradcam", "heads:gmar", "heads:random", "heads:reverse"} <= methods
+    rankings = {f"heads:{name}" for name in ("gmar", "taylor", "gmar_gae", "oracle", "random", "reverse")}
+    assert {"gmar", "rollout", "legrad", "gradcam", "gmar_gae", *rankings} <= methods
+    assert "occlusion" not in methods  # slow: asked by name only
+    oracle = table[("heads:oracle", "head_ablation_auc")][0]
+    assert all(oracle <= table[(name, "head_ablation_auc")][0] + 0.05 for name in rankings)
     with sqlite3.connect(out / "results.sqlite") as db:
         items = db.execute("SELECT COUNT(DISTINCT item) FROM done").fetchone()[0]
         rows = db.execute("SELECT COUNT(*) FROM scores WHERE method='gmar' AND metric='pointing_game'").fetchone()[0]
@@ -78,6 +82,7 @@ def test_writes_tables_plots_and_per_item_rows(checkpoint, tmp_path):
             assert 0.0 <= mean <= 1.0, (method, metric)
     markdown = (out / "results.md").read_text()
     assert "| gmar |" in markdown and "Head-importance faithfulness" in markdown and "**" in markdown
+    assert "## gmar_gae against gae, item by item" in markdown and "| oracle | — |" in markdown
     assert "## gmar against rollout, item by item" in markdown and "| pointing_game ↑ | " in markdown
     # The randomisation steps of a 2-block model: head, block 1, block 0, embeddings.
     assert "| method | head | block 1 | block 0 | embeddings |" in markdown
@@ -305,3 +310,14 @@ def test_a_report_never_replaces_a_file_gmar_did_not_write(checkpoint, tmp_path,
     (out / "results.md").unlink()
     assert main(evaluate_argv(checkpoint, out, "--limit", "2", *FAST)) == 0
     assert main(evaluate_argv(checkpoint, out, "--limit", "2", *FAST)) == 0  # its own report is replaced
+
+
+def test_occlusion_and_gmar_gae_by_name(checkpoint, tmp_path):
+    """Occlusion is evaluated when named (it is not in "all"); gmar_gae is paired with GAE item by item."""
+    out = tmp_path / "named"
+    argv = ["--methods", "gae,gmar_gae,occlusion", "--metrics", "pointing,deletion", "--steps", "2", "--limit", "3"]
+    assert main(evaluate_argv(checkpoint, out, *argv)) == 0
+    table = read_csv(out / "results.csv")
+    assert {m for m, _ in table} == {"gae", "gmar_gae", "occlusion"}
+    markdown = (out / "results.md").read_text()
+    assert "| occlusion |" in markdown and "## gmar_gae against gae, item by item" in markdown

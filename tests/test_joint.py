@@ -30,6 +30,8 @@ OPTIONS = {
     "rollout": {"head_fusion": "max", "discard_ratio": 0.2, "residual": 0.5, "start_layer": 1},
     "grad_rollout": {"discard_ratio": 0.1, "residual": 2.0, "start_layer": 1},
     "gae": {"start_layer": 1},
+    "gmar_gae": {"head_weights": False, "signed": False, "start_layer": 1},
+    "occlusion": {"window": 2, "baseline": "blur", "batch_size": 7},
     "legrad": {"start_layer": -2},
     "gradcam": {"layer": 1},
     "raw_attention": {},
@@ -55,7 +57,7 @@ def assert_same(joint: gmar.Explanation, alone: gmar.Explanation) -> None:
     assert_close(joint.token_map, alone.token_map, **TOL)
     assert_close(joint.heatmap, alone.heatmap, **TOL)
     assert_close(joint.logits, alone.logits, **TOL)
-    for field in ("target", "scores", "head_weights"):
+    for field in ("target", "scores", "head_weights", "head_scores"):
         mine, theirs = getattr(joint, field), getattr(alone, field)
         assert (mine is None) == (theirs is None), field
         if mine is not None:
@@ -90,6 +92,17 @@ def test_gradcam_below_every_attention_layer_shares_the_pass(layer):
     assert_same(results["gae"], gmar.explain(net, batch(), "gae"))
 
 
+@pytest.mark.parametrize("name", ["timm", "hf_dinov2_registers", "openclip", "cait"])
+def test_taylor_scores_and_gmar_gae_share_the_pass_and_equal_their_single_calls(name):
+    net = model(name)
+    options = {"gmar": {"head_score": "taylor"}, "gmar_gae": {"signed": False}}
+    methods = ["gmar", "gmar_gae", "gae", "rollout", "occlusion"]
+    results = gmar.explain(net, batch(), methods, target=target(name), options=options)
+    for method, explanation in results.items():
+        assert_same(explanation, gmar.explain(net, batch(), method, target=target(name), **options.get(method, {})))
+        assert (explanation.head_scores is None) == (method not in ("gmar", "gmar_gae"))
+
+
 def test_classes_per_sample_and_text_prompts():
     net = model("timm")
     classes = [4, 0, 2, 2]
@@ -105,9 +118,9 @@ def test_classes_per_sample_and_text_prompts():
         assert_same(explanation, gmar.explain(clip, batch()[:1], method, target=prompts))
 
 
-def test_one_forward_and_two_backward_passes_for_all_seven(monkeypatch):
-    """The five attention methods and Grad-CAM share one forward and one backward pass; LeGrad,
-    whose graph is cut between blocks, takes its own."""
+def test_one_forward_and_two_backward_passes_for_all(monkeypatch):
+    """The six attention methods and Grad-CAM share one forward and one backward pass; LeGrad,
+    whose graph is cut between blocks, takes its own; occlusion is not in "all"."""
     net = make_timm()
     counts = {"forward": 0, "backward": 0}
     hook = net.register_forward_hook(lambda *args: counts.__setitem__("forward", counts["forward"] + 1))
@@ -122,15 +135,20 @@ def test_one_forward_and_two_backward_passes_for_all_seven(monkeypatch):
         gmar.explain(net, batch(), "all")
         assert counts == {"forward": 2, "backward": 2}
         counts.update(forward=0, backward=0)
-        gmar.explain(net, batch(), ["gmar", "rollout", "grad_rollout", "gae", "gradcam", "raw_attention"])
+        gmar.explain(net, batch(), ["gmar", "rollout", "grad_rollout", "gae", "gmar_gae", "gradcam", "raw_attention"])
         assert counts == {"forward": 1, "backward": 1}
+        counts.update(forward=0, backward=0)
+        options = {"gmar": {"head_score": "taylor"}, "occlusion": {"batch_size": 64}}
+        gmar.explain(net, batch(), ["gmar", "gmar_gae", "gae", "occlusion"], options=options)
+        assert counts == {"forward": 3, "backward": 1}  # the shared pass, occlusion's own pass and its 16 windows'
+        counts.update(forward=0, backward=0)
         counts.update(forward=0, backward=0)
         gmar.explain(net, batch(), ["rollout", "raw_attention"])
         assert counts == {"forward": 1, "backward": 0}
         counts.update(forward=0, backward=0)
-        for method in METHODS:
+        for method in gmar.all_methods():
             gmar.explain(net, batch(), method)
-        assert counts == {"forward": 7, "backward": 5}
+        assert counts == {"forward": 8, "backward": 6}
     finally:
         hook.remove()
 

@@ -889,6 +889,19 @@ def test_head_ablation_curve_against_own_hooks(vit, vit_images):
         assert auc[i].item() == pytest.approx(own_trapezoid(curve[i].tolist(), [k / 12 for k in range(13)]), abs=1e-6)
 
 
+def test_knockout_drops_switch_each_head_off_alone(vit, vit_images):
+    adapter = gmar.get_adapter(vit)
+    classes = torch.tensor([2, 0])
+    drops = M.knockout_drops(M.Scorer(vit, batch_size=5), adapter, vit_images, classes)
+    assert drops.shape == (2, 12) and no_hooks(vit)
+    full = probabilities_with(vit, vit_images, classes, set())
+    for head in range(12):
+        expected = full - probabilities_with(vit, vit_images, classes, {head})
+        assert_close(drops[:, head], expected, rtol=1e-5, atol=1e-6)
+    # the oracle ranking is the order of the drops
+    assert M.rank_heads(drops)[0, 0].item() == int(drops[0].argmax())
+
+
 def test_head_ablation_orders_share_endpoints(vit, vit_images):
     adapter = gmar.get_adapter(vit)
     classes = torch.tensor([1, 1])

@@ -89,7 +89,7 @@ def test_hf_swin_input_that_does_not_tile_is_refused():
         gmar.explain(model("hf_swin"), images(44), "gradcam")
 
 
-@pytest.mark.parametrize("method", [m for m in gmar.available_methods() if m != "gradcam"])
+@pytest.mark.parametrize("method", [m for m in gmar.available_methods() if m not in ("gradcam", "occlusion")])
 @pytest.mark.parametrize("kind", SWIN)
 def test_other_methods_refuse_in_one_line(kind, method):
     net = model(kind)
@@ -97,7 +97,22 @@ def test_other_methods_refuse_in_one_line(kind, method):
         gmar.explain(net, images(), method)
     message = str(caught.value)
     assert "\n" not in message and type(net).__name__ in message
-    assert "shifted windows" in message and "gradcam" in message
+    assert "shifted windows" in message and "gradcam" in message and "occlusion" in message
+
+
+@pytest.mark.parametrize("kind", SWIN)
+def test_occlusion_explains_on_the_last_stage_grid(kind):
+    """Occlusion reads no attention: it hides each last-stage token's pixels (8x8 here) in turn."""
+    net = model(kind)
+    explanation = gmar.explain(net, images(), "occlusion")
+    assert explanation.token_map.shape == (images().shape[0], 4, 4)
+    with torch.no_grad():
+        hidden = images().clone()
+        hidden[:, :, 8:16, 0:8] = 0.0
+        logits, occluded = gmar.get_adapter(net).forward(images()), gmar.get_adapter(net).forward(hidden)
+    rows = torch.arange(images().shape[0])
+    drop = logits[rows, explanation.target] - occluded[rows, explanation.target]
+    torch.testing.assert_close(explanation.token_map[:, 1, 0], drop, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", SWIN)

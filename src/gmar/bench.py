@@ -36,10 +36,12 @@ from torch import nn
 
 from gmar.capture import model_lock
 from gmar.errors import GmarError
-from gmar.methods import available_methods, explain
+from gmar.methods import all_methods, available_methods, explain, get_method
 from gmar.outputs import OutputFolder
 
 ATTENTION_ONLY = ("raw_attention", "rollout")
+#: option variants timed as cases of their own when their method is asked: ``case -> (method, options)``
+VARIANTS = {"gmar (taylor)": ("gmar", {"head_score": "taylor"})}
 #: the case that runs every method asked in one call (``gmar.explain(model, images, [...])``)
 ALL = "all (one call)"
 GRADCAM_PACKAGE = "grad-cam"
@@ -140,6 +142,9 @@ def cases(
     runs: dict[str, Callable] = {"F": lambda: forward(model, images), "FB": lambda: forward_backward(model, images)}
     for method in methods:
         runs[method] = lambda method=method: explain(model, images, method=method)
+        for case, (base, options) in VARIANTS.items():
+            if base == method:
+                runs[case] = lambda base=base, options=options: explain(model, images, method=base, **options)
     if len(methods) > 1:  # every method asked, as one call: the shared pass
         runs[ALL] = lambda: explain(model, images, method=list(methods))
     if gradcam:
@@ -155,7 +160,10 @@ def cases(
 def baseline_of(case: str) -> str | None:
     if case in ("F", "FB"):
         return None
-    return "F" if case in ATTENTION_ONLY else "FB"
+    method = VARIANTS[case][0] if case in VARIANTS else case
+    if method in ATTENTION_ONLY or (method in available_methods() and not get_method(method).uses_gradients):
+        return "F"  # forward passes only (occlusion: many)
+    return "FB"
 
 
 def time_cases(runs: dict[str, Callable], repeats: int, device: str) -> dict[str, float]:
@@ -225,7 +233,8 @@ def _child_peak(
     torch.set_num_threads(threads)
     model = build_model(spec, resolution, "cpu")
     images = torch.randn(batch, 3, *input_size(model, resolution), generator=torch.Generator().manual_seed(0))
-    methods = list(every) if name == ALL else [name] if name in available_methods() else []
+    method = VARIANTS[name][0] if name in VARIANTS else name
+    methods = list(every) if name == ALL else [method] if method in available_methods() else []
     peers = {"gradcam": name == GRADCAM_PACKAGE, "torchcam": name in (TORCHCAM_GRADCAM, TWIN_LEGRAD, TORCHCAM_LEGRAD)}
     run = cases(model, images, methods, **peers)[name]
     before = _status("VmRSS")  # runtime, weights and input: what the call starts from
@@ -266,7 +275,7 @@ def run_setting(
     """Measure every case for one model, batch size and resolution."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, not {repeats}")
-    methods = list(available_methods() if methods is None else methods)
+    methods = list(all_methods() if methods is None else methods)
     model = build_model(spec, resolution, device)
     size = input_size(model, resolution)
     images = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(0)).to(device)

@@ -22,7 +22,7 @@ from gmar.adapters import get_adapter
 from gmar.errors import GmarError, ImageLoadError
 from gmar.evaluate import SELECTORS
 from gmar.loading import LoadedModel, load_model
-from gmar.methods import available_methods, explain, get_method, select_methods
+from gmar.methods import all_methods, available_methods, explain, get_method, select_methods
 from gmar.outputs import OutputFolder, distinct, previous_outputs
 from gmar.preprocess import denormalise, load_image, preprocess
 from gmar.targets import TextTarget
@@ -30,6 +30,8 @@ from gmar.targets import TextTarget
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 #: Flags of the official GMAR demo; a command line that starts with one of them means `explain`.
 OFFICIAL_FLAGS = ("--input", "--output", "--pretrained", "--norm")
+ALL_HELP = ",".join(all_methods())
+SLOW_HELP = "by name only: " + ",".join(m for m in available_methods() if m not in all_methods())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="FILE", help="local weights (.safetensors or a torch.save state dict)")
     p.add_argument("--random-init", action="store_true", help="seeded random weights: exercises the pipeline only")
     p.add_argument("--num-classes", type=int, metavar="N", help="the checkpoint's number of classes (timm:, hf:)")
-    p.add_argument("--method", default="all", help=f"comma-separated, or 'all': {','.join(available_methods())}")
+    p.add_argument("--method", default="all", help=f"comma-separated, or 'all' ({ALL_HELP}); {SLOW_HELP}")
     p.add_argument("--target", type=int, metavar="K", help="class index to explain (default: the predicted class)")
     p.add_argument(
         "--prompt",
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default="scenes", help="'scenes' (default) or imagefolder:DIR")
     e.add_argument("--masks", metavar="DIR", help="masks for imagefolder:, same file names, nonzero = object")
     e.add_argument("--imagenet-seg", metavar="FILE", help="the ImageNet-Segmentation file gtsegs_ijcv.mat")
-    e.add_argument("--methods", default="all", help=f"comma-separated, or 'all': {','.join(available_methods())}")
+    e.add_argument("--methods", default="all", help=f"comma-separated, or 'all' ({ALL_HELP}); {SLOW_HELP}")
     e.add_argument("--metrics", default="all", help="comma-separated, or 'all': " + ",".join(SELECTORS))
     e.add_argument("--out", default="gmar-eval", metavar="DIR")
     e.add_argument("--limit", type=int, metavar="N", help="scenes: how many (default 500); folders: the first N")

@@ -22,7 +22,7 @@ from torch import nn
 
 from gmar.adapters import get_adapter
 from gmar.errors import UnsupportedModelError
-from gmar.methods import available_methods, explain
+from gmar.methods import available_methods, explain, get_method
 
 EXPLAINED, REFUSED, FAILED = "explained", "refused", "failed"
 #: the zoos a case can come from, with the distribution that provides each
@@ -288,7 +288,7 @@ def check(case: Case, methods: Sequence[str] | None = None) -> Result:
     target = None if adapter.is_classifier else _direction
     for method in methods:
         try:
-            explanation = explain(model, images, method, target=target)
+            explanation = explain(model, images, method, target=target, **get_method(method).smoke_options)
         except UnsupportedModelError as error:
             result.outcomes[method] = Outcome(REFUSED, _line(error))
         except Exception as error:

@@ -11,7 +11,7 @@ from gmar import viz
 from gmar.adapters import get_adapter
 from gmar.data import CLASSES, Scenes
 from gmar.evaluate import REPORT_FILES, Settings, evaluate, report, scene_items, select_metrics
-from gmar.methods import available_methods, explain
+from gmar.methods import all_methods, explain
 from gmar.outputs import OutputFolder
 from gmar.reference import load_reference_model
 
@@ -26,7 +26,7 @@ def demo(out: Path, scenes: int = 100) -> list[str]:
     outputs.check(["scenes.png", "gmar_heads.png"])
     OutputFolder(out / "evaluation").check(REPORT_FILES)  # before the work, not after it
     model = load_reference_model()
-    methods = available_methods()
+    methods = all_methods()
     size = get_adapter(model).preprocess_config().input_size[0]
     test = Scenes("test", max(SHOWN) + 1, image_size=size)
     rows = [(test[i], cls) for i in SHOWN for cls in test[i].classes]

@@ -63,7 +63,10 @@ SELECTORS = {
     "sanity": ["sanity_spearman"],
     "head_ablation": ["head_ablation_auc"],
 }
-RANKINGS = ("gmar", "random", "reverse")
+#: the head rankings of the head-ablation test: GMAR's paper weights, Taylor scores (``GMAR(head_score=
+#: "taylor")``), ``gmar_gae``'s head scores, the measured single-knock-out order (the oracle a score
+#: is judged by), a random order and GMAR's reversed
+RANKINGS = ("gmar", "taylor", "gmar_gae", "oracle", "random", "reverse")
 
 
 @dataclass
@@ -356,9 +359,11 @@ def evaluate(
             faithful = {k: (auc[position], curve[position]) for k, (auc, curve) in faithful.items()}
             results = _score_method(explanation.heatmap, sub, settings, faithful)
             if method == "gmar" and "head_ablation_auc" in settings.metrics:
-                weights = explanation.head_weights
                 keys = [item.key for item in sub]
-                _add_head_ablation(results, scorer, adapter, images[pending], targets[pending], weights, keys, settings)
+                rankings = _head_rankings(
+                    model, scorer, adapter, images[pending], targets[pending], explanation, keys, settings
+                )
+                _add_head_ablation(results, scorer, adapter, images[pending], targets[pending], rankings)
             if "sanity_spearman" in settings.metrics:
                 wanted = [i for i, item in enumerate(sub) if item.key in sanity_keys]
                 if wanted:
@@ -457,12 +462,25 @@ def _score_method(heatmaps, items, settings, faithful: dict) -> list[tuple[dict,
     return results
 
 
-def _add_head_ablation(results, scorer, adapter, images, targets, weights, keys, settings) -> None:
-    ranked = M.rank_heads(weights)
+def _head_rankings(model, scorer, adapter, images, targets, explanation, keys, settings) -> dict[str, torch.Tensor]:
+    """Every head ranking gmar offers, and the bounds it is judged by, ``(B, L*H)`` each (see :data:`RANKINGS`)."""
+    from gmar.methods import GMAR, HeadWeightedGAE
+
+    paper = M.rank_heads(explanation.head_weights)
     # Each item's random ranking comes from its own key, whatever batch or process it falls in.
     generators = [torch.Generator().manual_seed(_seed(settings.seed, key)) for key in keys]
-    random = torch.stack([torch.randperm(ranked.shape[1], generator=g) for g in generators])
-    for name, ranking in (("gmar", ranked), ("random", random), ("reverse", ranked.flip(1))):
+    return {
+        "gmar": paper,
+        "taylor": M.rank_heads(GMAR(model, head_score="taylor")(images, targets).head_scores),
+        "gmar_gae": M.rank_heads(HeadWeightedGAE(model)(images, targets).head_scores),
+        "oracle": M.rank_heads(M.knockout_drops(scorer, adapter, images, targets)),
+        "random": torch.stack([torch.randperm(paper.shape[1], generator=g) for g in generators]),
+        "reverse": paper.flip(1),
+    }
+
+
+def _add_head_ablation(results, scorer, adapter, images, targets, rankings: dict[str, torch.Tensor]) -> None:
+    for name, ranking in rankings.items():
         auc, curve = M.head_ablation(scorer, adapter, images, targets, ranking)
         for i in range(len(results)):
             results[i][0][f"head_ablation_auc[{name}]"] = float(auc[i])
@@ -523,7 +541,8 @@ def report(store: Store, settings: Settings, out: Path) -> dict:
 
     outputs.write("results.csv", write_csv)
     markdown = _markdown(summary, methods_present, metrics_present, settings)
-    paired = _paired(scores, methods_present, metrics_present)
+    paired = "".join(_paired(scores, methods_present, metrics_present, pair) for pair in PAIRS)
+    paired += _paired_heads(scores)
     outputs.write("results.md", lambda path: path.write_text(markdown + paired + _sanity_steps(store, methods_present)))
     _plots(store, summary, methods_present, outputs)
     return summary
@@ -573,19 +592,25 @@ def _markdown(summary, methods, metrics, settings: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
-#: The pair that GMAR's paper compares, reported item by item when both were evaluated.
-PAIR = ("gmar", "rollout")
+#: The pairs reported item by item when both were evaluated: the one GMAR's paper compares, and
+#: the head-weighted GAE against GAE.
+PAIRS = (("gmar", "rollout"), ("gmar_gae", "gae"))
 
 
-def _paired(scores: list[tuple[str, str, str, float | None]], methods: list[str], metrics: list[str]) -> str:
-    """GMAR minus rollout per item (same items, so per-item noise cancels), as a markdown section;
-    ``scores`` are the store's rows."""
-    first, second = PAIR
+def _paired(
+    scores: list[tuple[str, str, str, float | None]],
+    methods: list[str],
+    metrics: list[str],
+    pair: tuple[str, str] = PAIRS[0],
+) -> str:
+    """``pair[0]`` minus ``pair[1]`` per item (same items, so per-item noise cancels), as a markdown
+    section; ``scores`` are the store's rows."""
+    first, second = pair
     if first not in methods or second not in methods:
         return ""
     values: dict[str, dict[str, dict[str, float]]] = {}
     for item, method, metric, value in scores:
-        if method in PAIR and value is not None and value == value:
+        if method in pair and value is not None and value == value:
             values.setdefault(metric, {}).setdefault(item, {})[method] = value
     rows = []
     for metric in metrics:
@@ -609,6 +634,37 @@ def _paired(scores: list[tuple[str, str, str, float | None]], methods: list[str]
         "|---|---|---|---|",
     ]
     return "\n".join(header + rows) + "\n"
+
+
+def _paired_heads(scores: list[tuple[str, str, str, float | None]]) -> str:
+    """Each head ranking's ablation AUC minus the oracle's and minus GMAR's, item by item, as a markdown section."""
+    values: dict[str, dict[str, float]] = {}
+    for item, _, metric, value in scores:
+        if metric.startswith("head_ablation_auc[") and value is not None and value == value:
+            values.setdefault(item, {})[metric[len("head_ablation_auc[") : -1]] = value
+
+    def cell(name: str, other: str) -> str:
+        differences = [v[name] - v[other] for v in values.values() if name in v and other in v]
+        if len(differences) < 2 or name == other:
+            return "—"
+        mean, ci = M.mean_ci(differences)
+        return f"{mean:+.3f} ± {ci:.3f}"
+
+    present = [name for name in RANKINGS if any(name in v for v in values.values())]
+    if "oracle" not in present or "gmar" not in present:
+        return ""
+    lines = [
+        "",
+        "## Head rankings against the oracle and GMAR, item by item",
+        "",
+        "Each ranking's head-ablation AUC minus the oracle's (the measured single-knock-out order) and minus",
+        "GMAR's on the same item, with the 95 % confidence interval of the mean difference (↓ lower is better).",
+        "",
+        "| ranking | − oracle | − gmar |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {cell(name, 'oracle')} | {cell(name, 'gmar')} |" for name in present]
+    return "\n".join(lines) + "\n"
 
 
 def _sanity_steps(store: Store, methods: list[str]) -> str:

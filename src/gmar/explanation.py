@@ -20,7 +20,10 @@ class Explanation:
             normalised per image to [0, 1] (a constant map becomes all zeros).
         token_map: ``(B, h, w)`` raw relevance on the patch grid.
         target: ``(B,)`` long, the explained classes; None for a callable target.
-        head_weights: ``(B, L, H)`` GMAR's per-layer head weights (each row sums to 1); None otherwise.
+        head_weights: ``(B, L, H)`` the per-layer head weights a head-weighting method (``gmar``,
+            ``gmar_gae``) mixed the heads with (each row sums to 1); None otherwise.
+        head_scores: ``(B, L, H)`` the same method's head scores before the per-layer normalisation,
+            comparable across layers (they rank heads); None otherwise.
         prompts: the text prompt of each sample for a :class:`gmar.TextTarget`; None otherwise.
         logits: the model's output for the batch, detached (an embedding for CLIP models).
         scores: ``(B,)`` the explained score ``y`` of each sample, detached; None when a
@@ -37,6 +40,7 @@ class Explanation:
     scores: torch.Tensor | None
     layout: TokenLayout
     prompts: list[str] | None = None
+    head_scores: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.token_map.shape[0]

@@ -450,7 +450,7 @@ def head_ablation(
     projection). For each image, heads are removed in the order of its ranking; after ``k``
     removals (``k = 0 … L·H``) the target's probability is recorded. The AUC is the trapezoid over
     the fraction removed in [0, 1]. **Lower is better** for a ranking that finds the heads that
-    matter; compare with a random and the reverse ranking.
+    matter; compare with a random and the reverse ranking, and with :func:`knockout_ranking`.
 
     Args:
         adapter: the model's :class:`gmar.adapters.ModelAdapter` (gives the output projections).
@@ -458,36 +458,60 @@ def head_ablation(
     Returns:
         ``(auc (B,), curve (B, L*H + 1))``.
     """
-    projections = adapter.head_projections()
-    heads = projections[0][1]
-    total = len(projections) * heads
-    batch = images.shape[0]
+    total = _head_count(adapter)
     curves = []
-    for sample in range(batch):
+    for sample in range(images.shape[0]):
         # One forward pass per removal count, batched: row k has the first k ranked heads removed.
         keep = torch.ones(total + 1, total, device=images.device)
         order = rankings[sample]
         for k in range(1, total + 1):
             keep[k:, order[k - 1]] = 0.0
-        keep = keep.view(total + 1, len(projections), heads)
-        repeated = images[sample : sample + 1].expand(total + 1, *images.shape[1:])
-        targets = classes[sample : sample + 1].expand(total + 1)
-        scores = []
-        for start in range(0, total + 1, scorer.batch_size):
-            rows = slice(start, start + scorer.batch_size)  # each chunk masks with its own rows of `keep`
-            handles = []
-            with model_lock(adapter.model):  # the masking hooks must reach no other thread's call
-                try:
-                    for layer, (projection, count) in enumerate(projections):
-                        handles.append(projection.register_forward_pre_hook(_mask_heads(keep[rows, layer], count)))
-                    scores.append(scorer(repeated[rows], targets[rows])[0])
-                finally:
-                    for handle in handles:
-                        handle.remove()
-        curves.append(torch.cat(scores))
+        curves.append(_with_heads(scorer, adapter, images[sample], classes[sample], keep))
     curve = torch.stack(curves)
     fractions = torch.linspace(0, 1, total + 1, device=curve.device)
     return trapezoid(curve, fractions), curve
+
+
+def knockout_drops(scorer: Scorer, adapter, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """The measured importance of every head: the target's probability with all heads minus with
+    that head alone switched off (as in :func:`head_ablation`), ``(B, L*H)`` flat ``l * H + h``.
+    Ranked by :func:`rank_heads`, it is the single-knock-out oracle a head score is compared with."""
+    total = _head_count(adapter)
+    keep = torch.cat([torch.ones(1, total), 1.0 - torch.eye(total)]).to(images.device)
+    drops = []
+    for sample in range(images.shape[0]):
+        probabilities = _with_heads(scorer, adapter, images[sample], classes[sample], keep)
+        drops.append(probabilities[0] - probabilities[1:])
+    return torch.stack(drops)
+
+
+def _head_count(adapter) -> int:
+    projections = adapter.head_projections()
+    return len(projections) * projections[0][1]
+
+
+def _with_heads(scorer: Scorer, adapter, image: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The target's probability ``(R,)`` for ``image`` ``(3, H, W)`` with each row of ``keep`` ``(R, L*H)``
+    (1 keeps a head, 0 switches it off), batched by the scorer's batch size."""
+    projections = adapter.head_projections()
+    heads = projections[0][1]
+    rows_total = keep.shape[0]
+    keep = keep.view(rows_total, len(projections), heads)
+    repeated = image[None].expand(rows_total, *image.shape)
+    targets = target.reshape(1).expand(rows_total)
+    scores = []
+    for start in range(0, rows_total, scorer.batch_size):
+        rows = slice(start, start + scorer.batch_size)  # each chunk masks with its own rows of `keep`
+        handles = []
+        with model_lock(adapter.model):  # the masking hooks must reach no other thread's call
+            try:
+                for layer, (projection, count) in enumerate(projections):
+                    handles.append(projection.register_forward_pre_hook(_mask_heads(keep[rows, layer], count)))
+                scores.append(scorer(repeated[rows], targets[rows])[0])
+            finally:
+                for handle in handles:
+                    handle.remove()
+    return torch.cat(scores)
 
 
 def _mask_heads(keep: torch.Tensor, heads: int) -> Callable:
@@ -502,7 +526,8 @@ def _mask_heads(keep: torch.Tensor, heads: int) -> Callable:
 
 
 def rank_heads(weights: torch.Tensor) -> torch.Tensor:
-    """Flat head indices ``(B, L*H)`` ordered by decreasing weight (GMAR's ``head_weights``)."""
+    """Flat head indices ``(B, L*H)`` ordered by decreasing weight: ``(B, L, H)`` head weights or
+    scores, or ``(B, L*H)`` (:func:`knockout_drops`)."""
     return torch.argsort(weights.flatten(1), dim=1, descending=True, stable=True)
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import math
 import sys
 import time
+import weakref
+
+#: the bars drawing now (not closed, still referenced): a bar started inside one of them stays quiet
+_DRAWING: weakref.WeakSet[Progress] = weakref.WeakSet()
 
 
 class Progress:
@@ -13,13 +17,17 @@ class Progress:
     Args:
         total: the amount of work.
         label: what is being done.
-        enabled: draw nothing when False (e.g. on all but one process).
+        enabled: draw nothing when False (e.g. on all but one process). A bar started while another
+            one draws (occlusion inside ``gmar evaluate``) draws nothing either.
         done: work already done before this run (a resumed evaluation).
         unit: what is counted, for the line.
     """
 
     def __init__(self, total: int, label: str, enabled: bool = True, done: int = 0, unit: str = "") -> None:
+        enabled = enabled and not _DRAWING
         self.total, self.label, self.enabled, self.done, self.unit = total, label, enabled, done, unit
+        if enabled:
+            _DRAWING.add(self)
         self.first = done
         self.start = self.last = time.perf_counter()
         self._draw("")
@@ -33,6 +41,7 @@ class Progress:
             self._draw(note)
 
     def close(self) -> None:
+        _DRAWING.discard(self)
         if self.enabled:
             sys.stderr.write("\n")
             sys.stderr.flush()

@@ -11,13 +11,34 @@ from torch import nn
 from gmar.adapters import get_adapter
 from gmar.explanation import Explanation
 from gmar.methods.base import Explainer
-from gmar.methods.explainers import GAE, GMAR, AttentionRollout, GradCAM, GradientRollout, LeGrad, RawAttention
+from gmar.methods.explainers import (
+    GAE,
+    GMAR,
+    AttentionRollout,
+    GradCAM,
+    GradientRollout,
+    HeadWeightedGAE,
+    LeGrad,
+    Occlusion,
+    RawAttention,
+)
 from gmar.methods.heads import head_attention
 from gmar.methods.joint import explain_jointly
 from gmar.targets import Target
 
 METHODS: dict[str, type[Explainer]] = {
-    cls.name: cls for cls in (GMAR, AttentionRollout, GradientRollout, GAE, LeGrad, GradCAM, RawAttention)
+    cls.name: cls
+    for cls in (
+        GMAR,
+        AttentionRollout,
+        GradientRollout,
+        GAE,
+        HeadWeightedGAE,
+        LeGrad,
+        GradCAM,
+        RawAttention,
+        Occlusion,
+    )
 }
 
 
@@ -26,11 +47,16 @@ def available_methods() -> list[str]:
     return list(METHODS)
 
 
+def all_methods() -> list[str]:
+    """The methods ``"all"`` stands for: every one but the slow ones asked by name (``occlusion``)."""
+    return [name for name, cls in METHODS.items() if cls.in_all]
+
+
 def select_methods(spec: str) -> list[str]:
-    """``"all"`` or comma-separated method names to a checked list (command lines)."""
+    """``"all"`` (:func:`all_methods`) or comma-separated method names to a checked list (command lines)."""
     from gmar.errors import GmarError
 
-    names = available_methods() if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    names = all_methods() if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         raise GmarError(f"unknown method(s) {', '.join(unknown) or spec!r}; choose from {', '.join(METHODS)}")
@@ -88,12 +114,14 @@ def explain(
 
 
 def supported_methods(model: nn.Module, options: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
-    """The methods defined for ``model`` (an attention-pooled model has no readout token for the
-    rollout family, for instance), in :func:`available_methods`' order."""
+    """The methods of :func:`all_methods` defined for ``model`` (an attention-pooled model has no
+    readout token for the rollout family, for instance), in :func:`available_methods`' order."""
     from gmar.errors import UnsupportedModelError
 
     names = []
     for name, cls in METHODS.items():
+        if not cls.in_all:
+            continue
         try:
             cls(model, **(options or {}).get(name, {}))
         except UnsupportedModelError:
@@ -113,7 +141,10 @@ __all__ = [
     "AttentionRollout",
     "Explainer",
     "GradientRollout",
+    "HeadWeightedGAE",
+    "Occlusion",
     "RawAttention",
+    "all_methods",
     "available_methods",
     "explain",
     "explain_jointly",

@@ -53,6 +53,13 @@ class Explainer:
     #: What :meth:`reduce_gradient` gets the gradient of: each layer's attention probabilities
     #: or its heads' outputs.
     gradient_of: GradientOf = "attention"
+    #: The method runs the model its own way (occlusion: once per window), never in a shared pass.
+    runs_alone: ClassVar[bool] = False
+    #: ``method="all"`` includes the method (False for the slow ones, which are asked by name).
+    in_all: ClassVar[bool] = True
+    #: Options for a smoke run that checks the method works on a model (``gmar models``), where its
+    #: defaults would be slow for no gain (occlusion: one window over the whole grid).
+    smoke_options: ClassVar[dict] = {}
     low_memory: bool = True
 
     def __init__(self, model: nn.Module, *, start_layer: int = 0) -> None:
@@ -73,12 +80,12 @@ class Explainer:
         if cls.needs_readout_rows and adapter.attention_pooled:
             return (
                 f"{name} pools its tokens with an attention head, so it has no readout token for {cls.name}; "
-                "explain it with legrad or gradcam"
+                "explain it with legrad, gradcam or occlusion"
             )
         if cls.needs_attention and adapter.no_global_attention:
             return (
                 f"{name} {adapter.no_global_attention}, so it has no global token-to-token attention for "
-                f"{cls.name}; explain it with gradcam"
+                f"{cls.name}; explain it with gradcam or occlusion"
             )
         return None
 
@@ -130,6 +137,12 @@ class Explainer:
         reduction (:meth:`reduce_gradient` for gradient methods, else :meth:`reduce_attention`)."""
         raise NotImplementedError
 
+    def head_scores(self, reduced: list[Any]) -> torch.Tensor | None:
+        """Each head's importance ``(B, L, H)`` before any per-layer normalisation, comparable across
+        layers (what ranks heads), from the same reductions as :meth:`relevance`; None for a method
+        without per-head scores."""
+        return None
+
     def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
         images = prepare_images(target, self._prepare(images))
         layout = self.adapter.token_layout(tuple(images.shape[-2:]))
@@ -154,7 +167,10 @@ class Explainer:
                 reduced = [self.reduce_attention(i, a) for i, a in enumerate(captured.attentions)]
             with torch.no_grad():
                 token_map, head_weights = self.relevance(captured, reduced, layout)
-        return self.explanation(token_map, head_weights, captured, scores, classes, layout, images, target)
+                head_scores = self.head_scores(reduced)
+        return self.explanation(
+            token_map, head_weights, captured, scores, classes, layout, images, target, head_scores=head_scores
+        )
 
     def explanation(
         self,
@@ -166,6 +182,7 @@ class Explainer:
         layout: TokenLayout,
         images: torch.Tensor,
         target: Target,
+        head_scores: torch.Tensor | None = None,
     ) -> Explanation:
         """This method's :class:`Explanation` of ``images`` from its token map."""
         token_map = token_map.detach().float()
@@ -175,6 +192,7 @@ class Explainer:
             token_map=token_map,
             target=classes,
             head_weights=head_weights,
+            head_scores=head_scores,
             logits=captured.output.detach(),
             scores=None if scores is None else scores.detach(),
             layout=layout,

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from gmar.adapters.base import check_pooling
 from gmar.capture import Captured
 from gmar.errors import TargetError
-from gmar.explanation import min_max
+from gmar.explanation import Explanation, min_max
 from gmar.layout import TokenLayout
 from gmar.methods import functional as Fn
-from gmar.methods.base import Explainer
-from gmar.targets import Target, TextTarget, score_of
+from gmar.methods.base import Explainer, instrumented, score
+from gmar.progress import Progress
+from gmar.targets import Target, TextTarget, prepare_images, score_of
 
 
 class RawAttention(Explainer):
@@ -82,10 +86,18 @@ class GradientRollout(Explainer):
 class GMAR(Explainer):
     """Gradient-driven multi-head attention rollout (Jo, Jang & Park, ICIP 2025).
 
-    Head ``h`` of layer ``l`` scores ``S = ||∂y/∂O_{l,h}||_p`` (``head_grad="output"``) or
-    ``||∂y/∂A_{l,h}||_p`` (``head_grad="attention"``); per sample and layer the scores are
-    normalised to weights, the heads mixed with them, and the mix rolled out.
-    ``head_weights`` holds the weights of every layer, ``start_layer`` only limits the rollout.
+    ``head_score="gradient"`` (the paper's): head ``h`` of layer ``l`` scores
+    ``S = ||∂y/∂O_{l,h}||_p`` (``head_grad="output"``, the default) or ``||∂y/∂A_{l,h}||_p``
+    (``head_grad="attention"``); per sample and layer the scores are normalised to weights, the
+    heads mixed with them, and the mix rolled out.
+
+    ``head_score="taylor"``: ``S = |Σ O_{l,h} ⊙ ∂y/∂O_{l,h}|`` (Michel, Levy & Neubig 2019), the size
+    of the first-order change of ``y`` when the head is switched off (``O = A V``, the attention
+    core's output); the weights are ``S / Σ_h S``. ``head_score="taylor_signed"`` keeps the sign
+    (positive: switching the head off lowers ``y``) and mixes with ``ReLU(S) / Σ_h ReLU(S)``.
+
+    ``head_weights`` holds the weights of every layer, ``head_scores`` the scores ``S`` before
+    normalisation (comparable across layers); ``start_layer`` only limits the rollout.
     """
 
     name = "gmar"
@@ -95,29 +107,92 @@ class GMAR(Explainer):
         self,
         model: nn.Module,
         norm: Fn.Norm = "l1",
-        head_grad: str = "output",
+        head_grad: str | None = None,
         residual: float = 1.0,
         start_layer: int = 0,
         discard_ratio: float = 0.0,
+        head_score: str = "gradient",
     ) -> None:
         super().__init__(model, start_layer=start_layer)
+        if head_score not in ("gradient", "taylor", "taylor_signed"):
+            raise ValueError(f"head_score must be 'gradient', 'taylor' or 'taylor_signed', not {head_score!r}")
         if norm not in ("l1", "l2"):
             raise ValueError(f"norm must be 'l1' or 'l2', not {norm!r}")
+        if head_score != "gradient" and (head_grad is not None or norm != "l1"):
+            raise ValueError(
+                f"norm and head_grad choose the paper's gradient score; head_score={head_score!r} takes neither "
+                "(Σ O ⊙ ∂y/∂O is computed as Σ A ⊙ ∂y/∂A, which is equal)"
+            )
+        head_grad = "output" if head_grad is None and head_score == "gradient" else head_grad or "attention"
         if head_grad not in ("output", "attention"):
             raise ValueError(f"head_grad must be 'output' or 'attention', not {head_grad!r}")
         _check_ratio(discard_ratio)
         self.norm, self.head_grad, self.residual, self.discard_ratio = norm, head_grad, residual, discard_ratio
+        self.head_score = head_score
         self.gradient_of = head_grad  # type: ignore[assignment]
 
     def reduce_gradient(self, layer, gradient, attention, captured, layout):
-        weights = Fn.normalise_head_scores(Fn.head_scores(gradient.float(), self.norm))
-        mixed = Fn.mix_heads(attention.float(), weights) if layer >= self.start_layer else None  # type: ignore[union-attr]
-        return weights, mixed
+        attention = attention.float()  # type: ignore[union-attr]
+        if self.head_score == "taylor":
+            scores = Fn.taylor_head_scores(attention, gradient.float()).abs_()
+            weights = Fn.normalise_head_scores(scores)
+        elif self.head_score == "taylor_signed":
+            scores = Fn.taylor_head_scores(attention, gradient.float())
+            weights = Fn.positive_head_weights(scores)
+        else:
+            scores = Fn.head_scores(gradient.float(), self.norm)
+            weights = Fn.normalise_head_scores(scores)
+        mixed = Fn.mix_heads(attention, weights) if layer >= self.start_layer else None
+        return scores, weights, mixed
 
     def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
-        weights = torch.stack([w for w, _ in reduced], dim=1)
-        mixed = [m for _, m in reduced[self.start_layer :]]
+        weights = torch.stack([w for _, w, _ in reduced], dim=1)
+        mixed = [m for _, _, m in reduced[self.start_layer :]]
         return _rollout_map(mixed, self.discard_ratio, self.residual, layout), weights
+
+    def head_scores(self, reduced: list) -> torch.Tensor:
+        return torch.stack([s for s, _, _ in reduced], dim=1)
+
+
+class HeadWeightedGAE(Explainer):
+    """GAE with per-head weights inside its propagation (``method="gmar_gae"``).
+
+    Per layer, with ``P_h = A_h ⊙ ∂y/∂A_h``: head scores ``S_h = ‖ReLU(P_h)‖₁``, weights
+    ``w_h = S_h / Σ_h S_h``, ``Ā_l = ReLU(Σ_h w_h P_h)``; then GAE's ``R ← R + Ā_l R`` from ``R = I``,
+    readout rows, patch columns.
+
+    Args:
+        head_weights: weight the heads by ``w`` (default); False: ``w_h = 1/H``.
+        signed: mix the heads' signed products, then rectify (default); False: rectify each head
+            first, as GAE does (then with ``head_weights=False`` this is GAE).
+        start_layer: first layer propagated; ``head_weights`` and ``head_scores`` cover every layer.
+    """
+
+    name = "gmar_gae"
+    uses_gradients = True
+
+    def __init__(self, model: nn.Module, head_weights: bool = True, signed: bool = True, start_layer: int = 0) -> None:
+        super().__init__(model, start_layer=start_layer)
+        self.weighted, self.signed = bool(head_weights), bool(signed)
+
+    def reduce_gradient(self, layer, gradient, attention, captured, layout):
+        return Fn.head_weighted_layer(attention.float(), gradient.float(), self.weighted, self.signed)  # type: ignore[union-attr]
+
+    def reduction_key(self):
+        return ("head_weighted", self.weighted, self.signed)
+
+    def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
+        layers = [m for _, m in reduced[self.start_layer :]]
+        weights = layout.readout_weights(dtype=layers[0].dtype, device=layers[0].device)
+        return layout.patch_map(Fn.gae_readout(layers, weights)), self._weights(self.head_scores(reduced))
+
+    def head_scores(self, reduced: list) -> torch.Tensor:
+        return torch.stack([s for s, _ in reduced], dim=1)
+
+    def _weights(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.weighted:
+            return Fn.normalise_head_scores(scores)
+        return torch.full_like(scores, 1.0 / scores.shape[-1])
 
 
 class GAE(Explainer):
@@ -272,6 +347,92 @@ class GradCAM(Explainer):
 
     def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
         return reduced[0], None
+
+
+class Occlusion(Explainer):
+    """Occlusion (Zeiler & Fergus 2014): each patch's relevance is how much the target's score drops
+    when it is hidden.
+
+    Every ``window × window`` square of patches (stride one patch) is replaced by ``baseline`` and
+    the model run again; a patch's relevance is the mean drop ``y - y_occluded`` over the windows
+    that cover it (with ``window=1``, the drop when that patch alone is hidden). The occluded copies
+    run ``batch_size`` images per forward pass, with a progress bar. It is exact but slow: one
+    forward pass per window and image, so ``method="all"`` leaves it out; name it to use it.
+
+    Args:
+        window: the side of the occluded square, in patches (default 1: each patch alone).
+        baseline: ``"mean"`` (default): 0 in the model's input space, which is the preprocessing's
+            mean colour; ``"blur"``: the image blurred (Gaussian, sigma one patch side); or a number
+            in input space.
+        batch_size: occluded images per forward pass.
+        progress: draw a progress bar on stderr (None: when stderr is a terminal).
+    """
+
+    name = "occlusion"
+    needs_readout_rows = False
+    needs_attention = False
+    runs_alone = True
+    in_all = False
+    smoke_options: ClassVar[dict] = {"window": 2**31}
+
+    def __init__(
+        self,
+        model: nn.Module,
+        window: int = 1,
+        baseline: str | float = "mean",
+        batch_size: int = 64,
+        progress: bool | None = None,
+    ) -> None:
+        super().__init__(model)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int (patches), not {window!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, not {batch_size!r}")
+        if isinstance(baseline, str) and baseline not in ("mean", "blur"):
+            raise ValueError(f"baseline must be 'mean', 'blur' or a number, not {baseline!r}")
+        if not isinstance(baseline, (str, int, float)) or isinstance(baseline, bool):
+            raise ValueError(f"baseline must be 'mean', 'blur' or a number, not {baseline!r}")
+        self.window, self.baseline, self.batch_size = window, baseline, batch_size
+        self.progress = sys.stderr.isatty() if progress is None else progress
+
+    def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
+        images = prepare_images(target, self._prepare(images))
+        layout = self.adapter.token_layout(tuple(images.shape[-2:]))
+        windows = Fn.occlusion_windows(layout.grid_size, self.window)
+        batch = images.shape[0]
+        step = max(1, self.batch_size // batch)  # windows per forward pass
+        with instrumented(self.model, False):
+            output = self.adapter.forward(images)
+            scores, classes = score(self.adapter, output, target, gradients=True)  # a target is needed
+            replacement = self._replacement(images, layout)
+            drops = []
+            bar = Progress(len(windows), "occlusion", self.progress, unit="windows")
+            try:
+                for start in range(0, len(windows), step):
+                    chunk = windows[start : start + step]
+                    occluded = Fn.occlude(images, chunk, replacement, layout)
+                    outputs = self.adapter.forward(occluded.flatten(0, 1))
+                    for j in range(len(chunk)):
+                        hidden = score_of(outputs[j * batch : (j + 1) * batch], target, classes)
+                        drops.append(scores - hidden)  # type: ignore[operator]
+                    bar.update(advance=len(chunk))
+            finally:
+                bar.close()
+            token_map = Fn.occlusion_map(torch.stack(drops, dim=1).float(), windows)
+        captured = Captured(output=output, attentions=[], head_outputs=None)
+        return self.explanation(token_map, None, captured, scores, classes, layout, images, target)
+
+    def _replacement(self, images: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        if self.baseline == "mean":
+            return images.new_zeros(())
+        if self.baseline == "blur":
+            from gmar.metrics import gaussian_blur
+
+            return gaussian_blur(images, float(max(layout.patch_size)))
+        return images.new_full((), float(self.baseline))
+
+    def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
+        raise NotImplementedError("occlusion runs the model once per window; it has no per-layer reduction")
 
 
 def _check_ratio(discard_ratio: float) -> None:

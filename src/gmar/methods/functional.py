@@ -111,6 +111,48 @@ def normalise_head_scores(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, scores / total.clamp_min(torch.finfo(scores.dtype).tiny), uniform)
 
 
+def taylor_head_scores(attention: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """First-order knock-out estimate per head (Michel, Levy & Neubig 2019): ``T_h = Σ O_h ⊙ ∂y/∂O_h``.
+
+    Zeroing head ``h``'s output ``O_h = A_h V_h`` changes ``y`` by ``-T_h`` to first order. Since
+    ``∂y/∂A_h = ∂y/∂O_h · V_hᵀ``, ``Σ O_h ⊙ ∂y/∂O_h = Σ A_h ⊙ ∂y/∂A_h``, which is what this computes:
+    ``(B, H, N, N)`` twice to ``(B, H)``, signed (positive: the head supports ``y``).
+    """
+    return (attention * gradient).sum(dim=(-2, -1))
+
+
+def positive_head_weights(scores: torch.Tensor) -> torch.Tensor:
+    """Mixing weights from signed head scores ``(B, H)``: ``ReLU(S_h) / Σ_h ReLU(S_h)``; uniform where no
+    head scores above zero."""
+    return normalise_head_scores(scores.clamp_min(0))
+
+
+def head_weighted_layer(
+    attention: torch.Tensor, gradient: torch.Tensor, weighted: bool = True, signed: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer of the head-weighted GAE: the heads' scores and the layer's relevance matrix.
+
+    With ``P_h = A_h ⊙ ∂y/∂A_h``: ``S_h = ‖ReLU(P_h)‖₁``, ``w_h = S_h / Σ_h S_h`` (``weighted``; else
+    ``w_h = 1/H``), and ``Ā = ReLU(Σ_h w_h P_h)`` (``signed``: the heads' signed products mixed,
+    then rectified) or ``Σ_h w_h ReLU(P_h)`` (rectified first, as GAE does).
+
+    Args:
+        attention, gradient: ``(B, H, N, N)``.
+    Returns:
+        ``S`` ``(B, H)`` and ``Ā`` ``(B, N, N)``.
+    """
+    product = attention * gradient
+    if signed:
+        scores = product.clamp_min(0).sum(dim=(-2, -1))  # the rectified copy is freed at once
+        mixed = product
+    else:
+        mixed = product.clamp_min_(0)
+        scores = mixed.sum(dim=(-2, -1))
+    weights = normalise_head_scores(scores) if weighted else torch.full_like(scores, 1.0 / scores.shape[-1])
+    mixed = mix_heads(mixed, weights)
+    return scores, mixed.clamp_min_(0) if signed else mixed
+
+
 def mix_heads(attention: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``Σ_h w_h A_h``: ``(B, H, N, N)`` and weights ``(B, H)`` to ``(B, N, N)``."""
     return torch.einsum("bh,bhij->bij", weights, attention)
@@ -187,3 +229,38 @@ def token_gradcam(activations: torch.Tensor, gradients: torch.Tensor, layout: To
     patches, grads = activations[:, layout.patch_slice], gradients[:, layout.patch_slice]
     weights = grads.mean(dim=1, keepdim=True)
     return torch.relu((patches * weights).sum(dim=-1)).reshape(-1, *layout.grid_size)
+
+
+def occlusion_windows(grid_size: tuple[int, int], window: int) -> torch.Tensor:
+    """Every ``window × window`` square of the patch grid, stride one patch: ``(K, h, w)`` bool,
+    ``K = (h - window + 1)(w - window + 1)`` in row-major order of the top-left corner (the whole grid
+    once where ``window`` exceeds it)."""
+    height, width = grid_size
+    side_h, side_w = min(window, height), min(window, width)
+    masks = []
+    for top in range(height - side_h + 1):
+        for left in range(width - side_w + 1):
+            mask = torch.zeros(height, width, dtype=torch.bool)
+            mask[top : top + side_h, left : left + side_w] = True
+            masks.append(mask)
+    return torch.stack(masks)
+
+
+def occlude(images: torch.Tensor, windows: torch.Tensor, baseline: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """``images`` ``(B, 3, H, W)`` with the pixels of each window's patches replaced by ``baseline``
+    (``(B|1, 3, H, W)``): ``(K, B, 3, H, W)`` for windows ``(K, h, w)``. Pixels the patch grid does not
+    cover are never occluded."""
+    height, width = images.shape[-2:]
+    ph, pw = layout.patch_size
+    pixels = windows.repeat_interleave(ph, dim=1).repeat_interleave(pw, dim=2)[:, :height, :width]
+    pixels = torch.nn.functional.pad(pixels, (0, width - pixels.shape[2], 0, height - pixels.shape[1]))
+    covered = pixels.to(images.device)[:, None, None]  # (K, 1, 1, H, W)
+    return torch.where(covered, baseline.expand_as(images)[None], images[None])
+
+
+def occlusion_map(drops: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Each patch's relevance: the mean score drop ``(B, K)`` of the windows ``(K, h, w)`` that cover it,
+    ``(B, h, w)``."""
+    cover = windows.flatten(1).to(drops)  # (K, h*w)
+    total = drops @ cover
+    return (total / cover.sum(dim=0).clamp_min(1)).view(drops.shape[0], *windows.shape[1:])

@@ -28,6 +28,8 @@ from gmar.targets import Target, prepare_images
 
 def shares_the_pass(explainer: Explainer) -> bool:
     """Whether ``explainer`` can take part in the joint pass (else it runs on its own)."""
+    if explainer.runs_alone:
+        return False
     return explainer.low_memory and (not explainer.uses_gradients or explainer.chained_gradients)
 
 
@@ -79,12 +81,13 @@ def _joint(explainers: list[Explainer], images: torch.Tensor, target: Target) ->
             reduced.update(_backward(attention_methods, block_input, captured, scores, layout))  # type: ignore[arg-type]
         for position, explainer in enumerate(forward_only):
             reduced[id(explainer)] = [None if r is None else r[position] for r in captured.attentions]
-        maps = {}
+        maps, heads = {}, {}
         with torch.no_grad():
             for explainer in explainers:
                 maps[id(explainer)] = explainer.relevance(captured, reduced[id(explainer)], layout)
+                heads[id(explainer)] = explainer.head_scores(reduced[id(explainer)])
     return [
-        e.explanation(*maps[id(e)], captured, scores, classes, layout, images, target)  # type: ignore[misc]
+        e.explanation(*maps[id(e)], captured, scores, classes, layout, images, target, head_scores=heads[id(e)])  # type: ignore[misc]
         for e in explainers
     ]
 
