@@ -114,13 +114,13 @@ def occlusion_loop(net, images, target, window=1, baseline=None, patch=8):
 # -------------------------------------------------------------------------------------------------- Taylor
 
 
-@pytest.mark.parametrize("score", ["taylor", "taylor_signed"])
+@pytest.mark.parametrize("score", ["taylor", "taylor_abs"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_taylor_scores_and_map_against_a_per_head_loop(name, score):
     g = ref(name)
     exp = gmar.explain(model(name), batch(), "gmar", target=target_for(name), head_score=score)
     signed = taylor_loop(g)
-    scores = signed.abs() if score == "taylor" else signed
+    scores = signed.abs() if score == "taylor_abs" else signed
     assert_close(exp.head_scores, scores, **TOL)
     assert_close(exp.head_weights, taylor_weights(scores.clamp_min(0)), **TOL)
     if name == "cait":
@@ -157,7 +157,7 @@ def test_taylor_is_the_derivative_of_switching_a_head_off(name):
     net = model(name)
     adapter = get_adapter(net)
     target = target_for(name)
-    exp = gmar.explain(net, batch(), "gmar", target=target, head_score="taylor_signed")
+    exp = gmar.explain(net, batch(), "gmar", target=target, head_score="taylor")
     projections = adapter.head_projections()
     gates = [torch.ones(batch().shape[0], heads, requires_grad=True) for _, heads in projections]
 
@@ -182,14 +182,14 @@ def test_taylor_is_the_derivative_of_switching_a_head_off(name):
     y = target(output) if callable(target) else output.gather(1, output.argmax(-1, keepdim=True)).squeeze(1)
     derivatives = torch.stack(torch.autograd.grad(y.sum(), gates), dim=1)
     assert_close(exp.head_scores, derivatives, rtol=1e-4, atol=1e-5)
-    magnitude = gmar.explain(net, batch(), "gmar", target=target, head_score="taylor")
+    magnitude = gmar.explain(net, batch(), "gmar", target=target, head_score="taylor_abs")
     assert_close(magnitude.head_scores, derivatives.abs(), rtol=1e-4, atol=1e-5)
 
 
 def test_taylor_takes_neither_norm_nor_head_grad():
     net = model("timm")
     for options in ({"norm": "l2"}, {"head_grad": "output"}, {"head_grad": "attention"}):
-        for score in ("taylor", "taylor_signed"):
+        for score in ("taylor", "taylor_abs"):
             with pytest.raises(ValueError, match=f"head_score='{score}' takes neither"):
                 gmar.GMAR(net, head_score=score, **options)
     with pytest.raises(ValueError, match="head_score must be"):
@@ -305,7 +305,7 @@ def test_occlusion_counts_its_forward_passes_and_takes_no_backward(monkeypatch):
 
 NEW = [
     ("gmar", {"head_score": "taylor"}),
-    ("gmar", {"head_score": "taylor_signed"}),
+    ("gmar", {"head_score": "taylor_abs"}),
     ("gmar_gae", {}),
     ("gmar_gae", {"signed": False}),
     ("occlusion", {}),

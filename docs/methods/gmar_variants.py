@@ -25,7 +25,7 @@ VARIANTS = {
     "gmar_gae[no weights]": ("gmar_gae", {"head_weights": False}),
     "gmar_gae[rectified]": ("gmar_gae", {"signed": False}),
     "gmar": ("gmar", {}),
-    "gmar[taylor_signed]": ("gmar", {"head_score": "taylor_signed"}),
+    "gmar[taylor]": ("gmar", {"head_score": "taylor"}),
 }
 res = {k: {m: [] for m in ("deletion", "pointing", "energy", "discrimination")} for k in VARIANTS}
 heads = {
@@ -65,13 +65,13 @@ for s in range(0, len(items), 16):
             disc[several] = M.class_discrimination(h[several], masks[several], others)
         res[name]["discrimination"] += disc.tolist()
     drops = M.knockout_drops(scorer, adapter, images, targets)
-    t = exps["gmar[taylor_signed]"].head_scores.flatten(1)
+    t = exps["gmar[taylor]"].head_scores.flatten(1)
     rankings = {
         "gmar[weights]": M.rank_heads(exps["gmar"].head_weights),
         "gmar[scores]": M.rank_heads(exps["gmar"].head_scores),
         "taylor[signed]": M.rank_heads(t),
         "taylor[abs]": M.rank_heads(t.abs()),
-        "taylor[weights]": M.rank_heads(exps["gmar[taylor_signed]"].head_weights),
+        "taylor[weights]": M.rank_heads(exps["gmar[taylor]"].head_weights),
         "gmar_gae[scores]": M.rank_heads(exps["gmar_gae"].head_scores),
         "gmar_gae[weights]": M.rank_heads(exps["gmar_gae"].head_weights),
         "oracle": M.rank_heads(drops),

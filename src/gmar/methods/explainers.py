@@ -91,10 +91,12 @@ class GMAR(Explainer):
     (``head_grad="attention"``); per sample and layer the scores are normalised to weights, the
     heads mixed with them, and the mix rolled out.
 
-    ``head_score="taylor"``: ``S = |Σ O_{l,h} ⊙ ∂y/∂O_{l,h}|`` (Michel, Levy & Neubig 2019), the size
-    of the first-order change of ``y`` when the head is switched off (``O = A V``, the attention
-    core's output); the weights are ``S / Σ_h S``. ``head_score="taylor_signed"`` keeps the sign
-    (positive: switching the head off lowers ``y``) and mixes with ``ReLU(S) / Σ_h ReLU(S)``.
+    ``head_score="taylor"``: ``S = Σ O_{l,h} ⊙ ∂y/∂O_{l,h}`` (the first-order Taylor estimate of
+    Michel, Levy & Neubig 2019), the first-order drop of ``y`` when the head is switched off (``O = A V``,
+    the attention core's output; positive: switching the head off lowers ``y``); the heads are mixed
+    with ``ReLU(S) / Σ_h ReLU(S)``. ``head_score="taylor_abs"`` is Michel et al.'s magnitude ``|S|``,
+    weights ``|S| / Σ_h |S|``. The signed score is the default Taylor variant because it ranks heads
+    closer to the measured knock-outs on the reference benchmark (docs/methods/gmar.md).
 
     ``head_weights`` holds the weights of every layer, ``head_scores`` the scores ``S`` before
     normalisation (comparable across layers); ``start_layer`` only limits the rollout.
@@ -114,8 +116,8 @@ class GMAR(Explainer):
         head_score: str = "gradient",
     ) -> None:
         super().__init__(model, start_layer=start_layer)
-        if head_score not in ("gradient", "taylor", "taylor_signed"):
-            raise ValueError(f"head_score must be 'gradient', 'taylor' or 'taylor_signed', not {head_score!r}")
+        if head_score not in ("gradient", "taylor", "taylor_abs"):
+            raise ValueError(f"head_score must be 'gradient', 'taylor' or 'taylor_abs', not {head_score!r}")
         if norm not in ("l1", "l2"):
             raise ValueError(f"norm must be 'l1' or 'l2', not {norm!r}")
         if head_score != "gradient" and (head_grad is not None or norm != "l1"):
@@ -134,11 +136,11 @@ class GMAR(Explainer):
     def reduce_gradient(self, layer, gradient, attention, captured, layout):
         attention = attention.float()  # type: ignore[union-attr]
         if self.head_score == "taylor":
-            scores = Fn.taylor_head_scores(attention, gradient.float()).abs_()
-            weights = Fn.normalise_head_scores(scores)
-        elif self.head_score == "taylor_signed":
             scores = Fn.taylor_head_scores(attention, gradient.float())
             weights = Fn.positive_head_weights(scores)
+        elif self.head_score == "taylor_abs":
+            scores = Fn.taylor_head_scores(attention, gradient.float()).abs_()
+            weights = Fn.normalise_head_scores(scores)
         else:
             scores = Fn.head_scores(gradient.float(), self.norm)
             weights = Fn.normalise_head_scores(scores)
