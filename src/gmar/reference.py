@@ -136,11 +136,12 @@ def train_reference(
     The loss on the CLS logits is binary cross-entropy on every class, each class on its own. (An
     earlier recipe added a cross-entropy against the target spread evenly over the present classes;
     its optimum makes the present classes' logits equal, so their gradients coincide and gradient
-    explanations cannot tell the classes apart: see docs/evaluation.md.) With ``token_loss`` > 0 the classifier head is also applied to every patch token,
-    whose target is the set of classes whose object covers at least ``token_cover`` of the patch
-    (token labelling, with labels read exactly from the scene masks): the patches learn what they
-    show from the first step instead of through the CLS token alone. That auxiliary term uses no
-    parameter of its own; the trained model is a plain CLS-token classifier.
+    explanations cannot tell the classes apart: see docs/evaluation.md.) With ``token_loss`` > 0
+    the classifier head is also applied to every patch token, whose target is the set of classes
+    whose object covers at least ``token_cover`` of the patch (token labelling, with labels read
+    exactly from the scene masks): the patches learn what they show from the first step instead
+    of through the CLS token alone. That auxiliary term uses no parameter of its own; the trained
+    model is a plain CLS-token classifier.
     """
     start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(config.seed)
