@@ -307,7 +307,7 @@ def test_a_report_never_replaces_a_file_gmar_did_not_write(checkpoint, tmp_path,
     assert main(evaluate_argv(checkpoint, out, "--limit", "2", *FAST)) == 0  # its own report is replaced
 
 
-def test_the_model_check_against_a_loop_over_removals(tmp_path):
+def test_the_model_check_against_a_loop_over_removals(tmp_path, capsys):
     """Each item of a multi-object scene against logits read one image at a time, and the report's
     section with the verdict its rate calls for."""
     from conftest import spread
@@ -351,6 +351,9 @@ def test_the_model_check_against_a_loop_over_removals(tmp_path):
     assert "## Model check: does removing an object lower its own class most?" in markdown
     assert model_check_verdict(rate) in markdown and "| gae |" in markdown
     assert "model_check" not in markdown.split("## Model check")[0], "not a column of the methods' table"
+    # an untrained model fails the check, and the console says so too
+    assert rate < MODEL_CHECK_WARNING and "gmar: warning: removing an object" in capsys.readouterr().err
+    assert model_check_verdict(rate).startswith("**Warning:**")
     assert model_check_verdict(MODEL_CHECK_WARNING - 0.01).startswith("**Warning:**")
     assert not model_check_verdict(MODEL_CHECK_WARNING).startswith("**Warning:**")
 
