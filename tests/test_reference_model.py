@@ -161,3 +161,26 @@ def test_training_restores_the_attention_flags():
     before = [block.attn.fused_attn for block in build_reference_model(config).blocks]
     model, _ = train_reference(config, progress=False)
     assert [block.attn.fused_attn for block in model.blocks] == before and not model.training
+
+
+def test_the_shipped_model_passes_the_model_check():
+    """Removing an object lowers the shipped model's logit of that object's class, and far more than
+    the other present classes' (docs/evaluation.md): the batched check against a loop, and its level."""
+    from gmar import metrics as M
+    from gmar.evaluate import MODEL_CHECK_WARNING, scene_items
+
+    model = gmar.load_reference_model()
+    items = [item for item in scene_items(60) if item.removed is not None]
+    images, removed = torch.stack([i.image for i in items]), torch.stack([i.removed for i in items])
+    targets = torch.tensor([i.target for i in items])
+    own, other, most = M.object_removal(M.Scorer(model), images, removed, targets, [i.other_classes for i in items])
+    loop = []
+    for item in items:
+        with torch.no_grad():
+            drop = (model(item.image[None]) - model(item.removed[None]))[0].tolist()
+        rest = [drop[c] for c in item.other_classes]
+        loop.append((drop[item.target], sum(rest) / len(rest), float(drop[item.target] > max(rest))))
+    torch.testing.assert_close(torch.stack([own, other, most], dim=1), torch.tensor(loop), atol=1e-4, rtol=0)
+    assert len(items) >= 90
+    assert float(most.mean()) >= 0.95 > MODEL_CHECK_WARNING
+    assert float(own.mean()) >= 8.0 and abs(float(other.mean())) <= 2.0
