@@ -205,6 +205,7 @@ def _text_target(args: argparse.Namespace, loaded: LoadedModel) -> TextTarget | 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from gmar.evaluate import (
+        GROUPS,
         MODEL_CHECK,
         MODEL_CHECK_WARNING,
         REPORT_FILES,
@@ -239,7 +240,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if classes != len(CLASSES):
             raise GmarError(f"the scenes have {len(CLASSES)} classes but {args.model} has {classes} outputs")
         data = "scenes"
-        items = scene_items(args.limit, seed=args.seed, image_size=config.input_size[0])
+        checks = any(metric in GROUPS["model_check"] for metric in metrics)  # only they need the re-rendered scenes
+        items = scene_items(args.limit, seed=args.seed, image_size=config.input_size[0], removals=checks)
     elif args.data.startswith("imagefolder:"):
         data = args.data
         masks = Path(args.masks) if args.masks else None
