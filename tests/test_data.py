@@ -86,3 +86,34 @@ def test_batch_and_errors():
     with pytest.raises(IndexError):
         Scenes("test", 3)[3]
     assert Scenes("test", 5, image_size=96)[0].image.shape == (3, 96, 96)
+
+
+def test_a_scene_without_one_object_changes_only_that_objects_pixels():
+    """``Scenes.without`` re-renders a scene with one object left out: label 0, mask empty, every
+    pixel off that object as in the scene, and the object's own pixels no longer the object's."""
+    scenes = Scenes("test", 40)
+    removals = 0
+    for scene in sample()[:40]:
+        for cls in scene.classes:
+            left = scenes.without(scene.index, cls)
+            kept = [c for c in scene.classes if c != cls]
+            assert left.classes == kept and left.index == scene.index
+            assert not left.masks[cls].any()
+            assert torch.equal(left.masks[kept], scene.masks[kept])
+            off = ~scene.masks[cls]
+            assert torch.equal(left.image[:, off], scene.image[:, off])
+            changed = (left.image - scene.image).abs().amax(dim=0)[scene.masks[cls]] > 0.1
+            assert float(changed.float().mean()) > 0.5, "where the object was, most pixels are no longer it"
+            removals += 1
+    assert removals > 40
+    # The scene itself is unchanged by having rendered it without an object.
+    assert torch.equal(scenes[0].image, sample()[0].image)
+
+
+def test_leaving_out_an_absent_class_is_an_error():
+    scene = sample()[0]
+    absent = next(c for c in range(len(CLASSES)) if c not in scene.classes)
+    with pytest.raises(ValueError, match=f"scene 0 holds no {CLASSES[absent]} to leave out; it holds"):
+        Scenes("test", 5).without(0, absent)
+    with pytest.raises(IndexError):
+        Scenes("test", 3).without(3, scene.classes[0])

@@ -321,3 +321,66 @@ def test_occlusion_and_gmar_gae_by_name(checkpoint, tmp_path):
     assert {m for m, _ in table} == {"gae", "gmar_gae", "occlusion"}
     markdown = (out / "results.md").read_text()
     assert "| occlusion |" in markdown and "## gmar_gae against gae, item by item" in markdown
+
+
+def test_the_model_check_against_a_loop_over_removals(tmp_path, capsys):
+    """Each item of a multi-object scene against logits read one image at a time, and the report's
+    section with the verdict its rate calls for."""
+    from conftest import spread
+    from gmar.data import Scenes
+    from gmar.evaluate import MODEL_CHECK_WARNING, model_check_verdict
+    from gmar.reference import load_reference_model
+
+    report = {"test_exact_set_accuracy": 0.0, "test_scenes": 0, "train_seconds": 0.0, "threads": 1}
+    path = save_reference(spread(build_reference_model(TINY)), TINY, report, tmp_path / "spread")
+    out = tmp_path / "check"
+    argv = evaluate_argv(path, out, "--limit", "8", "--methods", "gae", "--metrics", "pointing,model_check")
+    assert main(argv) == 0
+    model, scenes = load_reference_model(path), Scenes("test", 8, image_size=32)
+    expected = {}
+    for scene in scenes:
+        for cls in scene.classes if len(scene.classes) > 1 else []:
+            with torch.no_grad():
+                drop = (model(scene.image[None]) - model(scenes.without(scene.index, cls).image[None]))[0].tolist()
+            rest = [drop[c] for c in scene.classes if c != cls]
+            expected[f"scene{scene.index:05d}/c{cls}"] = {
+                "removal_own_drop": drop[cls],
+                "removal_other_drop": sum(rest) / len(rest),
+                "removal_own_drops_most": float(drop[cls] > max(rest)),
+            }
+    assert len(expected) >= 6
+    with sqlite3.connect(out / "results.sqlite") as db:
+        rows = db.execute("SELECT item, metric, value FROM scores WHERE method='model_check'").fetchall()
+        items = db.execute("SELECT COUNT(DISTINCT item) FROM done").fetchone()[0]
+    stored = {}
+    for item, metric, value in rows:
+        stored.setdefault(item, {})[metric] = value
+    assert stored.keys() == expected.keys() and items > len(expected)  # single-object scenes: no check
+    for item, values in expected.items():
+        for metric, value in values.items():
+            assert stored[item][metric] == pytest.approx(value, abs=1e-4), (item, metric)
+    rate = sum(v["removal_own_drops_most"] for v in expected.values()) / len(expected)
+    table = read_csv(out / "results.csv")
+    assert table[("model_check", "removal_own_drops_most")][0] == pytest.approx(rate)
+    assert table[("model_check", "removal_own_drop")][2] == len(expected)
+    markdown = (out / "results.md").read_text()
+    assert "## Model check: does removing an object lower its own class most?" in markdown
+    assert model_check_verdict(rate) in markdown and "| gae |" in markdown
+    assert "model_check" not in markdown.split("## Model check")[0], "not a column of the methods' table"
+    # an untrained model fails the check, and the console says so too
+    assert rate < MODEL_CHECK_WARNING and "gmar: warning: removing an object" in capsys.readouterr().err
+    assert model_check_verdict(rate).startswith("**Warning:**")
+    assert model_check_verdict(MODEL_CHECK_WARNING - 0.01).startswith("**Warning:**")
+    assert not model_check_verdict(MODEL_CHECK_WARNING).startswith("**Warning:**")
+
+
+def test_the_model_check_says_when_the_data_cannot_run_it(checkpoint, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8)).save(folder / "a.png")
+    out = tmp_path / "folder"
+    argv = evaluate_argv(checkpoint, out, "--data", f"imagefolder:{folder}", "--methods", "gae", "--metrics", "all")
+    assert main([*argv, "--steps", "2", "--sanity-items", "1"]) == 0
+    markdown = (out / "results.md").read_text()
+    assert "## Model check" in markdown and "Not measured: the check needs data that can re-render" in markdown
+    assert not any(method == "model_check" for method, _ in read_csv(out / "results.csv"))

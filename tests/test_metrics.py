@@ -973,6 +973,9 @@ def test_direction_covers_every_metric():
         "class_discrimination": "higher",
         "sanity_spearman": "lower",
         "head_ablation_auc": "lower",
+        "removal_own_drops_most": "higher",
+        "removal_own_drop": "higher",
+        "removal_other_drop": "lower",
     }
     assert expected == M.DIRECTION
 
@@ -1013,3 +1016,43 @@ def test_class_discrimination_of_a_class_agnostic_map_sums_to_zero_over_three_ob
     # Padding with an empty mask changes nothing.
     padded = torch.cat([others, torch.zeros(3, 1, 12, 12, dtype=torch.bool)], dim=1)
     torch.testing.assert_close(M.class_discrimination(maps, masks, padded), scores)
+
+
+class PixelLogits(nn.Module):
+    """Logit ``c`` is pixel ``(0, 0, c)`` of the image: every drop can be set by hand."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0, 0, :4]
+
+
+def test_object_removal_against_drops_set_by_hand():
+    images = torch.zeros(4, 3, 4, 4)
+    removed = torch.zeros(4, 3, 4, 4)
+    images[:, 0, 0] = torch.tensor([[5.0, 3.0, 1.0, 0.0], [2.0, 4.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [3, 3, 3, 3]])
+    removed[:, 0, 0] = torch.tensor([[1.0, 2.0, 2.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0], [3, 3, 3, 3]])
+    # drops: row 0 [4, 1, -1, 0]; row 1 [1, 4, 0, 1]; row 2 [1, 1, 0, 0]; row 3 all 0
+    classes = torch.tensor([0, 0, 0, 1])
+    others = [(1, 2), (1,), (0, 1), (0,)]  # row 2 names its own class: ignored
+    own, other, most = M.object_removal(M.Scorer(PixelLogits()), images, removed, classes, others)
+    assert_close(own, torch.tensor([4.0, 1.0, 1.0, 0.0]))
+    assert_close(other, torch.tensor([0.0, 4.0, 1.0, 0.0]))  # row 0: (1 + -1) / 2
+    # row 2: a tie with the other class is not "most"; row 3: no drop at all is not either
+    assert most.tolist() == [1.0, 0.0, 0.0, 0.0]
+    own, other, most = M.object_removal(M.Scorer(PixelLogits()), images[:1], removed[:1], classes[:1], [()])
+    assert own.tolist() == [4.0] and math.isnan(other.item()) and math.isnan(most.item())
+
+
+def test_object_removal_on_a_tiny_vit_against_a_loop(vit):
+    """Logits read one image at a time, drops taken by hand, against the batched metric."""
+    generator = torch.Generator().manual_seed(3)
+    images, removed = torch.rand(5, 3, 32, 32, generator=generator), torch.rand(5, 3, 32, 32, generator=generator)
+    classes = torch.tensor([0, 1, 2, 0, 1])
+    others = [(1,), (0, 2), (0, 1), (2,), (0, 2)]
+    own, other, most = M.object_removal(M.Scorer(vit, batch_size=2), images, removed, classes, others)
+    for i in range(5):
+        with torch.no_grad():
+            drop = (vit(images[i : i + 1]) - vit(removed[i : i + 1]))[0].double()
+        rest = [float(drop[c]) for c in others[i] if c != classes[i]]
+        assert own[i].item() == pytest.approx(float(drop[classes[i]]), abs=1e-5)
+        assert other[i].item() == pytest.approx(sum(rest) / len(rest), abs=1e-5)
+        assert most[i].item() == float(float(drop[classes[i]]) > max(rest))

@@ -223,6 +223,9 @@ def _text_target(args: argparse.Namespace, loaded: LoadedModel) -> TextTarget | 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from gmar.evaluate import (
+        GROUPS,
+        MODEL_CHECK,
+        MODEL_CHECK_WARNING,
         REPORT_FILES,
         Settings,
         barrier,
@@ -230,6 +233,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         evaluate,
         folder_items,
         imagenet_seg_items,
+        model_check_verdict,
         report,
         scene_items,
         select_metrics,
@@ -254,7 +258,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if classes != len(CLASSES):
             raise GmarError(f"the scenes have {len(CLASSES)} classes but {args.model} has {classes} outputs")
         data = "scenes"
-        items = scene_items(args.limit, seed=args.seed, image_size=config.input_size[0])
+        checks = any(metric in GROUPS["model_check"] for metric in metrics)  # only they need the re-rendered scenes
+        items = scene_items(args.limit, seed=args.seed, image_size=config.input_size[0], removals=checks)
     elif args.data.startswith("imagefolder:"):
         data = args.data
         masks = Path(args.masks) if args.masks else None
@@ -282,8 +287,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     store = evaluate(model, items, settings, out, batch_size=args.batch_size, rank=rank, world=world)
     barrier()
     if rank == 0:
-        report(store, settings, out)
+        summary = report(store, settings, out)
         print(f"gmar: evaluated {len(items)} item(s) with {len(methods)} method(s); results in {out / 'results.md'}")
+        check = summary.get((MODEL_CHECK, "removal_own_drops_most"))
+        if check is not None and check[0] < MODEL_CHECK_WARNING:
+            print("gmar: " + model_check_verdict(check[0]).replace("**Warning:**", "warning:"), file=sys.stderr)
     store.close()
     return 0
 

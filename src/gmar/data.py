@@ -88,6 +88,23 @@ class Scenes:
         image, labels, masks = render(self.rng(index), self.image_size)
         return Scene(torch.from_numpy(image), torch.from_numpy(labels), torch.from_numpy(masks), index)
 
+    def without(self, index: int, cls: int) -> Scene:
+        """Scene ``index`` rendered again without its object of class ``cls``.
+
+        Everything else is drawn from the same random stream, so every pixel off that object
+        (background, clutter, the other objects, the noise) equals ``self[index]``'s; where the
+        object was, the background and clutter under it show. Its label is 0 and its mask empty.
+        This is what removing one object from the scene means, with no inpainting guesswork.
+        """
+        if not -self.size <= index < self.size:
+            raise IndexError(f"scene {index} out of range for {self.size} scenes")
+        index %= self.size
+        image, labels, masks, left_out = _draw(self.rng(index), self.image_size, leave_out=cls)
+        if left_out is None:
+            present = ", ".join(CLASSES[int(c)] for c in np.flatnonzero(labels))
+            raise ValueError(f"scene {index} holds no {_class_name(cls)} to leave out; it holds {present}")
+        return Scene(torch.from_numpy(image), torch.from_numpy(labels), torch.from_numpy(masks), index)
+
     def __iter__(self) -> Iterator[Scene]:
         return (self[i] for i in range(self.size))
 
@@ -106,11 +123,30 @@ class Scenes:
         )
 
 
+def _class_name(cls: int) -> str:
+    return CLASSES[cls] if 0 <= cls < len(CLASSES) else f"class {cls}"
+
+
 # ------------------------------------------------------------------------------------------- rendering
 
 
-def render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Draw one scene from ``rng``: image ``(3, H, W)`` float32, labels ``(C,)``, masks ``(C, H, W)``."""
+def render(
+    rng: np.random.Generator, size: int, leave_out: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw one scene from ``rng``: image ``(3, H, W)`` float32, labels ``(C,)``, masks ``(C, H, W)``.
+
+    With ``leave_out``, the object of that class is placed and its colours drawn as usual (so the
+    stream, and with it every other pixel, stays the same) but it is not painted, labelled or masked.
+    """
+    image, labels, masks, _ = _draw(rng, size, leave_out)
+    return image, labels, masks
+
+
+def _draw(
+    rng: np.random.Generator, size: int, leave_out: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`render`, plus the left-out object's mask (None when the scene holds no such object)."""
+    left_out = None
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     image = _background(rng, size)
     for _ in range(int(rng.integers(8, 16))):
@@ -129,15 +165,18 @@ def render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray,
         else:
             continue
         occupied |= mask
+        colour = _object_colour(rng, image, mask)
+        if cls == leave_out:  # objects never overlap, so no later object reads the pixels it would cover
+            left_out = mask
+            continue
         masks[cls] = mask
         labels[cls] = 1.0
-        colour = _object_colour(rng, image, mask)
         second = np.where(colour > 0.5, colour - 0.45, colour + 0.45).astype(np.float32)
         pattern = _fill(FILLS[CLASSES[cls]], u, v, size)
         image[:, mask & pattern] = colour[:, None]
         image[:, mask & ~pattern] = second[:, None]
     noise = rng.normal(0.0, 0.02, size=image.shape).astype(np.float32)
-    return np.clip(image + noise, 0.0, 1.0), labels, masks
+    return np.clip(image + noise, 0.0, 1.0), labels, masks, left_out
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -49,6 +49,7 @@ GROUPS = {
     "discrimination": ["class_discrimination"],
     "sanity": ["sanity_spearman"],
     "head_ablation": ["head_ablation_auc"],
+    "model_check": ["removal_own_drops_most", "removal_own_drop", "removal_other_drop"],
 }
 #: ``--metrics`` names -> the metrics they produce
 SELECTORS = {
@@ -62,11 +63,16 @@ SELECTORS = {
     "discrimination": ["class_discrimination"],
     "sanity": ["sanity_spearman"],
     "head_ablation": ["head_ablation_auc"],
+    "model_check": GROUPS["model_check"],
 }
 #: the head rankings of the head-ablation test: GMAR's paper weights, Taylor scores (``GMAR(head_score=
 #: "taylor")``), ``gmar_gae``'s head scores, the measured single-knock-out order (the oracle a score
 #: is judged by), a random order and GMAR's reversed
 RANKINGS = ("gmar", "taylor", "gmar_gae", "oracle", "random", "reverse")
+#: the unit under which the model check's results are stored (it scores the model, not a method)
+MODEL_CHECK = "model_check"
+#: below this rate of removals that drop the own class most, the report warns
+MODEL_CHECK_WARNING = 0.8
 
 
 @dataclass
@@ -78,6 +84,8 @@ class Item:
     target: int | None = None  # None: the model's prediction
     mask: torch.Tensor | None = None  # (H, W) bool: the target's pixels
     others: torch.Tensor | None = None  # (K, H, W) bool: each other object's pixels (multi-object scenes)
+    other_classes: tuple[int, ...] = ()  # the classes of ``others``, in order
+    removed: torch.Tensor | None = None  # (3, H, W): the image without the target's object (scenes)
 
 
 @dataclass
@@ -104,16 +112,21 @@ class Settings:
 # ------------------------------------------------------------------------------------------------ data
 
 
-def scene_items(limit: int | None, seed: int = 0, image_size: int = 64) -> list[Item]:
-    """Test scenes, one item per object present; ``others`` holds the other objects' masks."""
+def scene_items(limit: int | None, seed: int = 0, image_size: int = 64, removals: bool = True) -> list[Item]:
+    """Test scenes, one item per object present; ``others`` holds the other objects' masks and,
+    with ``removals``, ``removed`` the scene re-rendered without the item's object (scenes with
+    several objects only: the model check compares the classes present)."""
     from gmar.data import Scenes
 
     scenes = Scenes("test", limit if limit is not None else 500, seed=seed, image_size=image_size)
     items = []
     for scene in scenes:
         for cls in scene.classes:
-            others = scene.masks[[c for c in scene.classes if c != cls]] if len(scene.classes) > 1 else None
-            items.append(Item(f"scene{scene.index:05d}/c{cls}", scene.image, cls, scene.masks[cls], others))
+            other_classes = tuple(c for c in scene.classes if c != cls)
+            others = scene.masks[list(other_classes)] if other_classes else None
+            removed = scenes.without(scene.index, cls).image if removals and other_classes else None
+            key = f"scene{scene.index:05d}/c{cls}"
+            items.append(Item(key, scene.image, cls, scene.masks[cls], others, other_classes, removed))
     return items
 
 
@@ -370,6 +383,11 @@ def evaluate(
                     _add_sanity(results, model, method, images[pending], targets[pending], wanted, settings)
             for i, item in enumerate(sub):
                 store.write(item.key, method, results[i][0], results[i][1])
+        if MODEL_CHECK in _units(settings):
+            pending = [i for i, item in enumerate(chunk) if (item.key, MODEL_CHECK) not in done]
+            sub = [chunk[i] for i in pending]
+            for item, scores in zip(sub, _model_check(scorer, images[pending], targets[pending], sub), strict=True):
+                store.write(item.key, MODEL_CHECK, scores, {})
         bar.update(advance=len(chunk))
         if after_batch is not None:
             after_batch()
@@ -389,7 +407,28 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def _units(settings: Settings) -> list[str]:
-    return list(settings.methods)
+    """What is stored per item: each method's scores, and the model check's when selected."""
+    check = any(metric in GROUPS["model_check"] for metric in settings.metrics)
+    return [*settings.methods, *([MODEL_CHECK] if check else [])]
+
+
+def _model_check(scorer, images, targets, items) -> list[dict[str, float]]:
+    """The model check's scores of ``items`` (of ``images``, ``targets``); none for an item without
+    a re-rendered image."""
+    results: list[dict[str, float]] = [{} for _ in items]
+    able = [i for i, item in enumerate(items) if item.removed is not None]
+    if not able:
+        return results
+    removed = torch.stack([items[i].removed for i in able]).to(images.device)
+    others = [items[i].other_classes for i in able]
+    own, other, most = M.object_removal(scorer, images[able], removed, targets[able], others)
+    for k, position in enumerate(able):
+        results[position] = {
+            "removal_own_drop": float(own[k]),
+            "removal_other_drop": float(other[k]),
+            "removal_own_drops_most": float(most[k]),
+        }
+    return results
 
 
 def _targets(scorer: M.Scorer, images: torch.Tensor, chunk: Sequence[Item]) -> torch.Tensor:
@@ -512,7 +551,7 @@ def _add_sanity(results, model, method, images, targets, rows, settings) -> None
 REPORT_FILES = (
     "results.csv",
     "results.md",
-    *(f"{group}.png" for group in GROUPS),
+    *(f"{group}.png" for group in GROUPS if group != "model_check"),
     "deletion_insertion.png",
 )
 
@@ -527,7 +566,10 @@ def report(store: Store, settings: Settings, out: Path) -> dict:
             method = f"heads:{method}"
         table.setdefault((method, metric), []).append(float("nan") if value is None else value)
     summary = {key: (*M.mean_ci(values), sum(v == v for v in values)) for key, values in table.items()}
-    metrics_present = [m for group in GROUPS.values() for m in group if any(k[1] == m for k in summary)]
+    checks = GROUPS["model_check"]
+    metrics_present = [
+        m for group in GROUPS.values() for m in group if m not in checks and any(k[1] == m for k in summary)
+    ]
     methods_present = [m for m in settings.methods if any(k[0] == m for k in summary)]
     outputs = OutputFolder(out)
     outputs.check(REPORT_FILES)  # before writing any: a report is written whole or not at all
@@ -540,7 +582,7 @@ def report(store: Store, settings: Settings, out: Path) -> dict:
                 writer.writerow([method, metric, f"{mean:.6f}", f"{ci:.6f}", n, M.DIRECTION[metric]])
 
     outputs.write("results.csv", write_csv)
-    markdown = _markdown(summary, methods_present, metrics_present, settings)
+    markdown = _markdown(summary, methods_present, metrics_present, settings) + _model_check_section(summary, settings)
     paired = "".join(_paired(scores, methods_present, metrics_present, pair) for pair in PAIRS)
     paired += _paired_heads(scores)
     outputs.write("results.md", lambda path: path.write_text(markdown + paired + _sanity_steps(store, methods_present)))
@@ -590,6 +632,55 @@ def _markdown(summary, methods, metrics, settings: Settings) -> str:
                 mean, ci, n = summary[(f"heads:{name}", "head_ablation_auc")]
                 lines.append(f"| {name} | {mean:.3f} ± {ci:.3f} | {n} |")
     return "\n".join(lines) + "\n"
+
+
+def _model_check_section(summary, settings: Settings) -> str:
+    """The model check as a markdown section, with a warning line when the model fails it; empty
+    when it was not selected."""
+    if not any(metric in GROUPS["model_check"] for metric in settings.metrics):
+        return ""
+    lines = ["", "## Model check: does removing an object lower its own class most?", ""]
+    rate = summary.get((MODEL_CHECK, "removal_own_drops_most"))
+    if rate is None or rate[2] == 0:
+        lines.append(
+            "Not measured: the check needs data that can re-render a scene without one of its objects and "
+            "scenes with several objects (`--data scenes`)."
+        )
+        return "\n".join(lines) + "\n"
+    lines += [
+        "Each item of a scene with several objects, re-rendered without its object (`gmar.data.Scenes.without`):",
+        "the drop of each present class's logit. The localisation and class-discrimination scores above assume",
+        "that the model finds each class on its own object; this measures it.",
+        "",
+        "| check | mean | n |",
+        "|---|---|---|",
+    ]
+    names = {
+        "removal_own_drops_most": "removed object's class drops most of the present classes (rate) ↑",
+        "removal_own_drop": "drop of the removed object's class logit ↑",
+        "removal_other_drop": "mean drop of the other present classes' logits (ideally about 0)",
+    }
+    for metric, label in names.items():
+        mean, ci, n = summary[(MODEL_CHECK, metric)]
+        lines.append(f"| {label} | {mean:.3f} ± {ci:.3f} | {n} |" if ci == ci else f"| {label} | {mean:.3f} | {n} |")
+    lines.append("")
+    lines.append(model_check_verdict(rate[0]))
+    return "\n".join(lines) + "\n"
+
+
+def model_check_verdict(rate: float) -> str:
+    """One line on what the model check's rate means for the benchmark's localisation scores."""
+    if rate < MODEL_CHECK_WARNING:
+        return (
+            f"**Warning:** removing an object lowered its own class most in only {rate:.1%} of the removals "
+            f"(below {MODEL_CHECK_WARNING:.0%}): this model does not find each class on its own object in this "
+            "data, so its maps cannot be scored as right or wrong by the objects' masks; read the localisation "
+            "and class-discrimination columns as properties of this model, not of the methods."
+        )
+    return (
+        f"Removing an object lowered its own class most in {rate:.1%} of the removals: the model finds each "
+        "class on its own object, as the localisation scores assume."
+    )
 
 
 #: The pairs reported item by item when both were evaluated: the one GMAR's paper compares, and

@@ -37,6 +37,9 @@ DIRECTION = {
     "class_discrimination": "higher",
     "sanity_spearman": "lower",
     "head_ablation_auc": "lower",
+    "removal_own_drops_most": "higher",
+    "removal_own_drop": "higher",
+    "removal_other_drop": "lower",
 }
 
 
@@ -72,6 +75,15 @@ class Scorer:
                 probabilities.append(logits.softmax(dim=1).gather(1, target[:, None]).squeeze(1))
                 hits.append(logits.argmax(dim=1) == target)
         return torch.cat(probabilities), torch.cat(hits)
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's outputs ``(N, C)`` (float32) for ``images`` ``(N, 3, H, W)``."""
+        chunks = []
+        for start in range(0, images.shape[0], self.batch_size):
+            with model_lock(self.model):
+                chunks.append(self.model(images[start : start + self.batch_size]).float())
+        return torch.cat(chunks)
 
 
 # ------------------------------------------------------------------------------------------ faithfulness
@@ -366,6 +378,53 @@ def class_discrimination(heatmaps: torch.Tensor, target_masks: torch.Tensor, oth
     present = other_masks.flatten(2).any(dim=2).float()
     mean_other = (shares * present).sum(dim=1) / present.sum(dim=1).clamp_min(1)
     return target - mean_other
+
+
+# ------------------------------------------------------------------------------------------- model check
+
+
+def object_removal(
+    scorer: Scorer,
+    images: torch.Tensor,
+    removed: torch.Tensor,
+    classes: torch.Tensor,
+    others: Sequence[Sequence[int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a localisation benchmark assumes of its model: removing an object lowers the score of
+    the object's own class more than that of any other class present. A property of the model and
+    the data, not of an explanation; a model that fails it may find a class anywhere, and no map
+    of it can be scored as right or wrong by the object's mask.
+
+    The score is the logit: a probability near 0 or 1 hides how far it moved. A drop is the logit
+    on the image minus the logit on the image without the object; the other classes are those of
+    the scene's other objects.
+
+    Args:
+        images: ``(B, 3, H, W)`` the scenes.
+        removed: ``(B, 3, H, W)`` each scene without the target's object (re-rendered, e.g.
+            :meth:`gmar.data.Scenes.without`).
+        classes: ``(B,)`` the removed object's class.
+        others: per image, the classes of the scene's other objects (the target's own is ignored).
+    Returns:
+        ``(own_drop, other_drop, own_drops_most)``, each ``(B,)``: the own class's drop (**higher**
+        is better), the mean drop of the other present classes (**lower**: ideally about 0), and
+        1.0 when the own class dropped more than every other present class, else 0.0 (**higher**).
+        The last two are NaN for a scene with no other object.
+    """
+    drop = scorer.logits(images) - scorer.logits(removed)
+    rows = torch.arange(len(classes), device=drop.device)
+    classes = classes.to(drop.device)
+    own = drop[rows, classes]
+    present = torch.zeros_like(drop, dtype=torch.bool)
+    for row, found in enumerate(others):
+        present[row, list(found)] = True
+    present[rows, classes] = False
+    count = present.sum(dim=1)
+    other_mean = torch.where(present, drop, 0.0).sum(dim=1) / count.clamp_min(1)
+    other_max = torch.where(present, drop, -torch.inf).amax(dim=1)
+    most = (own > other_max).float()
+    none = count == 0
+    return own, other_mean.masked_fill(none, torch.nan), most.masked_fill(none, torch.nan)
 
 
 # ------------------------------------------------------------------------------------------------ sanity
