@@ -44,9 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--example", action="store_true", help="explain the example images shipped with gmar")
     p.add_argument("--model", metavar="SPEC", help="timm:NAME, hf:NAME_OR_PATH or openclip:ARCH/TAG")
     p.add_argument("--pretrained", metavar="HF_ID", help="same as --model hf:HF_ID (official demo's flag)")
-    p.add_argument("--checkpoint", metavar="FILE", help="local weights (.safetensors or a torch.save state dict)")
-    p.add_argument("--random-init", action="store_true", help="seeded random weights: exercises the pipeline only")
-    p.add_argument("--num-classes", type=int, metavar="N", help="the checkpoint's number of classes (timm:, hf:)")
+    _weights_arguments(p)
     p.add_argument("--method", default="all", help=f"comma-separated, or 'all' ({ALL_HELP}); {SLOW_HELP}")
     p.add_argument("--target", type=int, metavar="K", help="class index to explain (default: the predicted class)")
     p.add_argument(
@@ -65,9 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = commands.add_parser("evaluate", help="score methods with faithfulness, localisation and sanity metrics")
     e.add_argument("--model", default="reference", metavar="SPEC", help="'reference' (default) or timm:/hf: SPEC")
-    e.add_argument("--checkpoint", metavar="FILE", help="local weights for --model SPEC")
-    e.add_argument("--random-init", action="store_true", help="seeded random weights for --model SPEC")
-    e.add_argument("--num-classes", type=int, metavar="N", help="the checkpoint's number of classes (timm:, hf:)")
+    _weights_arguments(e)
     e.add_argument("--data", default="scenes", help="'scenes' (default) or imagefolder:DIR")
     e.add_argument("--masks", metavar="DIR", help="masks for imagefolder:, same file names, nonzero = object")
     e.add_argument("--imagenet-seg", metavar="FILE", help="the ImageNet-Segmentation file gtsegs_ijcv.mat")
@@ -102,9 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = commands.add_parser("app", help="a web page to explain images, compare methods and look inside every head")
     a.add_argument("--model", default="reference", metavar="SPEC", help="'reference' (default) or SPEC as for explain")
-    a.add_argument("--checkpoint", metavar="FILE", help="local weights for --model")
-    a.add_argument("--random-init", action="store_true", help="seeded random weights for --model SPEC")
-    a.add_argument("--num-classes", type=int, metavar="N", help="the checkpoint's number of classes (timm:, hf:)")
+    _weights_arguments(a)
     a.add_argument("--host", default="127.0.0.1", help="address to serve on (default %(default)s: this machine only)")
     a.add_argument("--port", type=int, default=7860, help="port to serve on (default %(default)s)")
     a.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
@@ -135,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="gmar-bench", metavar="DIR")
     b.set_defaults(func=run_bench)
     return parser
+
+
+def _weights_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where ``--model``'s weights come from: the same three options for explain, evaluate and app."""
+    parser.add_argument("--checkpoint", metavar="FILE", help="local weights (.safetensors or a torch.save state dict)")
+    parser.add_argument("--random-init", action="store_true", help="seeded random weights: exercises the pipeline only")
+    parser.add_argument("--num-classes", type=int, metavar="N", help="the checkpoint's number of classes (timm:, hf:)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
