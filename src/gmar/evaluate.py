@@ -503,15 +503,15 @@ def _score_method(heatmaps, items, settings, faithful: dict) -> list[tuple[dict,
 
 def _head_rankings(model, scorer, adapter, images, targets, explanation, keys, settings) -> dict[str, torch.Tensor]:
     """Every head ranking gmar offers, and the bounds it is judged by, ``(B, L*H)`` each (see :data:`RANKINGS`)."""
-    from gmar.methods import GMAR, HeadWeightedGAE
-
     paper = M.rank_heads(explanation.head_weights)
     # Each item's random ranking comes from its own key, whatever batch or process it falls in.
     generators = [torch.Generator().manual_seed(_seed(settings.seed, key)) for key in keys]
+    # Taylor's and gmar_gae's scores come from one shared pass.
+    scored = explain(model, images, ["gmar", "gmar_gae"], target=targets, options={"gmar": {"head_score": "taylor"}})
     return {
         "gmar": paper,
-        "taylor": M.rank_heads(GMAR(model, head_score="taylor")(images, targets).head_scores),
-        "gmar_gae": M.rank_heads(HeadWeightedGAE(model)(images, targets).head_scores),
+        "taylor": M.rank_heads(scored["gmar"].head_scores),
+        "gmar_gae": M.rank_heads(scored["gmar_gae"].head_scores),
         "oracle": M.rank_heads(M.knockout_drops(scorer, adapter, images, targets)),
         "random": torch.stack([torch.randperm(paper.shape[1], generator=g) for g in generators]),
         "reverse": paper.flip(1),

@@ -518,15 +518,12 @@ def head_ablation(
         ``(auc (B,), curve (B, L*H + 1))``.
     """
     total = _head_count(adapter)
-    curves = []
-    for sample in range(images.shape[0]):
-        # One forward pass per removal count, batched: row k has the first k ranked heads removed.
-        keep = torch.ones(total + 1, total, device=images.device)
-        order = rankings[sample]
-        for k in range(1, total + 1):
-            keep[k:, order[k - 1]] = 0.0
-        curves.append(_with_heads(scorer, adapter, images[sample], classes[sample], keep))
-    curve = torch.stack(curves)
+    # Row k of an image's masks has its first k ranked heads removed: head order[j] is kept in rows k <= j.
+    positions = torch.empty_like(rankings)
+    positions.scatter_(1, rankings, torch.arange(total, device=rankings.device).expand_as(rankings))
+    removals = torch.arange(total + 1, device=rankings.device)
+    keep = (removals[None, :, None] <= positions[:, None, :]).float()  # (B, L*H + 1, L*H)
+    curve = _with_heads(scorer, adapter, images, classes, keep.to(images.device))
     fractions = torch.linspace(0, 1, total + 1, device=curve.device)
     return trapezoid(curve, fractions), curve
 
@@ -537,11 +534,8 @@ def knockout_drops(scorer: Scorer, adapter, images: torch.Tensor, classes: torch
     Ranked by :func:`rank_heads`, it is the single-knock-out oracle a head score is compared with."""
     total = _head_count(adapter)
     keep = torch.cat([torch.ones(1, total), 1.0 - torch.eye(total)]).to(images.device)
-    drops = []
-    for sample in range(images.shape[0]):
-        probabilities = _with_heads(scorer, adapter, images[sample], classes[sample], keep)
-        drops.append(probabilities[0] - probabilities[1:])
-    return torch.stack(drops)
+    probabilities = _with_heads(scorer, adapter, images, classes, keep.expand(images.shape[0], -1, -1))
+    return probabilities[:, :1] - probabilities[:, 1:]
 
 
 def _head_count(adapter) -> int:
@@ -549,28 +543,31 @@ def _head_count(adapter) -> int:
     return len(projections) * projections[0][1]
 
 
-def _with_heads(scorer: Scorer, adapter, image: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The target's probability ``(R,)`` for ``image`` ``(3, H, W)`` with each row of ``keep`` ``(R, L*H)``
-    (1 keeps a head, 0 switches it off), batched by the scorer's batch size."""
+def _with_heads(
+    scorer: Scorer, adapter, images: torch.Tensor, classes: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """The target's probability ``(B, R)`` for each image of ``images`` ``(B, 3, H, W)`` with each of
+    its rows of ``keep`` ``(B, R, L*H)`` (1 keeps a head, 0 switches it off): all ``B·R`` masked
+    copies in batches of the scorer's batch size."""
     projections = adapter.head_projections()
     heads = projections[0][1]
-    rows_total = keep.shape[0]
-    keep = keep.view(rows_total, len(projections), heads)
-    repeated = image[None].expand(rows_total, *image.shape)
-    targets = target.reshape(1).expand(rows_total)
+    batch, per_image = keep.shape[:2]
+    rows_total = batch * per_image
+    keep = keep.reshape(rows_total, len(projections), heads)
     scores = []
     for start in range(0, rows_total, scorer.batch_size):
         rows = slice(start, start + scorer.batch_size)  # each chunk masks with its own rows of `keep`
+        owners = torch.arange(rows_total)[rows] // per_image  # the image each row belongs to
         handles = []
         with model_lock(adapter.model):  # the masking hooks must reach no other thread's call
             try:
                 for layer, (projection, count) in enumerate(projections):
                     handles.append(projection.register_forward_pre_hook(_mask_heads(keep[rows, layer], count)))
-                scores.append(scorer(repeated[rows], targets[rows])[0])
+                scores.append(scorer(images[owners.to(images.device)], classes[owners.to(classes.device)])[0])
             finally:
                 for handle in handles:
                     handle.remove()
-    return torch.cat(scores)
+    return torch.cat(scores).view(batch, per_image)
 
 
 def _mask_heads(keep: torch.Tensor, heads: int) -> Callable:
