@@ -6,9 +6,11 @@ import argparse
 import json
 import logging
 import re
+import signal
 import sys
-import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -102,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--host", default="127.0.0.1", help="address to serve on (default %(default)s: this machine only)")
     a.add_argument("--port", type=int, default=7860, help="port to serve on (default %(default)s)")
     a.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    a.add_argument("--max-upload-mb", type=int, default=20, metavar="MB", help="largest upload (default %(default)s)")
+    a.add_argument(
+        "--max-pixels", type=int, default=40_000_000, metavar="N", help="most pixels of an image (default %(default)s)"
+    )
+    a.add_argument(
+        "--max-prompts", type=int, default=16, metavar="N", help="most prompts per explanation (default %(default)s)"
+    )
     a.set_defaults(func=run_app)
 
     m = commands.add_parser("models", help="which model classes gmar explains: build each small, run every method")
@@ -419,22 +428,55 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def run_app(args: argparse.Namespace) -> int:
+    from PIL import Image
+
     from gmar import app
 
     app.require_gradio()  # an extra
     app.check_port(args.host, args.port)
+    for flag in ("max_upload_mb", "max_pixels", "max_prompts"):
+        if getattr(args, flag) < 1:
+            raise GmarError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
+    if Image.MAX_IMAGE_PIXELS is not None and args.max_pixels > Image.MAX_IMAGE_PIXELS:
+        raise GmarError(f"--max-pixels must be at most Pillow's limit, {Image.MAX_IMAGE_PIXELS}, not {args.max_pixels}")
+    limits = app.Limits(args.max_upload_mb, args.max_pixels, args.max_prompts)
     device = _device(args.device)
-    if args.model == "reference":
-        from gmar.reference import load_reference_model
+    with _terminated_as_interrupted():  # SIGTERM, as Ctrl+C, removes the app's folder on the way out
+        if args.model == "reference":
+            from gmar.reference import load_reference_model
 
-        if args.random_init or args.num_classes is not None:
-            raise GmarError("--random-init and --num-classes are for --model SPEC; the reference model is trained")
-        model = load_reference_model(args.checkpoint, device=device)
-        with tempfile.TemporaryDirectory(prefix="gmar-examples-") as folder:
-            app.launch(app.serve_reference(model, Path(folder)), args.host, args.port)
-        return 0
-    app.launch(app.serve_loaded(_load(args, device)), args.host, args.port)
+            if args.random_init or args.num_classes is not None:
+                raise GmarError("--random-init and --num-classes are for --model SPEC; the reference model is trained")
+            model = load_reference_model(args.checkpoint, device=device)
+            with app.private_folder() as work:
+                (work / "examples").mkdir()
+                served = app.serve_reference(model, work / "examples")
+                served.limits = limits
+                app.launch(served, args.host, args.port, work=work)
+            return 0
+        served = app.serve_loaded(_load(args, device))
+        served.limits = limits
+        with app.private_folder() as work:
+            app.launch(served, args.host, args.port, work=work)
     return 0
+
+
+@contextmanager
+def _terminated_as_interrupted() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl+C does, so that what cleans up after Ctrl+C runs;
+    the previous handler comes back afterwards. Only the main thread can handle signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
