@@ -77,6 +77,8 @@ def load_image(path: str | Path, background: tuple[int, int, int] = WHITE) -> Im
         if isinstance(error, ImageLoadError):
             raise
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if isinstance(error, UnidentifiedImageError):  # its message names the open file object, not the path
+            reason = "cannot identify image file"
         raise ImageLoadError(f"{path}: not a readable image ({reason})") from None
 
 
