@@ -189,23 +189,9 @@ def _header_size(path: str | Path) -> tuple[int, int] | None:
 
 
 def model_input(served: Served, image: Image.Image) -> torch.Tensor:
-    """``(1, 3, H, W)`` as the model takes it; a thin image is cut to what the model sees first, so
-    that enlarging it allocates about the input's size, not its whole length."""
-    return preprocess(within_view(image, served.preprocess), served.preprocess)
-
-
-def within_view(image: Image.Image, config: PreprocessConfig) -> Image.Image:
-    """``image``, or, when preprocessing would enlarge it to more than four times the resized input
-    (a thin image: 100000 x 1), its centre cut along the long side to what the crop keeps, a few
-    pixels wider for the resampling filter. The scale, and so what the model sees, stays the same."""
-    height, width = config.input_size
-    scale = max(height / image.height, width / image.width) / config.crop_pct
-    covered = width * height / config.crop_pct**2  # the resized image of an input-shaped picture
-    if image.width * image.height * scale * scale <= 4 * covered:
-        return image
-    keep = (min(image.width, math.ceil(width / scale) + 6), min(image.height, math.ceil(height / scale) + 6))
-    left, top = (image.width - keep[0]) // 2, (image.height - keep[1]) // 2
-    return image.crop((left, top, left + keep[0], top + keep[1]))
+    """``(1, 3, H, W)`` as the model takes it (:func:`gmar.preprocess.preprocess` crops before it
+    resizes, so a thin image allocates about the input's size, not its whole length)."""
+    return preprocess(image, served.preprocess)
 
 
 def top_classes(served: Served, batch: torch.Tensor, k: int = TOP_K) -> list[tuple[int, str, float]]:
