@@ -29,7 +29,8 @@ TINY = ReferenceConfig(image_size=SIZE, patch_size=8, embed_dim=32, depth=2, num
 
 def read_csv(path: Path) -> dict[tuple[str, str], tuple[float, float, int]]:
     with open(path) as handle:
-        return {(r["method"], r["metric"]): (float(r["mean"]), float(r["ci95"]), int(r["n"])) for r in csv.DictReader(handle)}
+        rows = csv.DictReader(handle)
+        return {(r["method"], r["metric"]): (float(r["mean"]), float(r["ci95"]), int(r["n"])) for r in rows}
 
 
 def hand_items(count: int = 3) -> list[E.Item]:
@@ -130,6 +131,7 @@ def test_metrics_take_an_openclip_model_with_a_callable_target():
     heatmaps = torch.rand(2, SIZE, SIZE, generator=torch.Generator().manual_seed(6))
     scorer = M.Scorer(model, target=clip_target)
     auc, curve = M.deletion(scorer, images, heatmaps, None, steps=4)
+    torch.testing.assert_close(auc, M.trapezoid(curve, torch.linspace(0, 1, 5)))
     forward = get_adapter(model).forward
     for b in range(2):
         order = torch.argsort(heatmaps[b].flatten(), descending=True, stable=True)
@@ -317,8 +319,6 @@ def test_cli_evaluate_with_a_method_named_twice(tmp_path):
 
 
 def test_cli_explain_with_a_method_named_twice(tmp_path):
-    from conftest import make_timm as _  # noqa: F401  (the CLI loads its own model)
-
     out = tmp_path / "out"
     assert main(["explain", "--example", "--model", "timm:test_vit", "--random-init", "--method", "gae,gae",
                  "--out", str(out)]) == 0  # fmt: skip
