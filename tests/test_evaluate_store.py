@@ -368,3 +368,22 @@ def test_imagenet_seg_items_are_keyed_by_their_content(tmp_path):
     assert [key.split("@")[0] for key in keys] == ["imagenet-seg/00000", "imagenet-seg/00001", "imagenet-seg/00002"]
     assert len(set(key.split("@")[1] for key in keys)) == 3
     assert keys == [item.key for item in E.imagenet_seg_items(path, CONFIG, None)]  # deterministic
+
+
+def test_a_previous_versions_name_keys_are_replaced_by_content_keys(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((40, 40, 3), 90, dtype=np.uint8)).save(images / "a.png")
+    checkpoint = save_reference(build_reference_model(TINY), TINY, REPORT, tmp_path / "weights")
+    argv = ["evaluate", "--checkpoint", str(checkpoint), "--data", f"imagefolder:{images}", *FAST[:-4]]
+    out = tmp_path / "eval"
+    assert main([*argv, "--out", str(out)]) == 0
+    with sqlite3.connect(out / "results.sqlite") as db:  # as the previous version keyed it: the bare name
+        for table in ("scores", "curves", "done"):
+            db.execute(f"UPDATE {table} SET item = 'a.png'")
+    db.close()
+    assert main([*argv, "--out", str(out)]) == 0
+    with sqlite3.connect(out / "results.sqlite") as db:
+        items = {row[0] for table in ("scores", "done") for row in db.execute(f"SELECT item FROM {table}")}
+    db.close()
+    assert [E.item_name(item) for item in items] == ["a.png"] and "@" in items.pop()

@@ -488,8 +488,9 @@ class Store:
         return {row[0] for row in self.db.execute("SELECT method FROM done WHERE item=?", (item,))}
 
     def forget_other_contents(self, key: str) -> None:
-        """Delete the results of items with ``key``'s name (``name@digest``) but another digest: a file
-        replaced under its name. Keys without a digest (scenes) are left alone."""
+        """Delete the results of items with ``key``'s name (``name@digest``) but another digest (a file
+        replaced under its name), and those under the bare name (the previous version's key for the
+        file). Keys without a digest (scenes) are left alone."""
         name, at, _ = key.rpartition("@")
         if not at:
             return
@@ -500,6 +501,7 @@ class Store:
                     f"DELETE FROM {table} WHERE item >= ? AND item < ? AND length(item) = ? AND item != ?",
                     (low, high, len(key), key),
                 )
+                self.db.execute(f"DELETE FROM {table} WHERE item = ?", (name,))
 
     def write(self, item: str, method: str, scores: dict[str, float], curves: dict[str, list[float]]) -> None:
         with self.db:  # one transaction: the results and the done mark land together or not at all
