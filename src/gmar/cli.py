@@ -245,8 +245,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or args.steps < 1:
         raise GmarError("--batch-size, --limit and --steps must be at least 1")
     device = _device(args.device)
-    check_writable(Path(args.out))  # before the model loads, not after it
     OutputFolder(args.out).check(REPORT_FILES)  # before the work, not after it
+    check_writable(Path(args.out))  # before the model loads, not after it
     rank, world = distributed()
     model, config, multi_label = _evaluation_model(args, device)
     if get_adapter(model).attention_pooled:
