@@ -161,7 +161,9 @@ def test_imagenet_segmentation_file(tmp_path):
     truths = write_imagenet_seg(path)
     config = PreprocessConfig(input_size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
     items = imagenet_seg_items(path, config, limit=None)
-    assert [i.key for i in items] == ["imagenet-seg/00000", "imagenet-seg/00001", "imagenet-seg/00002"]
+    from gmar.evaluate import item_name
+
+    assert [item_name(i.key) for i in items] == ["imagenet-seg/00000", "imagenet-seg/00001", "imagenet-seg/00002"]
     for item, truth in zip(items, truths, strict=True):
         assert item.image.shape == (3, 32, 32) and item.target is None
         # The mask went through the image's own resize and centre crop (nearest neighbour).

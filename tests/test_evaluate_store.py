@@ -185,7 +185,7 @@ CONFIG = PreprocessConfig(input_size=(32, 32))
 def test_mask_of_another_size_skips_the_item(tmp_path, capsys):
     images, masks = write_folder(tmp_path, {"a": (48, 40), "b": (40, 48), "c": (48, 40)})
     items = folder_items(images, masks, CONFIG, None)
-    assert [item.key for item in items] == ["a.png", "c.png"]
+    assert [E.item_name(item.key) for item in items] == ["a.png", "c.png"]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "b.png" in err[0] and "40×48" in err[0] and "48×40" in err[0]
@@ -208,7 +208,7 @@ def test_transparent_mask_pixels_are_background(tmp_path):
 def test_corrupt_mask_skips_the_item(tmp_path, capsys):
     images, masks = write_folder(tmp_path, {"a": (48, 40), "b": b"not a png", "c": (48, 40)})
     items = folder_items(images, masks, CONFIG, None)
-    assert [item.key for item in items] == ["a.png", "c.png"]
+    assert [E.item_name(item.key) for item in items] == ["a.png", "c.png"]
     assert all(item.mask is not None for item in items)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "b.png" in err[0] and "mask" in err[0]
@@ -226,7 +226,7 @@ def test_cli_masks_that_do_not_fit(tmp_path, capsys):
     assert "Traceback" not in err and len(reported) == 2, err  # the progress bar also writes to stderr
     assert "b.png" in reported[0] and "c.png: its mask" in reported[1] and "20×20" in reported[1]
     with sqlite3.connect(out / "results.sqlite") as db:
-        assert [r[0] for r in db.execute("SELECT DISTINCT item FROM done")] == ["a.png"]
+        assert [E.item_name(r[0]) for r in db.execute("SELECT DISTINCT item FROM done")] == ["a.png"]
 
 
 def test_missing_masks_folder_is_one_error_before_anything_runs(tmp_path, capsys):
@@ -247,3 +247,143 @@ def test_a_store_that_cannot_be_opened_is_not_called_damaged(tmp_path):
     with pytest.raises(GmarError, match="cannot use") as caught:
         Store(path)
     assert "damaged" not in str(caught.value)
+
+
+# ------------------------------------------------------------------------------- databases gmar did not write
+
+
+OLD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS scores(item TEXT, method TEXT, metric TEXT, value REAL, PRIMARY KEY(item, method, metric));
+CREATE TABLE IF NOT EXISTS curves(item TEXT, method TEXT, curve TEXT, value TEXT, PRIMARY KEY(item, method, curve));
+CREATE TABLE IF NOT EXISTS done(item TEXT, method TEXT, PRIMARY KEY(item, method));
+"""
+
+
+def foreign_database(path: Path, kind: str) -> None:
+    with sqlite3.connect(path) as db:
+        if kind == "users":
+            db.execute("CREATE TABLE users(name TEXT, email TEXT)")
+            db.execute("INSERT INTO users VALUES ('ada', 'ada@example.org')")
+        elif kind == "meta":
+            db.execute("CREATE TABLE meta(id INTEGER, a TEXT, b TEXT)")
+            db.execute("INSERT INTO meta VALUES (1, 'x', 'y')")
+        else:  # gmar's tables and one more
+            db.executescript(OLD_SCHEMA + "CREATE TABLE notes(text TEXT);")
+    db.close()
+
+
+@pytest.mark.parametrize("kind", ["users", "meta", "extra_table"])
+def test_a_database_gmar_did_not_write_is_refused_untouched(tmp_path, kind):
+    path = tmp_path / "results.sqlite"
+    foreign_database(path, kind)
+    before = fingerprint(tmp_path)
+    with pytest.raises(GmarError) as caught:
+        Store(path)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message and "not written by gmar" in message
+    assert "another --out" in message
+    assert fingerprint(tmp_path) == before  # no WAL switch, no table added: not a byte changed
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    db.close()
+
+
+def test_cli_evaluate_refuses_a_foreign_database_in_one_line(tmp_path, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    foreign_database(out / "results.sqlite", "users")
+    before = fingerprint(out)
+    checkpoint = save_reference(build_reference_model(TINY), TINY, REPORT, tmp_path / "weights")
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--out", str(out), *FAST]) == 2
+    line = one_error_line(capsys)
+    assert "users" in line and "not written by gmar" in line
+    assert fingerprint(out) == before
+
+
+def test_gmar_marks_its_database_and_takes_the_previous_versions(tmp_path):
+    path = tmp_path / "results.sqlite"
+    store = Store(path)
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA application_id").fetchone()[0] == E.APPLICATION_ID
+        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == str(E.SCHEMA_VERSION)
+    db.close()
+    Store(path).close()  # its own: opened again
+
+    old = tmp_path / "old" / "results.sqlite"
+    old.parent.mkdir()
+    with sqlite3.connect(old) as db:  # as the previous version wrote it: gmar's tables, no mark
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(OLD_SCHEMA)
+        db.execute("INSERT INTO done VALUES ('a.png', 'gae')")
+    db.close()
+    store = Store(old)
+    assert store.done() == {("a.png", "gae")}
+    store.close()
+    with sqlite3.connect(old) as db:
+        assert db.execute("PRAGMA application_id").fetchone()[0] == E.APPLICATION_ID
+    db.close()
+
+
+# ----------------------------------------------------------------------------------------- content keys
+
+
+def test_replaced_images_under_the_same_names_are_evaluated_again(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f"{name}.png")
+    checkpoint = save_reference(build_reference_model(TINY), TINY, REPORT, tmp_path / "weights")
+    argv = ["evaluate", "--checkpoint", str(checkpoint), "--data", f"imagefolder:{images}", *FAST[:-4]]
+    out = tmp_path / "eval"
+    assert main([*argv, "--out", str(out)]) == 0
+    first = (out / "results.csv").read_text()
+    for name in ("a", "b"):  # other pictures, the same names
+        Image.fromarray(np.full((40, 40, 3), 200 if name == "a" else 30, dtype=np.uint8)).save(images / f"{name}.png")
+    assert main([*argv, "--out", str(out)]) == 0
+    fresh = tmp_path / "fresh"
+    assert main([*argv, "--out", str(fresh)]) == 0
+    with sqlite3.connect(fresh / "results.sqlite") as db:
+        keys = [row[0] for row in db.execute("SELECT DISTINCT item FROM done ORDER BY item")]
+    db.close()
+    assert [key.split("@")[0] for key in keys] == ["a.png", "b.png"]
+    digest = hashlib.blake2b((images / "a.png").read_bytes(), digest_size=8).hexdigest()
+    assert keys[0] == f"a.png@{digest}"
+    # the re-run scored the new pictures and forgot the old ones': its report is a fresh run's
+    with sqlite3.connect(out / "results.sqlite") as db:
+        assert [row[0] for row in db.execute("SELECT DISTINCT item FROM done ORDER BY item")] == keys
+        assert [row[0] for row in db.execute("SELECT DISTINCT item FROM scores ORDER BY item")] == keys
+    db.close()
+    assert (out / "results.csv").read_text() == (fresh / "results.csv").read_text() != first
+
+
+def test_imagenet_seg_items_are_keyed_by_their_content(tmp_path):
+    from test_evaluate import write_imagenet_seg
+
+    path = tmp_path / "gtsegs_ijcv.mat"
+    write_imagenet_seg(path)
+    keys = [item.key for item in E.imagenet_seg_items(path, CONFIG, None)]
+    assert [key.split("@")[0] for key in keys] == ["imagenet-seg/00000", "imagenet-seg/00001", "imagenet-seg/00002"]
+    assert len(set(key.split("@")[1] for key in keys)) == 3
+    assert keys == [item.key for item in E.imagenet_seg_items(path, CONFIG, None)]  # deterministic
+
+
+def test_a_previous_versions_name_keys_are_replaced_by_content_keys(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((40, 40, 3), 90, dtype=np.uint8)).save(images / "a.png")
+    checkpoint = save_reference(build_reference_model(TINY), TINY, REPORT, tmp_path / "weights")
+    argv = ["evaluate", "--checkpoint", str(checkpoint), "--data", f"imagefolder:{images}", *FAST[:-4]]
+    out = tmp_path / "eval"
+    assert main([*argv, "--out", str(out)]) == 0
+    with sqlite3.connect(out / "results.sqlite") as db:  # as the previous version keyed it: the bare name
+        for table in ("scores", "curves", "done"):
+            db.execute(f"UPDATE {table} SET item = 'a.png'")
+    db.close()
+    assert main([*argv, "--out", str(out)]) == 0
+    with sqlite3.connect(out / "results.sqlite") as db:
+        items = {row[0] for table in ("scores", "done") for row in db.execute(f"SELECT item FROM {table}")}
+    db.close()
+    assert [E.item_name(item) for item in items] == ["a.png"] and "@" in items.pop()

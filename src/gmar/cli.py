@@ -256,10 +256,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         REPORT_FILES,
         Settings,
         barrier,
+        check_writable,
         distributed,
         evaluate,
-        folder_items,
-        imagenet_seg_items,
+        image_files,
+        imagenet_seg_images,
         model_check_verdict,
         report,
         scene_items,
@@ -271,13 +272,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise GmarError("--batch-size, --limit and --steps must be at least 1")
     device = _device(args.device)
     OutputFolder(args.out).check(REPORT_FILES)  # before the work, not after it
+    check_writable(Path(args.out))  # before the model loads, not after it
     rank, world = distributed()
     model, config, multi_label = _evaluation_model(args, device)
     if get_adapter(model).attention_pooled:
         methods = [m for m in methods if not get_method(m).needs_readout_rows]
     if args.imagenet_seg:
         data = f"imagenet-seg:{args.imagenet_seg}"
-        items = imagenet_seg_items(Path(args.imagenet_seg), config, args.limit)
+        items = imagenet_seg_images(Path(args.imagenet_seg), config, args.limit)
     elif args.data == "scenes":
         from gmar.data import CLASSES
 
@@ -290,12 +292,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     elif args.data.startswith("imagefolder:"):
         data = args.data
         masks = Path(args.masks) if args.masks else None
-        items = folder_items(Path(args.data.partition(":")[2]), masks, config, args.limit)
+        items = image_files(Path(args.data.partition(":")[2]), masks, config, args.limit)
     else:
         raise GmarError(f"--data must be 'scenes' or imagefolder:DIR, not {args.data!r}")
     if not items:
-        raise GmarError("nothing to evaluate: the data holds no readable images")
-    items = [replace(item, image=item.image.to(device)) for item in items]
+        raise GmarError("nothing to evaluate: the data holds no images")
     settings = Settings(
         model=args.model if args.checkpoint is None else f"{args.model}+{Path(args.checkpoint).name}",
         data=data,
@@ -314,8 +315,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     store = evaluate(model, items, settings, out, batch_size=args.batch_size, rank=rank, world=world)
     barrier()
     if rank == 0:
+        evaluated = len({item for item, _ in store.done()})
+        if not evaluated:
+            store.close()
+            raise GmarError("nothing to evaluate: the data holds no readable images")
         summary = report(store, settings, out)
-        print(f"gmar: evaluated {len(items)} item(s) with {len(methods)} method(s); results in {out / 'results.md'}")
+        print(f"gmar: evaluated {evaluated} item(s) with {len(methods)} method(s); results in {out / 'results.md'}")
         check = summary.get((MODEL_CHECK, "removal_own_drops_most"))
         if check is not None and check[0] < MODEL_CHECK_WARNING:
             print("gmar: " + model_check_verdict(check[0]).replace("**Warning:**", "warning:"), file=sys.stderr)

@@ -32,8 +32,8 @@ from gmar.adapters import get_adapter
 from gmar.errors import GmarError
 from gmar.methods import explain
 from gmar.outputs import OutputFolder
-from gmar.preprocess import PreprocessConfig, load_image, preprocess, resize_and_crop
-from gmar.progress import Progress
+from gmar.preprocess import IMAGE_SUFFIXES, PreprocessConfig, load_image, preprocess, resize_and_crop
+from gmar.progress import Progress, message
 
 #: metric groups as they are selected (``--metrics``) and plotted
 GROUPS = {
@@ -87,6 +87,10 @@ class Item:
     other_classes: tuple[int, ...] = ()  # the classes of ``others``, in order
     removed: torch.Tensor | None = None  # (3, H, W): the image without the target's object (scenes)
 
+    def load(self) -> Item:
+        """The item itself (a decoded item; :class:`ImageFile` is one still to decode)."""
+        return self
+
 
 @dataclass
 class Settings:
@@ -130,47 +134,135 @@ def scene_items(limit: int | None, seed: int = 0, image_size: int = 64, removals
     return items
 
 
-def folder_items(folder: Path, masks: Path | None, config: PreprocessConfig, limit: int | None) -> list[Item]:
-    """Images of ``folder`` (sorted), with the same-named mask of ``masks`` when given (nonzero =
-    foreground, resized and cropped like the image). An unreadable image, an unreadable mask and a
-    mask whose pixel size is not its image's are reported on one line each and their item skipped."""
-    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-    if not folder.is_dir():
-        raise GmarError(f"imagefolder: {folder} is not a folder")
-    if masks is not None and not masks.is_dir():
-        raise GmarError(f"--masks {masks} is not a folder; give the folder of masks named like the images")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)[:limit]
-    items = []
-    for path in paths:
+#: bytes of the content digest in an item's key (``name@`` and twice as many hex digits)
+DIGEST_SIZE = 8
+
+
+def content_digest(*contents: bytes) -> str:
+    """The hex BLAKE2b digest (:data:`DIGEST_SIZE` bytes) of ``contents``, each length-prefixed."""
+    digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    for content in contents:
+        digest.update(len(content).to_bytes(8, "little"))
+        digest.update(content)
+    return digest.hexdigest()
+
+
+def content_key(name: str, *contents: bytes) -> str:
+    """``name@digest``: an item's key, by its content (:func:`content_digest`), with its name to read it by.
+
+    Only the image's bytes count for a folder's item without a mask (its key is then
+    ``name@blake2b(bytes)``); a mask's bytes count too."""
+    if len(contents) == 1:
+        return f"{name}@{hashlib.blake2b(contents[0], digest_size=DIGEST_SIZE).hexdigest()}"
+    return f"{name}@{content_digest(*contents)}"
+
+
+def item_name(key: str) -> str:
+    """The readable part of an item's key: the file name of ``name@digest``, a scene's key as it is."""
+    return key.rpartition("@")[0] or key
+
+
+class ImageFile:
+    """One image of a folder, not decoded yet: :attr:`key` comes from the file's bytes (and its mask's),
+    :meth:`load` decodes it. evaluate decodes a batch at a time, and never an item already done."""
+
+    def __init__(self, path: Path, masks: Path | None, config: PreprocessConfig) -> None:
+        self.path, self.masks, self.config = path, masks, config
+        self._key: str | None = None
+        self._read = False
+
+    @property
+    def mask_path(self) -> Path | None:
+        if self.masks is None:
+            return None
+        found = sorted(p for p in self.masks.glob(_glob_escape(self.path.stem) + ".*") if _is_image(p))
+        return found[0] if found else None
+
+    @property
+    def key(self) -> str | None:
+        """``name@digest`` of the file's bytes (and its mask's, when it has one); None when the file
+        cannot be read (reported on one line)."""
+        if not self._read:
+            self._read = True
+            try:
+                contents = [self.path.read_bytes()]
+                mask = self.mask_path
+                if mask is not None:
+                    contents.append(mask.read_bytes())
+            except OSError as error:
+                message(f"gmar: skipped {self.path}: cannot be read ({error.strerror or error})")
+            except MemoryError:
+                message(f"gmar: skipped {self.path}: not enough memory to read it")
+            else:
+                self._key = content_key(self.path.name, *contents)
+        return self._key
+
+    def load(self) -> Item | None:
+        """The decoded item, or None when the image or its mask cannot be used (reported on one line:
+        unreadable, out of memory, a mask of another size)."""
+        key = self.key
+        if key is None:
+            return None
+        path, config = self.path, self.config
         try:
             picture = load_image(path)
             image = preprocess(picture, config)[0]
         except GmarError as error:
-            print(f"gmar: skipped {error}", file=sys.stderr)
-            continue
+            message(f"gmar: skipped {error}")
+            return None
+        except MemoryError:
+            message(f"gmar: skipped {path}: not enough memory to decode and resize it")
+            return None
         mask = None
-        if masks is not None:
-            found = sorted(p for p in masks.glob(path.stem + ".*") if p.suffix.lower() in suffixes)
-            if not found:
-                print(
-                    f"gmar: no mask for {path.name} in {masks}; its localisation metrics are skipped", file=sys.stderr
-                )
+        if self.masks is not None:
+            found = self.mask_path
+            if found is None:
+                message(f"gmar: no mask for {path.name} in {self.masks}; its localisation metrics are skipped")
             else:
                 try:
-                    drawn = load_image(found[0], background=(0, 0, 0))  # transparent: not the object
+                    drawn = load_image(found, background=(0, 0, 0))  # transparent: not the object
                 except GmarError as error:
-                    print(f"gmar: skipped {path.name}: its mask cannot be read ({error})", file=sys.stderr)
-                    continue
+                    message(f"gmar: skipped {path.name}: its mask cannot be read ({error})")
+                    return None
+                except MemoryError:
+                    message(f"gmar: skipped {path.name}: not enough memory to decode its mask")
+                    return None
                 if drawn.size != picture.size:
-                    print(
-                        f"gmar: skipped {path.name}: its mask {found[0]} is {_pixels(drawn.size)} pixels but the "
-                        f"image is {_pixels(picture.size)}; a mask must have its image's size",
-                        file=sys.stderr,
+                    message(
+                        f"gmar: skipped {path.name}: its mask {found} is {_pixels(drawn.size)} pixels but the "
+                        f"image is {_pixels(picture.size)}; a mask must have its image's size"
                     )
-                    continue
+                    return None
                 mask = _mask_to_input(np.asarray(drawn.convert("L")) > 0, config)
-        items.append(Item(path.name, image, None, mask))
-    return items
+        return Item(key, image, None, mask)
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def image_files(folder: Path, masks: Path | None, config: PreprocessConfig, limit: int | None) -> list[ImageFile]:
+    """The images of ``folder`` (sorted by name; the suffixes of :data:`gmar.preprocess.IMAGE_SUFFIXES`),
+    the first ``limit``, undecoded (:class:`ImageFile`), each with the same-named mask of ``masks``
+    when given (nonzero = foreground, resized and cropped like the image)."""
+    if not folder.is_dir():
+        raise GmarError(f"imagefolder: {folder} is not a folder")
+    if masks is not None and not masks.is_dir():
+        raise GmarError(f"--masks {masks} is not a folder; give the folder of masks named like the images")
+    paths = sorted(p for p in folder.iterdir() if _is_image(p))[:limit]
+    return [ImageFile(path, masks, config) for path in paths]
+
+
+def folder_items(folder: Path, masks: Path | None, config: PreprocessConfig, limit: int | None) -> list[Item]:
+    """:func:`image_files`, every one decoded at once (evaluate decodes them a batch at a time). An
+    unreadable image, an unreadable mask and a mask whose pixel size is not its image's are reported
+    on one line each and their item skipped."""
+    items = [entry.load() for entry in image_files(folder, masks, config, limit)]
+    return [item for item in items if item is not None]
 
 
 def _pixels(size: tuple[int, int]) -> str:
@@ -178,28 +270,78 @@ def _pixels(size: tuple[int, int]) -> str:
     return f"{size[0]}×{size[1]}"
 
 
-def imagenet_seg_items(file: Path, config: PreprocessConfig, limit: int | None) -> list[Item]:
-    """The ImageNet-Segmentation benchmark (``gtsegs_ijcv.mat``, MATLAB v7.3 / HDF5): datasets
-    ``value/img`` and ``value/gt`` hold one object reference per image; the referenced arrays are
-    stored transposed (``(3, W, H)`` uint8 and ``(W, H)``). The target is the predicted class."""
+class ImageNetSegImage:
+    """One image of the ImageNet-Segmentation file, not decoded yet; keyed by its pixels and mask."""
+
+    def __init__(self, source: _ImageNetSeg, index: int) -> None:
+        self.source, self.index = source, index
+        self._key: str | None = None
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _read(self) -> tuple[np.ndarray, np.ndarray]:
+        handle = self.source.handle()
+        images, truths = handle["value/img"], handle["value/gt"]
+        pixels = np.array(handle[images[self.index, 0]])
+        truth = np.array(handle[truths[self.index, 0]])
+        return pixels, truth
+
+    @property
+    def key(self) -> str:
+        """``imagenet-seg/NNNNN@digest`` of the stored image and mask arrays."""
+        if self._key is None:
+            pixels, truth = self._read()
+            self._key = content_key(
+                f"imagenet-seg/{self.index:05d}", str(pixels.shape).encode(), pixels.tobytes(), truth.tobytes()
+            )
+        return self._key
+
+    def load(self) -> Item:
+        from PIL import Image
+
+        key = self.key
+        pixels, truth = self._read()
+        image = preprocess(Image.fromarray(pixels.transpose(2, 1, 0).astype(np.uint8)), self.source.config)[0]
+        mask = _mask_to_input(truth.transpose(1, 0) > 0, self.source.config)
+        return Item(key, image, None, mask)
+
+
+class _ImageNetSeg:
+    """The open file, shared by its images (opened on first use)."""
+
+    def __init__(self, file: Path, config: PreprocessConfig) -> None:
+        self.file, self.config = file, config
+        self._handle = None
+
+    def handle(self):
+        if self._handle is None:
+            import h5py
+
+            self._handle = h5py.File(self.file, "r")
+        return self._handle
+
+
+def imagenet_seg_images(file: Path, config: PreprocessConfig, limit: int | None) -> list[ImageNetSegImage]:
+    """The ImageNet-Segmentation benchmark (``gtsegs_ijcv.mat``, MATLAB v7.3 / HDF5), undecoded:
+    datasets ``value/img`` and ``value/gt`` hold one object reference per image; the referenced
+    arrays are stored transposed (``(3, W, H)`` uint8 and ``(W, H)``). The target is the predicted
+    class. Each image's key holds a digest of its arrays."""
     try:
         import h5py
     except ImportError:
         raise GmarError("reading ImageNet-Segmentation needs h5py: pip install 'gmar[eval]'") from None
-    from PIL import Image
 
     if not file.is_file():
         raise GmarError(f"--imagenet-seg: no such file {file}")
-    items = []
     with h5py.File(file, "r") as handle:
-        images, truths = handle["value/img"], handle["value/gt"]
-        count = images.shape[0] if limit is None else min(limit, images.shape[0])
-        for index in range(count):
-            pixels = np.array(handle[images[index, 0]]).transpose(2, 1, 0)
-            truth = np.array(handle[truths[index, 0]]).transpose(1, 0) > 0
-            image = preprocess(Image.fromarray(pixels.astype(np.uint8)), config)[0]
-            items.append(Item(f"imagenet-seg/{index:05d}", image, None, _mask_to_input(truth, config)))
-    return items
+        total = handle["value/img"].shape[0]
+    count = total if limit is None else min(limit, total)
+    source = _ImageNetSeg(file, config)
+    return [ImageNetSegImage(source, index) for index in range(count)]
+
+
+def imagenet_seg_items(file: Path, config: PreprocessConfig, limit: int | None) -> list[Item]:
+    """:func:`imagenet_seg_images`, every one decoded at once."""
+    return [entry.load() for entry in imagenet_seg_images(file, config, limit)]
 
 
 def _mask_to_input(mask: np.ndarray, config: PreprocessConfig) -> torch.Tensor:
@@ -213,8 +355,25 @@ def _mask_to_input(mask: np.ndarray, config: PreprocessConfig) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- store
 
 
+#: ``PRAGMA application_id`` of gmar's results databases (the bytes "gmar")
+APPLICATION_ID = int.from_bytes(b"gmar", "big")
+#: the layout of the results database, stored in ``meta`` as ``schema``; 1 was the unmarked one
+SCHEMA_VERSION = 2
+#: gmar's tables and their columns (those of version 1, which had no mark, too)
+TABLES = {
+    "meta": ("key", "value"),
+    "scores": ("item", "method", "metric", "value"),
+    "curves": ("item", "method", "curve", "value"),
+    "done": ("item", "method"),
+}
+
+
 class Store:
-    """The per-item results in ``results.sqlite``; safe for several processes."""
+    """The per-item results in ``results.sqlite``; safe for several processes.
+
+    The database is marked as gmar's (``PRAGMA application_id`` :data:`APPLICATION_ID` and the
+    schema version in ``meta``). One that is not, and does not hold exactly gmar's tables and
+    columns (as the previous version wrote them), is refused before anything in it changes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -225,6 +384,9 @@ class Store:
             raise GmarError(f"cannot use {path} ({error}); use another --out") from None
         try:
             self._open(existed)
+        except GmarError:
+            self.db.close()
+            raise
         except sqlite3.DatabaseError as error:
             self.db.close()
             if isinstance(error, sqlite3.OperationalError):  # locked, unwritable, no space: not damage
@@ -236,6 +398,11 @@ class Store:
             ) from None
 
     def _open(self, existed: bool) -> None:
+        if existed:  # read only: a database that is not gmar's, or damaged, is left exactly as it is
+            self._check_ours()
+            problems = [row[0] for row in self.db.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:  # a damaged page is found now, not halfway through a run
+                raise sqlite3.DatabaseError("; ".join(problems))
         # Switching to WAL can fail at once with "database is locked" while another process does
         # the same (SQLite returns busy there without waiting): try again for as long as the timeout.
         deadline = time.monotonic() + 120
@@ -247,19 +414,47 @@ class Store:
                 if "locked" not in str(error) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        if existed:  # a damaged page is found now, not halfway through a run
-            problems = [row[0] for row in self.db.execute("PRAGMA quick_check(3)")]
-            if problems != ["ok"]:
-                raise sqlite3.DatabaseError("; ".join(problems))
+        marked = self.db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+        # A database already marked is not written to here (a refused resume leaves it byte for byte).
+        mark = "" if marked else f"INSERT OR REPLACE INTO meta VALUES ('schema', '{SCHEMA_VERSION}');"
+        mark += "" if marked else f"PRAGMA application_id = {APPLICATION_ID};"
         self.db.executescript(
-            """
+            f"""
+            BEGIN IMMEDIATE;
             CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
             CREATE TABLE IF NOT EXISTS scores(item TEXT, method TEXT, metric TEXT, value REAL,
                                               PRIMARY KEY(item, method, metric));
             CREATE TABLE IF NOT EXISTS curves(item TEXT, method TEXT, curve TEXT, value TEXT,
                                               PRIMARY KEY(item, method, curve));
             CREATE TABLE IF NOT EXISTS done(item TEXT, method TEXT, PRIMARY KEY(item, method));
+            {mark}
+            COMMIT;
             """
+        )
+
+    def _check_ours(self) -> None:
+        """Refuse a database gmar did not write (one line: what it holds, what to do)."""
+        application = self.db.execute("PRAGMA application_id").fetchone()[0]
+        tables = {
+            name: tuple(row[1] for row in self.db.execute(f"PRAGMA table_info('{name}')"))
+            for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            if not name.startswith("sqlite_")
+        }
+        if application == APPLICATION_ID:
+            return
+        if application != 0:
+            found = f"the database of another program (application id {application})"
+        elif all(TABLES.get(name) == columns for name, columns in tables.items()):
+            return  # empty, or gmar's tables as the previous version wrote them
+        else:
+            described = ", ".join(
+                name if TABLES.get(name) is None else f"{name}({', '.join(columns)})"
+                for name, columns in sorted(tables.items())
+                if TABLES.get(name) != columns
+            )
+            found = f"an SQLite database with tables gmar does not write: {described}"
+        raise GmarError(
+            f"{self.path} is {found}, not written by gmar; gmar leaves it alone: move it away or use another --out"
         )
 
     def check_settings(self, settings: Settings) -> None:
@@ -288,6 +483,26 @@ class Store:
     def done(self) -> set[tuple[str, str]]:
         return set(self.db.execute("SELECT item, method FROM done"))
 
+    def done_units(self, item: str) -> set[str]:
+        """The units (methods, the model check) stored for ``item``."""
+        return {row[0] for row in self.db.execute("SELECT method FROM done WHERE item=?", (item,))}
+
+    def forget_other_contents(self, key: str) -> None:
+        """Delete the results of items with ``key``'s name (``name@digest``) but another digest (a file
+        replaced under its name), and those under the bare name (the previous version's key for the
+        file). Keys without a digest (scenes) are left alone."""
+        name, at, _ = key.rpartition("@")
+        if not at:
+            return
+        low, high = f"{name}@", f"{name}A"  # "A" follows "@": every "name@..." lies in between
+        with self.db:  # (the length: not "name@other-name@digest", another file's key)
+            for table in ("scores", "curves", "done"):
+                self.db.execute(
+                    f"DELETE FROM {table} WHERE item >= ? AND item < ? AND length(item) = ? AND item != ?",
+                    (low, high, len(key), key),
+                )
+                self.db.execute(f"DELETE FROM {table} WHERE item = ?", (name,))
+
     def write(self, item: str, method: str, scores: dict[str, float], curves: dict[str, list[float]]) -> None:
         with self.db:  # one transaction: the results and the done mark land together or not at all
             self.db.executemany(
@@ -315,7 +530,7 @@ class Store:
 
 def evaluate(
     model: nn.Module,
-    items: Sequence[Item],
+    items: Sequence[Item | ImageFile | ImageNetSegImage],
     settings: Settings,
     out: Path,
     batch_size: int = 16,
@@ -326,9 +541,21 @@ def evaluate(
 ) -> Store:
     """Explain and score ``items`` (this process's share of them), storing as it goes.
 
+    ``items`` are decoded :class:`Item` or undecoded entries (:func:`image_files`,
+    :func:`imagenet_seg_images`): each process takes those whose index modulo ``world`` is its
+    ``rank``, skips those already stored without decoding them (their key comes from the file's
+    bytes), and decodes, explains, scores and stores the rest a batch at a time, on the model's
+    device; memory holds one batch. An entry that cannot be read is reported on one line and skipped.
+
     The store is keyed by ``settings`` and by :func:`weights_digest` of ``model``: a folder holding
     another run's results, or results of other weights, is refused.
     """
+    adapter = get_adapter(model)
+    if not adapter.is_classifier:
+        raise GmarError(
+            f"gmar evaluate scores classifiers, and {type(model).__name__} returns an embedding; score its maps with "
+            "gmar.metrics and a callable target (Scorer(model, target=...)) instead"
+        )
     settings = replace(settings, weights=weights_digest(model))
     out.mkdir(parents=True, exist_ok=True)
     store = Store(out / "results.sqlite")
@@ -337,62 +564,108 @@ def evaluate(
     except GmarError:
         store.close()
         raise
-    mine = [item for index, item in enumerate(items) if index % world == rank]
-    done = store.done()
-    todo = [item for item in mine if any((item.key, m) not in done for m in _units(settings))]
+    units = _units(settings)
+    mine = [(index, entry) for index, entry in enumerate(items) if index % world == rank]
     scorer = M.Scorer(model, multi_label=settings.multi_label, batch_size=64)
-    adapter = get_adapter(model)
-    sanity_keys = {item.key for item in items[: settings.sanity_items]}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if "head_ablation_auc" in settings.metrics and "gmar" in settings.methods and not _can_switch_heads(adapter):
+        print(
+            f"gmar: note: {type(model).__name__}'s heads cannot be switched off one by one; head ablation is skipped",
+            file=sys.stderr,
+        )
+        settings = replace(settings, metrics=[m for m in settings.metrics if m != "head_ablation_auc"])
     if "sanity_spearman" in settings.metrics:
         labels = [label for label, _ in M.cascading_randomisation_steps(model)]
         store.set_meta("sanity_steps", json.dumps(labels))
-    bar = Progress(len(mine), "evaluating", progress and rank == 0, done=len(mine) - len(todo), unit="items")
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        images = torch.stack([item.image for item in chunk])
-        targets = _targets(scorer, images, chunk)
-        # The methods no item of the chunk has yet are explained in one call, sharing their pass.
-        whole = [m for m in settings.methods if all((item.key, m) not in done for item in chunk)]
-        shared = explain(model, images, whole, target=targets) if whole else {}
-        # Their perturbation curves too: each perturbed image that several curves share is scored once.
-        curves = _faithfulness(scorer, images, targets, [shared[m].heatmap for m in whole], settings)
-        for method in settings.methods:
-            pending = [i for i, item in enumerate(chunk) if (item.key, method) not in done]
-            if not pending:
+    bar = Progress(len(mine), "evaluating", progress and rank == 0, unit="items")
+
+    def pending_batches():
+        """Batches of this process's entries still to do, as ``(index, entry, units done)``; entries
+        already done, and unreadable ones, advance the bar here."""
+        batch = []
+        for index, entry in mine:
+            key = entry.key
+            finished = store.done_units(key) if key is not None else set(units)
+            if all(unit in finished for unit in units):
+                bar.update(advance=1)
                 continue
-            sub = [chunk[i] for i in pending]
-            explanation = (
-                shared[method] if method in shared else explain(model, images[pending], method, target=targets[pending])
-            )
-            if method in shared:
-                position, faithful = whole.index(method), curves
-            else:
-                position = 0
-                faithful = _faithfulness(scorer, images[pending], targets[pending], [explanation.heatmap], settings)
-            faithful = {k: (auc[position], curve[position]) for k, (auc, curve) in faithful.items()}
-            results = _score_method(explanation.heatmap, sub, settings, faithful)
-            if method == "gmar" and "head_ablation_auc" in settings.metrics:
-                keys = [item.key for item in sub]
-                rankings = _head_rankings(
-                    model, scorer, adapter, images[pending], targets[pending], explanation, keys, settings
-                )
-                _add_head_ablation(results, scorer, adapter, images[pending], targets[pending], rankings)
-            if "sanity_spearman" in settings.metrics:
-                wanted = [i for i, item in enumerate(sub) if item.key in sanity_keys]
-                if wanted:
-                    _add_sanity(results, model, method, images[pending], targets[pending], wanted, settings)
-            for i, item in enumerate(sub):
-                store.write(item.key, method, results[i][0], results[i][1])
-        if MODEL_CHECK in _units(settings):
-            pending = [i for i, item in enumerate(chunk) if (item.key, MODEL_CHECK) not in done]
-            sub = [chunk[i] for i in pending]
-            for item, scores in zip(sub, _model_check(scorer, images[pending], targets[pending], sub), strict=True):
-                store.write(item.key, MODEL_CHECK, scores, {})
-        bar.update(advance=len(chunk))
+            batch.append((index, entry, finished))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    for pending in pending_batches():
+        decoded = [(index, entry.load(), finished) for index, entry, finished in pending]
+        ready = [(index, item, finished) for index, item, finished in decoded if item is not None]
+        if ready:
+            _evaluate_batch(model, scorer, adapter, ready, settings, store, device)
+        bar.update(advance=len(pending))
+        del decoded, ready  # the batch's images are dropped before the next is decoded
         if after_batch is not None:
             after_batch()
     bar.close()
     return store
+
+
+def _can_switch_heads(adapter) -> bool:
+    from gmar.errors import UnsupportedModelError
+
+    try:
+        adapter.head_projections()
+    except UnsupportedModelError:
+        return False
+    return True
+
+
+def _evaluate_batch(model, scorer, adapter, ready, settings: Settings, store: Store, device) -> None:
+    """Explain, score and store one batch: ``ready`` holds ``(index, item, units already done)``."""
+    chunk = [item for _, item, _ in ready]
+    done = {(item.key, unit) for _, item, finished in ready for unit in finished}
+    for item in chunk:
+        if not any(key == item.key for key, _ in done):
+            store.forget_other_contents(item.key)  # this name's earlier content, if the file was replaced
+    images = torch.stack([item.image for item in chunk]).to(device)
+    targets = _targets(scorer, images, chunk)
+    # The methods no item of the chunk has yet are explained in one call, sharing their pass.
+    whole = [m for m in settings.methods if all((item.key, m) not in done for item in chunk)]
+    shared = explain(model, images, whole, target=targets) if whole else {}
+    # Their perturbation curves too: each perturbed image that several curves share is scored once.
+    curves = _faithfulness(scorer, images, targets, [shared[m].heatmap for m in whole], settings)
+    for method in settings.methods:
+        pending = [i for i, item in enumerate(chunk) if (item.key, method) not in done]
+        if not pending:
+            continue
+        sub = [chunk[i] for i in pending]
+        explanation = (
+            shared[method] if method in shared else explain(model, images[pending], method, target=targets[pending])
+        )
+        if method in shared:
+            position, faithful = whole.index(method), curves
+        else:
+            position = 0
+            faithful = _faithfulness(scorer, images[pending], targets[pending], [explanation.heatmap], settings)
+        faithful = {k: (auc[position], curve[position]) for k, (auc, curve) in faithful.items()}
+        results = _score_method(explanation.heatmap, sub, settings, faithful)
+        if method == "gmar" and "head_ablation_auc" in settings.metrics:
+            keys = [item.key for item in sub]
+            rankings = _head_rankings(
+                model, scorer, adapter, images[pending], targets[pending], explanation, keys, settings
+            )
+            _add_head_ablation(results, scorer, adapter, images[pending], targets[pending], rankings)
+        if "sanity_spearman" in settings.metrics:
+            # the first --sanity-items entries of the data, whatever process or batch they fall in
+            wanted = [i for i, position in enumerate(pending) if ready[position][0] < settings.sanity_items]
+            if wanted:
+                _add_sanity(results, model, method, images[pending], targets[pending], wanted, settings)
+        for i, item in enumerate(sub):
+            store.write(item.key, method, results[i][0], results[i][1])
+    if MODEL_CHECK in _units(settings):
+        pending = [i for i, item in enumerate(chunk) if (item.key, MODEL_CHECK) not in done]
+        sub = [chunk[i] for i in pending]
+        for item, scores in zip(sub, _model_check(scorer, images[pending], targets[pending], sub), strict=True):
+            store.write(item.key, MODEL_CHECK, scores, {})
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -435,8 +708,7 @@ def _targets(scorer: M.Scorer, images: torch.Tensor, chunk: Sequence[Item]) -> t
     """The explained classes: the item's own, or the model's prediction."""
     targets = [item.target for item in chunk]
     if any(t is None for t in targets):
-        with torch.no_grad():
-            predicted = scorer.model(images).argmax(dim=1)
+        predicted = scorer.logits(images).argmax(dim=1)  # the adapter's logits, whatever the model returns
         targets = [int(p) if t is None else t for t, p in zip(targets, predicted, strict=True)]
     return torch.tensor(targets, dtype=torch.long)
 
@@ -853,6 +1125,34 @@ def _plots(store: Store, summary, methods, out: OutputFolder) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- misc
+
+
+def check_writable(out: Path) -> None:
+    """Refuse, in one line and before any work, an ``--out`` gmar could not write into: a read-only
+    file system, a folder without write permission, a path under a file. Creates nothing."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: where it points does not exist
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "" if existing == out else f" ({existing} is a file)"
+        raise GmarError(f"--out {out} is not a folder{where}; choose another --out")
+    writable = os.access(existing, os.W_OK | os.X_OK)
+    database = out / "results.sqlite"
+    if writable and database.exists():
+        writable = os.access(database, os.R_OK | os.W_OK)
+        existing = database
+    if not writable:
+        reason = "read-only file system" if _read_only(existing) else "no permission to write"
+        raise GmarError(f"cannot write to --out {out}: {existing}: {reason}; choose a folder you can write to")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
 
 
 def select_metrics(spec: str) -> list[str]:

@@ -47,33 +47,53 @@ DIRECTION = {
 class Scorer:
     """How a model's output is read for a target class.
 
+    The output is the model adapter's (:meth:`gmar.adapters.ModelAdapter.forward`): logits for a
+    Hugging Face classifier as for a timm, torchvision or reference model, an image embedding for
+    an OpenCLIP model. A module no adapter knows is called directly and must return a tensor.
+
     Args:
-        model: the classifier (called on ``(B, 3, H, W)``).
+        model: the model (called on ``(B, 3, H, W)``), or its adapter.
         multi_label: scores are ``sigmoid(logit)`` and a class counts as predicted when it is
             above 0.5 (the reference model); otherwise ``softmax`` and the arg-max.
         batch_size: the most images sent to the model at once.
+        target: a callable target ``f(output) -> (N,)`` scores (a text prompt's
+            :class:`gmar.TextTarget` with one prompt, any function of an embedding); the score is
+            its value, and the classes passed are ignored. Such a target has no class to hit, so the
+            perturbation tests (which count hits) refuse it.
     """
 
     model: nn.Module
     multi_label: bool = False
     batch_size: int = 64
+    target: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        self.forward, self.module = model_output(self.model)
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target probability ``(N,)`` and hit ``(N,)`` bool for ``images`` ``(N, 3, H, W)``."""
+    def __call__(self, images: torch.Tensor, classes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target probability ``(N,)`` and hit ``(N,)`` bool for ``images`` ``(N, 3, H, W)``; with a
+        callable :attr:`target`, its score ``(N,)`` and ``score > 0``."""
         probabilities, hits = [], []
         for start in range(0, images.shape[0], self.batch_size):
             chunk = images[start : start + self.batch_size]
-            target = classes[start : start + self.batch_size]
-            with model_lock(self.model):  # not while another thread's explanation instruments it
-                logits = self.model(chunk).float()
-            picked = logits.gather(1, target[:, None]).squeeze(1)
+            with model_lock(self.module):  # not while another thread's explanation instruments it
+                output = self.forward(chunk).float()
+            if self.target is not None:
+                score = self.target(output).float()
+                probabilities.append(score)
+                hits.append(score > 0)
+                continue
+            if classes is None:
+                raise ValueError("a Scorer without a callable target needs the target classes")
+            target = classes[start : start + self.batch_size].to(output.device)
+            picked = output.gather(1, target[:, None]).squeeze(1)
             if self.multi_label:
                 probabilities.append(torch.sigmoid(picked))
                 hits.append(picked > 0)
             else:
-                probabilities.append(logits.softmax(dim=1).gather(1, target[:, None]).squeeze(1))
-                hits.append(logits.argmax(dim=1) == target)
+                probabilities.append(output.softmax(dim=1).gather(1, target[:, None]).squeeze(1))
+                hits.append(output.argmax(dim=1) == target)
         return torch.cat(probabilities), torch.cat(hits)
 
     @torch.no_grad()
@@ -81,9 +101,38 @@ class Scorer:
         """The model's outputs ``(N, C)`` (float32) for ``images`` ``(N, 3, H, W)``."""
         chunks = []
         for start in range(0, images.shape[0], self.batch_size):
-            with model_lock(self.model):
-                chunks.append(self.model(images[start : start + self.batch_size]).float())
+            with model_lock(self.module):
+                chunks.append(self.forward(images[start : start + self.batch_size]).float())
         return torch.cat(chunks)
+
+
+def model_output(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
+    """The function that gives ``model``'s output tensor for ``(B, 3, H, W)`` (its adapter's
+    :meth:`~gmar.adapters.ModelAdapter.forward`, or the module itself where no adapter knows it),
+    and the module whose lock guards it."""
+    from gmar.adapters import get_adapter
+    from gmar.adapters.base import ModelAdapter
+    from gmar.errors import UnsupportedModelError
+
+    try:
+        adapter = get_adapter(model)
+    except UnsupportedModelError:
+        adapter = None
+    if adapter is not None:
+        return adapter.forward, adapter.model
+    if isinstance(model, ModelAdapter):  # pragma: no cover - get_adapter returns adapters as they are
+        return model.forward, model.model
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        output = model(images)
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f"{type(model).__name__} returned {type(output).__name__}, not a tensor of logits: pass a model "
+                "gmar supports (gmar models lists them) or a module that returns its logits"
+            )
+        return output
+
+    return forward, model
 
 
 # ------------------------------------------------------------------------------------------ faithfulness
@@ -103,7 +152,7 @@ def faithfulness(
     scorer: Scorer,
     images: torch.Tensor,
     heatmaps: torch.Tensor,
-    classes: torch.Tensor,
+    classes: torch.Tensor | None,
     protocols: Sequence[str] = FAITHFULNESS,
     steps: int = 20,
     baseline: float | torch.Tensor = 0.0,
@@ -128,12 +177,19 @@ def faithfulness(
     unknown = [p for p in protocols if p not in FAITHFULNESS]
     if unknown:
         raise ValueError(f"unknown protocols {unknown}; choose from {FAITHFULNESS}")
+    if scorer.target is not None and any(p.startswith("perturbation") for p in protocols):
+        raise ValueError(
+            "the perturbation tests count whether the model still predicts the target class; a callable target "
+            "has no class: score it with deletion and insertion"
+        )
     single = heatmaps.ndim == 3
     maps = heatmaps[None] if single else heatmaps
     methods, batch, height, width = maps.shape
     if images.shape[0] != batch or images.shape[-2:] != (height, width):
         raise ValueError(f"heatmaps {tuple(heatmaps.shape)} do not match images {tuple(images.shape)}")
     pixels = height * width
+    if classes is None:  # a callable target: the scorer ignores the classes
+        classes = torch.zeros(batch, dtype=torch.long)
     # The images a perturbed image is made of, by kind: it is ``base`` where a pixel's rank is at
     # least ``count``, ``replacement`` elsewhere.
     sources = {"image": images}
@@ -220,7 +276,7 @@ def deletion(
     scorer: Scorer,
     images: torch.Tensor,
     heatmaps: torch.Tensor,
-    classes: torch.Tensor,
+    classes: torch.Tensor | None,
     steps: int = 20,
     baseline: float | torch.Tensor = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +294,7 @@ def insertion(
     scorer: Scorer,
     images: torch.Tensor,
     heatmaps: torch.Tensor,
-    classes: torch.Tensor,
+    classes: torch.Tensor | None,
     steps: int = 20,
     blur_sigma: float = 5.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,7 +305,7 @@ def insertion(
 
 
 def perturbation(
-    scorer: Scorer, images: torch.Tensor, heatmaps: torch.Tensor, classes: torch.Tensor, positive: bool = True
+    scorer: Scorer, images: torch.Tensor, heatmaps: torch.Tensor, classes: torch.Tensor | None, positive: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chefer et al.'s perturbation test: 0 %, 10 %, … 90 % of the pixels set to 0, most relevant
     first (``positive``, **lower is better**) or least relevant first (negative, **higher is
@@ -440,10 +496,82 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def cascading_randomisation_steps(model: nn.Module) -> list[tuple[str, list[str]]]:
-    """The steps of Adebayo et al.'s cascading randomisation for a timm ViT, from the head down:
-    the classifier head (with the final norms), then each block from the last to the first
-    (norms included), then the embeddings (patch embedding, position embedding, class, distillation
-    and register tokens). Each step lists parameter-name prefixes."""
+    """The steps of Adebayo et al.'s cascading randomisation, from the head down: the classifier
+    head (with the final norms: every parameter after the blocks), then each block from the last to
+    the first (norms included), then the embeddings (every parameter the first block's input depends
+    on: patch and position embeddings, class, distillation and register tokens). Each step lists
+    parameter names, in the model's order.
+
+    The blocks are the model adapter's (:attr:`gmar.adapters.ModelAdapter.blocks`), and the
+    embeddings are found by differentiating the first block's input, so this holds for every family
+    (a module no adapter knows is split by timm's parameter names).
+    """
+    from gmar.adapters import get_adapter
+    from gmar.errors import UnsupportedModelError
+
+    try:
+        adapter = get_adapter(model)
+    except UnsupportedModelError:
+        return _timm_named_steps(model)
+    named = list(model.named_parameters())
+    owner = {}  # id(parameter) -> block index
+    for index, block in enumerate(adapter.blocks):
+        for param in block.parameters():
+            owner.setdefault(id(param), index)
+    rest = [(name, param) for name, param in named if id(param) not in owner]
+    embedding = _first_block_inputs(adapter, [param for _, param in rest])
+    steps = [("head", [name for name, param in rest if id(param) not in embedding])]
+    for index in reversed(range(len(adapter.blocks))):
+        steps.append((f"block {index}", [name for name, param in named if owner.get(id(param)) == index]))
+    steps.append(("embeddings", [name for name, param in rest if id(param) in embedding]))
+    return [(label, params) for label, params in steps if params]
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the first block's input is known."""
+
+
+def _first_block_inputs(adapter, params: list[nn.Parameter]) -> set[int]:
+    """The ids of those of ``params`` that the first block's input depends on (one forward pass of a
+    blank image, stopped at the first block, and one backward pass; the model is left as found)."""
+    if not params or not adapter.blocks:
+        return set()
+    model = adapter.model
+    found: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+        found.append(tensors[0])
+        raise _Stop
+
+    reference = next(iter(params))
+    size = adapter.preprocess_config().input_size
+    blank = torch.zeros(1, 3, *size, device=reference.device, dtype=reference.dtype)
+    modes = {module: module.training for module in model.modules()}
+    wanted = {param: param.requires_grad for param in params}
+    with model_lock(model), torch.inference_mode(False), torch.enable_grad():
+        handle = adapter.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            model.eval()
+            for param in params:
+                param.requires_grad_(True)
+            try:
+                adapter.forward(blank)
+            except _Stop:
+                pass
+            if not found or not found[0].requires_grad:
+                return set()
+            grads = torch.autograd.grad(found[0].sum(), params, allow_unused=True)
+        finally:
+            handle.remove()
+            for module, training in modes.items():
+                module.train(training)
+            for param, flag in wanted.items():
+                param.requires_grad_(flag)
+    return {id(param) for param, grad in zip(params, grads, strict=True) if grad is not None}
+
+
+def _timm_named_steps(model: nn.Module) -> list[tuple[str, list[str]]]:
     names = [name for name, _ in model.named_parameters()]
     blocks = sorted({int(n.split(".")[1]) for n in names if n.startswith("blocks.")})
     head = [n for n in names if not n.startswith(("blocks.", "patch_embed.")) and n.split(".")[0] not in _EMBEDDINGS]

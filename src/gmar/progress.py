@@ -29,6 +29,7 @@ class Progress:
         if enabled:
             _DRAWING.add(self)
         self.first = done
+        self._width = 0
         self.start = self.last = time.perf_counter()
         self._draw("")
 
@@ -39,6 +40,13 @@ class Progress:
         if now - self.last >= 0.5 or self.done >= self.total:
             self.last = now
             self._draw(note)
+
+    def message(self, line: str) -> None:
+        """Write ``line`` on a line of its own above the bar, and draw the bar again."""
+        if self.enabled:
+            sys.stderr.write("\r" + " " * self._width + "\r")
+        sys.stderr.write(line + "\n")
+        self._draw("")
 
     def close(self) -> None:
         _DRAWING.discard(self)
@@ -55,7 +63,16 @@ class Progress:
         filled = int(30 * self.done / max(self.total, 1))
         unit = f" {self.unit}" if self.unit else ""
         timing = f", {elapsed:.0f}s elapsed" + (f", {left:.0f}s left" if math.isfinite(left) else "")
-        sys.stderr.write(
-            f"\r{self.label}: [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}{unit}{timing} {note}  "
-        )
+        text = f"{self.label}: [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}{unit}{timing} {note}  "
+        self._width = len(text)
+        sys.stderr.write("\r" + text)
         sys.stderr.flush()
+
+
+def message(line: str) -> None:
+    """Write ``line`` to stderr on a line of its own, above the progress bar drawing now (if any)."""
+    drawing = [bar for bar in _DRAWING if bar.enabled]
+    if drawing:
+        drawing[0].message(line)
+    else:
+        print(line, file=sys.stderr)

@@ -60,7 +60,12 @@ def select_methods(spec: str) -> list[str]:
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         raise GmarError(f"unknown method(s) {', '.join(unknown) or spec!r}; choose from {', '.join(METHODS)}")
-    return names
+    repeated = sorted({m for m in names if names.count(m) > 1}, key=names.index)
+    if repeated:
+        import sys
+
+        print(f"gmar: note: {', '.join(repeated)} named twice or more; each runs once", file=sys.stderr)
+    return list(dict.fromkeys(names))
 
 
 def get_method(name: str) -> type[Explainer]:
