@@ -18,7 +18,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import gmar
-from conftest import make_timm
+from conftest import FACTORIES, make_timm
 from gmar import metrics as M
 
 SIZE = 16
@@ -744,6 +744,74 @@ def test_cascading_randomisation_steps_of_other_timm_layouts():
     deep = make_timm(depth=11, embed_dim=8, num_heads=2)  # blocks 10, 9, ... numerically, not as text
     labels = [label for label, _ in M.cascading_randomisation_steps(deep)]
     assert labels == ["head", *(f"block {i}" for i in range(10, -1, -1)), "embeddings"]
+
+
+#: each family's block parameter prefix, as its modelling code names it (the test's own reference,
+#: independent of the adapters): (factory, prefix of block N, head names, embedding names)
+FAMILY_BLOCKS = {
+    "hf_vit": (
+        "vit.layers.{}.",
+        ["classifier.bias", "classifier.weight", "vit.layernorm.bias", "vit.layernorm.weight"],
+        ["vit.embeddings.cls_token", "vit.embeddings.patch_embeddings.projection.bias",
+         "vit.embeddings.patch_embeddings.projection.weight", "vit.embeddings.position_embeddings"],
+    ),
+    "openclip": (
+        "visual.transformer.resblocks.{}.",
+        ["visual.ln_post.bias", "visual.ln_post.weight", "visual.proj"],
+        ["visual.class_embedding", "visual.conv1.weight", "visual.ln_pre.bias", "visual.ln_pre.weight",
+         "visual.positional_embedding"],
+    ),
+    "torchvision": (
+        "encoder.layers.encoder_layer_{}.",
+        ["encoder.ln.bias", "encoder.ln.weight", "heads.head.bias", "heads.head.weight"],
+        ["class_token", "conv_proj.bias", "conv_proj.weight", "encoder.pos_embedding"],
+    ),
+    "hf_clip": (
+        "vision_model.encoder.layers.{}.",
+        ["vision_model.post_layernorm.bias", "vision_model.post_layernorm.weight", "visual_projection.weight"],
+        ["vision_model.embeddings.class_embedding", "vision_model.embeddings.patch_embedding.weight",
+         "vision_model.embeddings.position_embedding.weight", "vision_model.pre_layrnorm.bias",
+         "vision_model.pre_layrnorm.weight"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_BLOCKS))
+def test_cascading_randomisation_has_one_step_per_block_in_every_family(family):
+    """Before: one step that randomised everything outside timm (blocks found by the prefix ``blocks.``)."""
+    model = FACTORIES[family]()
+    prefix, head, embeddings = FAMILY_BLOCKS[family]
+    names = all_names(model)
+    stem = prefix.split("{}")[0]
+    depth = len({n[len(stem) :].split(".")[0] for n in names if n.startswith(stem)})
+    steps = M.cascading_randomisation_steps(model)
+    assert [label for label, _ in steps] == ["head", *(f"block {i}" for i in reversed(range(depth))), "embeddings"]
+    named = dict(steps)
+    assert sorted(named["head"]) == head
+    assert sorted(named["embeddings"]) == embeddings
+    for index in range(depth):
+        assert named[f"block {index}"] == [n for n in names if n.startswith(prefix.format(index))]
+    listed = [name for _, group in steps for name in group]
+    assert len(listed) == len(set(listed))
+    # Only what the image's output does not depend on is left out: a CLIP model's text tower.
+    image_tower = ("visual.", "vision_model.", "visual_projection.")
+    assert sorted(listed) == sorted(n for n in names if family not in ("openclip", "hf_clip") or n.startswith(image_tower))
+
+
+def test_cascading_randomisation_puts_layers_between_blocks_with_the_block_before(monkeypatch):
+    """A layer outside the blocks between two of them (Swin's patch merging, when every stage's blocks
+    are the adapter's) is randomised with the block before it, not with the head or the embeddings."""
+    from conftest import make_swin
+    from gmar.adapters.swin import SwinAdapter
+
+    model = make_swin("timm_swin")
+    every = property(lambda self: [block for stage in self.model.layers for block in stage.blocks])
+    monkeypatch.setattr(SwinAdapter, "blocks", every)
+    steps = dict(M.cascading_randomisation_steps(model))
+    first = len(model.layers[0].blocks)  # the index of stage 1's first block
+    merging = [n for n, _ in model.layers[1].downsample.named_parameters(prefix="layers.1.downsample")]
+    assert merging and set(merging) <= set(steps[f"block {first - 1}"])
+    assert not set(merging) & set(steps["embeddings"]) and not set(merging) & set(steps["head"])
 
 
 @pytest.fixture(scope="module")

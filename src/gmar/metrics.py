@@ -15,12 +15,13 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gmar.capture import model_lock
+from gmar.capture import Recorder, model_lock
 
 #: metric name -> which way is better
 DIRECTION = {
@@ -440,21 +441,72 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def cascading_randomisation_steps(model: nn.Module) -> list[tuple[str, list[str]]]:
-    """The steps of Adebayo et al.'s cascading randomisation for a timm ViT, from the head down:
-    the classifier head (with the final norms), then each block from the last to the first
-    (norms included), then the embeddings (patch embedding, position embedding, class, distillation
-    and register tokens). Each step lists parameter-name prefixes."""
-    names = [name for name, _ in model.named_parameters()]
-    blocks = sorted({int(n.split(".")[1]) for n in names if n.startswith("blocks.")})
-    head = [n for n in names if not n.startswith(("blocks.", "patch_embed.")) and n.split(".")[0] not in _EMBEDDINGS]
-    steps = [("head", head)]
-    for index in reversed(blocks):
-        steps.append((f"block {index}", [n for n in names if n.startswith(f"blocks.{index}.")]))
-    steps.append(("embeddings", [n for n in names if n.startswith("patch_embed.") or n.split(".")[0] in _EMBEDDINGS]))
+    """The steps of Adebayo et al.'s cascading randomisation, from the head down, for any model gmar
+    explains: the head (every parameter after the last block: final norms, pooling, classifier or
+    projection), then each block from the last to the first, then the embeddings (every parameter the
+    first block's input depends on: patch embedding, position embedding, class, distillation and
+    register tokens, pre-norm). Each step lists parameter names.
+
+    The blocks are the adapter's (:attr:`gmar.adapters.ModelAdapter.blocks`), so the cascade has one
+    step per block whatever the family. A parameter outside the blocks goes with the first block whose
+    input depends on it (found by autograd on one blank image: the embeddings for block 0, the block
+    before for a layer between two blocks, such as Swin's patch merging); the others the output
+    depends on form the head. Parameters the explained output does not depend on (a CLIP model's text
+    tower) are in no step. The model is not touched: the dependencies are traced on a copy.
+    """
+    with model_lock(model):  # a copy taken while another thread instruments the model would keep its hooks
+        twin = copy.deepcopy(model)
+    return _cascade(twin)
+
+
+def _block_input(inputs: list[torch.Tensor], module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Append a block's input tokens (its first argument, positional or not) to ``inputs``."""
+    tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
+    inputs.append(tensors[0])
+
+
+def _cascade(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """:func:`cascading_randomisation_steps` of ``model``, which this may change (pass a copy)."""
+    from gmar.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    blocks = list(adapter.blocks)
+    names = {id(param): name for name, param in model.named_parameters()}
+    inside = [[names[id(p)] for p in block.parameters() if id(p) in names] for block in blocks]
+    in_blocks = {name for listed in inside for name in listed}
+    outside = [(name, param) for name, param in model.named_parameters() if name not in in_blocks]
+    inputs: list[torch.Tensor] = []
+    handles = [block.register_forward_pre_hook(partial(_block_input, inputs), with_kwargs=True) for block in blocks]
+    parameter = next(model.parameters())
+    image = torch.zeros(1, 3, *adapter.preprocess_config().input_size, dtype=parameter.dtype, device=parameter.device)
+    try:
+        model.eval()
+        for _, param in outside:
+            param.requires_grad_(True)
+        # Instrumented, as when explained: some adapters run their blocks only then (CaiT's stages).
+        with torch.enable_grad(), adapter.instrument(Recorder(adapter.num_layers)):
+            output = adapter.forward(image)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(inputs) != len(blocks):
+        raise RuntimeError(f"{type(model).__name__}: {len(inputs)} block calls for {len(blocks)} blocks")
+    # owner[name]: the index of the first block whose input depends on it; len(blocks): only the output does
+    owner: dict[str, int] = {}
+    pending = [(name, param) for name, param in outside]
+    for index, tensor in enumerate([*inputs, output]):
+        if not pending or not tensor.requires_grad:
+            continue
+        grads = torch.autograd.grad(tensor.float().sum(), [p for _, p in pending], allow_unused=True, retain_graph=True)
+        owner.update({name: index for (name, _), grad in zip(pending, grads, strict=True) if grad is not None})
+        pending = [(name, param) for (name, param), grad in zip(pending, grads, strict=True) if grad is None]
+    order = [name for name, _ in model.named_parameters()]
+    steps = [("head", [n for n in order if owner.get(n) == len(blocks)])]
+    for index in reversed(range(len(blocks))):
+        between = [n for n in order if owner.get(n) == index + 1 and index + 1 < len(blocks)]
+        steps.append((f"block {index}", [n for n in order if n in set(inside[index]) or n in between]))
+    steps.append(("embeddings", [n for n in order if owner.get(n) == 0]))
     return [(label, params) for label, params in steps if params]
-
-
-_EMBEDDINGS = ("pos_embed", "cls_token", "dist_token", "reg_token", "norm_pre")
 
 
 def cascading_randomisation(
@@ -479,10 +531,17 @@ def cascading_randomisation(
     original = explain(model).detach()
     with model_lock(model):  # a copy taken while another thread instruments the model would keep its hooks
         twin = copy.deepcopy(model)
+    flags = [(param, param.requires_grad) for param in twin.parameters()]
+    modes = [(module, module.training) for module in twin.modules()]
+    steps = _cascade(twin)
+    for param, requires_grad in flags:  # as the model had them: the explanations run on the twin
+        param.requires_grad_(requires_grad)
+    for module, training in modes:
+        module.training = training
     parameters = dict(twin.named_parameters())
     generator = torch.Generator().manual_seed(seed)
     results = []
-    for label, names in cascading_randomisation_steps(twin):
+    for label, names in steps:
         with torch.no_grad():
             for name in names:
                 param = parameters[name]
