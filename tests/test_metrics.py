@@ -10,6 +10,7 @@ Localisation metrics run on hand-made masks; the sanity and head-ablation metric
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -971,6 +972,73 @@ def test_knockout_drops_switch_each_head_off_alone(vit, vit_images):
     assert M.rank_heads(drops)[0, 0].item() == int(drops[0].argmax())
 
 
+#: where each family's modelling code merges a layer's heads: (factory, module whose input is the heads'
+#: outputs concatenated, with {} for the layer); the test's own reference, independent of the adapters
+MERGED_HEADS = {
+    "timm": (make_timm, "blocks.{}.attn.proj"),
+    "hf_vit": (FACTORIES["hf_vit"], "vit.layers.{}.attention.o_proj"),
+    # nn.MultiheadAttention applies out_proj's weight itself (no hook runs): its columns are zeroed
+    "torchvision": (FACTORIES["torchvision"], "encoder.layers.encoder_layer_{}.self_attention.out_proj.weight"),
+    # attention that normalises its merged heads before the projection: the heads are the norm's input
+    "timm_scale_norm": (lambda: make_timm(scale_attn_norm=True), "blocks.{}.attn.norm"),
+    "eva_sub_ln": (FACTORIES["eva_avg"], "blocks.{}.attn.norm"),
+}
+
+
+def zeroed(model: nn.Module, module_name: str, head: int, heads: int) -> Callable:
+    """A pre-hook on ``module_name`` that zeroes head ``head``'s slice of its input (or, for a name
+    ending in ``.weight``, that head's columns of the weight, given back on ``remove()``)."""
+    if module_name.endswith(".weight"):
+        weight = dict(model.named_parameters())[module_name]
+        saved = weight.detach().clone()
+        width = weight.shape[1] // heads
+        with torch.no_grad():
+            weight[:, head * width : (head + 1) * width] = 0
+
+        class Restore:
+            def remove(self):
+                with torch.no_grad():
+                    weight.copy_(saved)
+
+        return Restore()
+
+    def hook(module, args):
+        merged = args[0].clone()
+        width = merged.shape[-1] // heads
+        merged[..., head * width : (head + 1) * width] = 0
+        return (merged, *args[1:])
+
+    return dict(model.named_modules())[module_name].register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("name", sorted(MERGED_HEADS))
+def test_knockout_switches_off_the_heads_the_modelling_code_merges(name):
+    """Switching head ``(l, h)`` off is zeroing its slice where the model merges its heads: before the
+    output projection, or before the norm where the attention normalises the merged heads (EVA-02's
+    sub-LN), which the capture's head outputs are. Before: heads were zeroed at the output
+    projection's input, after that norm, and OpenCLIP and torchvision could not be ablated at all."""
+    factory, where = MERGED_HEADS[name]
+    model = factory()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    adapter = gmar.get_adapter(model)
+    with torch.no_grad():
+        logits = adapter.forward(images)
+    classes = logits.argmax(dim=1)
+    layers, heads = M.head_counts(adapter)
+    drops = M.knockout_drops(M.Scorer(model), adapter, images, classes)
+    assert drops.shape == (2, layers * heads)
+    for layer, head in ((0, 1), (layers - 1, heads - 1)):
+        handle = zeroed(model, where.format(layer), head, heads)
+        try:
+            with torch.no_grad():
+                off = adapter.forward(images)
+        finally:
+            handle.remove()
+        expected = logits.softmax(dim=1).gather(1, classes[:, None]) - off.softmax(dim=1).gather(1, classes[:, None])
+        assert_close(drops[:, layer * heads + head], expected.squeeze(1), rtol=1e-5, atol=1e-6)
+    assert no_hooks(model)
+
+
 def test_head_ablation_orders_share_endpoints(vit, vit_images):
     adapter = gmar.get_adapter(vit)
     classes = torch.tensor([1, 1])
@@ -997,7 +1065,7 @@ def test_head_ablation_does_not_depend_on_the_scorers_batch_size(vit, vit_images
 def test_head_ablation_removes_its_hooks_when_the_model_fails(vit, vit_images):
     class Failing(M.Scorer):
         def __call__(self, images, classes):
-            self.model(images[:1])
+            self.model(images)  # the masked copies, through the masking capture
             raise RuntimeError("boom")
 
     adapter = gmar.get_adapter(vit)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gmar.capture import Recorder, model_lock
+from gmar.capture import AttentionStream, Recorder, capture, model_lock
 
 #: metric name -> which way is better
 DIRECTION = {
@@ -564,14 +564,15 @@ def head_ablation(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Remove attention heads one by one, most important first, and follow the target's score.
 
-    Head ``(l, h)`` is removed by zeroing its output (its slice of the input of the layer's output
-    projection). For each image, heads are removed in the order of its ranking; after ``k``
+    Head ``(l, h)`` is removed by zeroing its output ``O_h`` where the capture reads it (see
+    :func:`head_counts`): the heads' context vectors before they are merged (and, where the attention
+    normalises them, before that norm). For each image, heads are removed in the order of its ranking; after ``k``
     removals (``k = 0 … L·H``) the target's probability is recorded. The AUC is the trapezoid over
     the fraction removed in [0, 1]. **Lower is better** for a ranking that finds the heads that
     matter; compare with a random and the reverse ranking, and with :func:`knockout_ranking`.
 
     Args:
-        adapter: the model's :class:`gmar.adapters.ModelAdapter` (gives the output projections).
+        adapter: the model's :class:`gmar.adapters.ModelAdapter`.
         rankings: ``(B, L*H)`` flat head indices ``l * H + h``, most important first.
     Returns:
         ``(auc (B,), curve (B, L*H + 1))``.
@@ -597,9 +598,26 @@ def knockout_drops(scorer: Scorer, adapter, images: torch.Tensor, classes: torch
     return probabilities[:, :1] - probabilities[:, 1:]
 
 
+def head_counts(adapter) -> tuple[int, int]:
+    """``(layers, heads per layer)`` of the heads gmar can switch off: those the capture records
+    (:meth:`gmar.capture.Recorder.head_output`), read from one pass on a blank image."""
+    from gmar.errors import UnsupportedModelError
+
+    parameter = next(adapter.model.parameters())
+    image = torch.zeros(1, 3, *adapter.preprocess_config().input_size, dtype=parameter.dtype, device=parameter.device)
+    with torch.inference_mode(), capture(adapter, head_outputs=True, stream=AttentionStream(adapter.num_layers)) as rec:
+        adapter.forward(image)
+        heads = [None if h is None else h.shape[1] for h in rec.head_outputs]
+    if any(h is None for h in heads) or len(set(heads)) != 1:
+        raise UnsupportedModelError(
+            f"{type(adapter.model).__name__}: gmar cannot switch off single heads of this model"
+        )
+    return len(heads), int(heads[0])
+
+
 def _head_count(adapter) -> int:
-    projections = adapter.head_projections()
-    return len(projections) * projections[0][1]
+    layers, heads = head_counts(adapter)
+    return layers * heads
 
 
 def _with_heads(
@@ -607,37 +625,23 @@ def _with_heads(
 ) -> torch.Tensor:
     """The target's probability ``(B, R)`` for each image of ``images`` ``(B, 3, H, W)`` with each of
     its rows of ``keep`` ``(B, R, L*H)`` (1 keeps a head, 0 switches it off): all ``B·R`` masked
-    copies in batches of the scorer's batch size."""
-    projections = adapter.head_projections()
-    heads = projections[0][1]
+    copies in batches of the scorer's batch size.
+
+    A head is switched off where the capture reads it (:meth:`gmar.capture.Recorder.head_output`),
+    so the heads that head scores describe and the heads removed here are the same tensors."""
+    layers, heads = head_counts(adapter)
     batch, per_image = keep.shape[:2]
     rows_total = batch * per_image
-    keep = keep.reshape(rows_total, len(projections), heads)
+    keep = keep.reshape(rows_total, layers, heads)
     scores = []
     for start in range(0, rows_total, scorer.batch_size):
         rows = slice(start, start + scorer.batch_size)  # each chunk masks with its own rows of `keep`
         owners = torch.arange(rows_total)[rows] // per_image  # the image each row belongs to
-        handles = []
-        with model_lock(adapter.model):  # the masking hooks must reach no other thread's call
-            try:
-                for layer, (projection, count) in enumerate(projections):
-                    handles.append(projection.register_forward_pre_hook(_mask_heads(keep[rows, layer], count)))
-                scores.append(scorer(images[owners.to(images.device)], classes[owners.to(classes.device)])[0])
-            finally:
-                for handle in handles:
-                    handle.remove()
+        # The stream computes each layer's attention without keeping its probabilities.
+        stream = AttentionStream(adapter.num_layers)
+        with capture(adapter, stream=stream, head_mask=keep[rows].to(images.device)):
+            scores.append(scorer(images[owners.to(images.device)], classes[owners.to(classes.device)])[0])
     return torch.cat(scores).view(batch, per_image)
-
-
-def _mask_heads(keep: torch.Tensor, heads: int) -> Callable:
-    def hook(module: nn.Module, args: tuple) -> tuple:
-        merged = args[0]
-        batch, tokens, width = merged.shape
-        scale = keep[:batch].to(merged)
-        out = merged.view(batch, tokens, heads, width // heads) * scale[:, None, :, None]
-        return (out.view(batch, tokens, width), *args[1:])
-
-    return hook
 
 
 def rank_heads(weights: torch.Tensor) -> torch.Tensor:

@@ -153,9 +153,6 @@ class TimmAdapter(ModelAdapter):
         # the input tokens is the attention itself.
         return block.attn if isinstance(block, self.post_norm_blocks()) else block.norm1
 
-    def head_projections(self) -> list[tuple[nn.Module, int]]:
-        return [(attn.proj, attn.num_heads) for attn in self._attention]
-
     def readout(self, tokens: torch.Tensor, pooling: str = "model") -> tuple[torch.Tensor, torch.Tensor | None]:
         check_pooling(self, pooling)
         model = self.model
