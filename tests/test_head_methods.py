@@ -13,8 +13,9 @@ import gmar
 import reference as R
 from conftest import FACTORIES, IMAGE, clip_target, clip_tokenizer, make_clip_with_text, make_timm, target_for
 from gmar.adapters import get_adapter
+from tolerance import FLOAT32
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = FLOAT32
 FAMILIES = sorted(FACTORIES)
 
 
@@ -165,9 +166,9 @@ def test_taylor_is_the_derivative_of_switching_a_head_off(name):
         output = adapter.forward(batch())
     y = target(output) if callable(target) else output.gather(1, output.argmax(-1, keepdim=True)).squeeze(1)
     (derivatives,) = torch.autograd.grad(y.sum(), gates)
-    assert_close(exp.head_scores, derivatives, rtol=1e-4, atol=1e-5)
+    assert_close(exp.head_scores, derivatives, **FLOAT32)
     magnitude = gmar.explain(net, batch(), "gmar", target=target, head_score="taylor_abs")
-    assert_close(magnitude.head_scores, derivatives.abs(), rtol=1e-4, atol=1e-5)
+    assert_close(magnitude.head_scores, derivatives.abs(), **FLOAT32)
 
 
 def test_taylor_takes_neither_norm_nor_head_grad():
