@@ -9,11 +9,14 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +36,8 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 INSTALL = "apt-get install -y chromium chromium-driver"
 #: how long the server may take to start, and an explanation to arrive, on a busy two-core machine
 START_S, WAIT_S = 180, 90
+#: the upload limit of the test server, in MB
+UPLOAD_MB = 1
 
 
 def free_port() -> int:
@@ -41,19 +46,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``gmar app`` in a subprocess: its URL; stopped (and checked to have kept running) afterwards."""
+def start_app(folder: Path, *flags: str) -> tuple[subprocess.Popen, str, Path]:
+    """``gmar app FLAGS`` in a subprocess with its own temporary directory ``folder/tmp``: the
+    process, its URL and its log, once it answers."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    log, tmp = folder / "server.log", folder / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(tmp)}
+    env.pop("GRADIO_TEMP_DIR", None)
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gmar", "app", "--port", str(port)],
+            [sys.executable, "-m", "gmar", "app", "--port", str(port), *flags],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
-            cwd=log.parent,
+            cwd=folder,
         )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + START_S
@@ -70,16 +77,34 @@ def server(tmp_path_factory):
             process.kill()
             pytest.fail(f"gmar app did not answer within {START_S} s:\n{log.read_text()}", pytrace=False)
         time.sleep(0.5)
-    yield url
-    alive = process.poll() is None
+    return process, url, log
+
+
+def stop(process: subprocess.Popen) -> None:
     process.terminate()
     try:
-        process.wait(timeout=20)
+        process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory):
+    """``gmar app`` in a subprocess: (URL, its temporary directory); stopped (and checked to have
+    kept running) afterwards."""
+    folder = tmp_path_factory.mktemp("server")
+    process, url, log = start_app(folder, "--max-upload-mb", str(UPLOAD_MB))
+    yield url, folder / "tmp"
+    alive = process.poll() is None
+    stop(process)
     assert alive, f"the server died during the tests:\n{log.read_text()}"
     assert f"serving reference at {url.rstrip('/')}" in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def server(started) -> str:
+    return started[0]
 
 
 @pytest.fixture(scope="module")
@@ -292,8 +317,9 @@ def test_bad_input_gives_a_message_and_the_server_keeps_running(server, scenes, 
 
     connection = client(server)
     cases = [
+        ((scenes[0], ["gmar"]), {"target": 2.5}, "a class is a whole number, not 2.5"),
         ((not_an_image(tmp_path), ["gmar"]), {}, "notes.png: not a readable image"),
-        ((huge_image(tmp_path), ["gmar"]), {}, "huge.png: too large: 900000000 pixels, above Pillow's limit"),
+        ((huge_image(tmp_path), ["gmar"]), {}, "huge.png: too large: 900000000 pixels, above the page's limit"),
         ((scenes[0], ["gmar"]), {"prompts": "a circle"}, "reference is a classifier: text prompts are for CLIP"),
         ((scenes[0], ["gmar"]), {"target": 6}, "target classes must be in [0, 6)"),
         ((scenes[0], []), {}, "choose at least one method"),
@@ -394,7 +420,7 @@ def test_command_line_serves_reference_or_any_spec(monkeypatch, capsys):
     from conftest import one_error_line
 
     served = []
-    monkeypatch.setattr(app, "launch", lambda model, host, port: served.append((model, host, port)))
+    monkeypatch.setattr(app, "launch", lambda model, host, port, work=None: served.append((model, host, port)))
     port = free_port()
     assert main(["app", "--port", str(port)]) == 0
     reference, host, given = served.pop()
@@ -410,3 +436,226 @@ def test_command_line_serves_reference_or_any_spec(monkeypatch, capsys):
     assert len(best) == 5 and sum(p for _, _, p in best) <= 1.0 + 1e-6
     assert main(["app", "--random-init", "--port", str(port)]) == 2
     assert "the reference model is trained" in one_error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- private files and limits
+
+
+def run_folder(tmp: Path) -> Path:
+    """The one folder the server keeps in its temporary directory."""
+    # torch makes an empty torchinductor_USER folder when torch._inductor is imported: it holds no upload
+    entries = sorted(e for e in tmp.iterdir() if not e.name.startswith("torchinductor_"))
+    assert [e.name.startswith("gmar-app-") for e in entries] == [True], entries
+    return entries[0]
+
+
+def http_status(url: str, data: bytes | None = None, headers: dict | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data, headers or {}), timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_served_files_are_private_and_inside_one_run_folder(started, scenes, reference):
+    url, tmp = started
+    check_maps(call(client(url), scenes[2], ["gmar"]), expected(reference, scenes[2], ["gmar"]))
+    run = run_folder(tmp)  # no $TMPDIR/gradio, no gmar-examples-*: gradio's cache and the examples are inside
+    assert (run / "gradio").is_dir() and list((run / "gradio").rglob("scene_2.png")), "the upload is not in the cache"
+    for path in [run, *run.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}: readable by others"
+        assert mode == (0o700 if path.is_dir() else 0o600), f"{path} is {oct(mode)}"
+
+
+def test_downloads_cannot_be_guessed_and_only_served_outputs_are_given(started, scenes):
+    from gradio_client import Client, handle_file
+
+    url, tmp = started
+    remote = Client(url, verbose=False, download_files=False)
+    _, _, maps, figure, _ = remote.predict(handle_file(str(scenes[1])), ["gmar"], None, "", api_name="/explain")
+    assert http_status(maps[0]["url"]) == 200 and http_status(figure["url"]) == 200
+    assert "/gradio/" in maps[0]["url"]  # served from gradio's cache inside the run folder
+    run = run_folder(tmp)
+    folders = sorted((run / "downloads").iterdir())
+    assert folders and not any(f.name.startswith("request_") for f in folders)
+    for folder in folders:  # secrets.token_urlsafe(16): 128 random bits, and not served directly anyway
+        assert len(folder.name) >= 22
+        assert http_status(f"{url}gradio_api/file={folder}/gmar.npy") == 403
+    cache = run / "gradio"
+    for refused in (
+        f"{run}/downloads/request_1/gmar.npy",
+        f"{cache}/../downloads/{folders[0].name}/gmar.npy",
+        "/etc/passwd",
+        f"{cache}/../../../../etc/passwd",
+    ):
+        assert http_status(f"{url}gradio_api/file={refused}") in (403, 404), refused
+
+
+def test_uploads_over_the_limit_are_refused(started):
+    url, tmp = started
+    boundary = "gmarboundary"
+
+    def upload(size: int) -> int:
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n'
+                "Content-Type: image/png\r\n\r\n"
+            ).encode()
+            + b"\0" * size
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        return http_status(f"{url}gradio_api/upload", body, headers)
+
+    assert upload(UPLOAD_MB * 1024 * 1024 + 1024) == 413
+    assert not list(run_folder(tmp).rglob("big.png")), "the refused upload was stored"
+    assert upload(1024) == 200
+
+
+def test_sigterm_removes_every_folder_as_ctrl_c_does(tmp_path, scenes):
+    for stopping in (signal.SIGTERM, signal.SIGINT):
+        folder = tmp_path / stopping.name
+        folder.mkdir()
+        process, url, log = start_app(folder)
+        try:
+            call(client(url), scenes[0], ["gmar"])
+            assert list((folder / "tmp").iterdir())
+            process.send_signal(stopping)
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        left = [e for e in (folder / "tmp").iterdir() if not e.name.startswith("torchinductor_")]
+        assert left == [], f"{stopping.name} left {left}"
+        assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def header_only_png(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header says ``width x height`` but that holds no pixels: decoding it fails."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path
+
+
+def test_pixels_and_prompts_are_capped_in_one_line(reference, tmp_path):
+    from conftest import clip_tokenizer, make_clip_with_text
+
+    served = app.serve_reference(reference, tmp_path, scenes=1)
+    assert served.limits == app.Limits() and app.Limits().max_pixels == 40_000_000
+    served.limits = app.Limits(max_pixels=1_000_000)
+    big = header_only_png(tmp_path / "big.png", 5000, 5000)  # refused on its header: it holds nothing to decode
+    with pytest.raises(gmar.GmarError) as error:
+        app.explain_image(served, big, ["gmar"])
+    assert str(error.value) == (
+        "big.png: too large: 5000 x 5000 pixels, above the page's limit of 1000000 (gmar app --max-pixels)"
+    )
+    model = make_clip_with_text()
+    loaded = gmar.LoadedModel(
+        model, gmar.preprocess_config(model), None, "openclip:tiny", {"tokenizer": clip_tokenizer()}
+    )
+    clip = app.serve_loaded(loaded)
+    assert clip.limits.max_prompts == 16
+    many = "\n".join(f"prompt {i}" for i in range(300))
+    start = time.monotonic()
+    with pytest.raises(gmar.GmarError) as error:
+        app.explain_image(clip, clip.examples[0][0], ["gmar"], prompts=many)
+    assert str(error.value) == "300 prompts: the page explains at most 16 at once (gmar app --max-prompts)"
+    assert time.monotonic() - start < 1.0
+    clip.limits = app.Limits(max_prompts=2)
+    assert len(app.explain_image(clip, clip.examples[0][0], ["gmar"], prompts="a\nb").rows) == 2
+    with pytest.raises(gmar.GmarError, match="3 prompts: the page explains at most 2"):
+        app.explain_image(clip, clip.examples[0][0], ["gmar"], prompts="a\nb\nc")
+
+
+THIN = """
+import resource, sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+import gmar
+from gmar import app
+from gmar.preprocess import denormalise
+
+folder = Path(sys.argv[1])
+served = app.serve_reference(gmar.load_reference_model(), folder, scenes=1)
+
+def page(path, out):  # what the page does with an upload: preview, explanation, overlays, head view, downloads
+    batch = app.model_input(served, app.read_image(path))
+    app.enlarged(denormalise(batch, served.preprocess)[0].permute(1, 2, 0).numpy())
+    result = app.explain_image(served, path, ["gmar", "rollout"])
+    app.overlays(result)
+    app.head_view(result, 1, 2)
+    app.write_downloads(result, folder / out)
+
+page(served.examples[0][0], "warm")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for width in (30000, 100000):
+    path = folder / f"thin_{width}.png"
+    Image.new("RGB", (width, 1), (200, 30, 30)).save(path)
+    page(path, f"out_{width}")
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before, after)
+"""
+
+
+def test_thin_uploads_allocate_nothing_proportional_to_their_enlargement(tmp_path):
+    """A 30000 x 1 and a 100000 x 1 image through the page's whole path: its peak memory hardly moves."""
+    done = subprocess.run(
+        [sys.executable, "-c", THIN, str(tmp_path)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    before, after = (int(v) for v in done.stdout.split())
+    assert after - before < 100 * 1024, f"peak memory grew by {(after - before) / 1024:.0f} MB"
+    thin = app.enlarged(np.zeros((1, 100000, 3)))
+    assert thin.shape[0] * thin.shape[1] <= 100000 * 4, thin.shape  # enlarged by a factor the long side allows
+
+
+def test_limits_are_flags_checked_before_the_model_loads(monkeypatch, capsys):
+    from conftest import one_error_line
+
+    served = []
+    monkeypatch.setattr(app, "launch", lambda model, host, port, work=None: served.append(model))
+    port = str(free_port())
+    flags = ["--max-upload-mb", "5", "--max-pixels", "1000000", "--max-prompts", "3"]
+    assert main(["app", "--port", port, *flags]) == 0
+    assert served.pop().limits == app.Limits(max_upload_mb=5, max_pixels=1_000_000, max_prompts=3)
+    for flag in ("--max-upload-mb", "--max-pixels", "--max-prompts"):
+        assert main(["app", "--port", port, flag, "0"]) == 2
+        assert f"{flag} must be at least 1, not 0" in one_error_line(capsys)
+    assert main(["app", "--port", port, "--max-pixels", "1000000000"]) == 2
+    assert "--max-pixels must be at most Pillow's limit" in one_error_line(capsys)
+    assert not served
+
+
+def test_an_invalid_host_is_named_not_the_port(capsys):
+    from conftest import one_error_line
+
+    assert main(["app", "--host", "127.0.0.999", "--port", str(free_port())]) == 2
+    line = one_error_line(capsys)
+    assert "--host 127.0.0.999 is not an address" in line and "--port" not in line
+
+
+def test_private_folder_and_sigterm_handler_leave_the_process_as_they_found_it(monkeypatch):
+    umask = os.umask(0o022)
+    try:
+        monkeypatch.setenv("GRADIO_TEMP_DIR", "/somewhere/else")
+        with app.private_folder() as folder:
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+            assert os.environ["GRADIO_TEMP_DIR"] == str(folder / "gradio")
+            (folder / "file").write_text("x")
+            assert stat.S_IMODE((folder / "file").stat().st_mode) == 0o600
+        assert not folder.exists() and os.environ["GRADIO_TEMP_DIR"] == "/somewhere/else"
+        assert os.umask(0o022) == 0o022
+    finally:
+        os.umask(umask)
+    handler = signal.getsignal(signal.SIGTERM)
+    seen = []
+    monkeypatch.setattr(app, "launch", lambda *a, **k: seen.append(signal.getsignal(signal.SIGTERM)))
+    assert main(["app", "--port", str(free_port())]) == 0
+    assert seen and seen[0] is not handler and signal.getsignal(signal.SIGTERM) is handler

@@ -132,3 +132,16 @@ def test_explanation_repr_names_the_prompts():
         "Explanation(method='gmar', batch=2, heatmap=(2, 32, 32), token_map=(2, 4, 4), target=None, "
         "head_weights=(2, 3, 4), prompts=['a cat', 'a dog'])"
     )
+
+
+@pytest.mark.parametrize("method", ["gmar", "rollout", "occlusion", ["gmar", "gae"]])
+def test_images_on_the_meta_device_are_one_clear_error(method):
+    meta = torch.zeros(2, 3, IMAGE, IMAGE, device="meta")
+    with pytest.raises(ValueError, match=r"^images are on the meta device \(shapes without data\)") as caught:
+        gmar.explain(make_timm(), meta, method=method)
+    assert "\n" not in str(caught.value)
+
+
+def test_head_attention_of_images_on_the_meta_device_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"^images are on the meta device"):
+        gmar.head_attention(make_timm(), torch.zeros(1, 3, IMAGE, IMAGE, device="meta"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 import gmar
-from conftest import make_hf_vit
+from conftest import make_hf_vit, one_error_line
 from gmar.cli import main
 
 
@@ -269,3 +270,91 @@ def test_a_folder_of_mixed_files_explained_into_itself(tmp_path, capsys):
     for name in ("good.png", "deep.png"):
         assert (photos / f"{name}.png").is_file() and (photos / f"{name}_gmar_heads.png").is_file()
     assert captured.out.strip().endswith("wrote 2 figure(s) to " + str(photos) + "; 4 input(s) failed")
+
+
+def test_out_of_memory_on_one_image_is_reported_and_the_next_is_explained(tmp_path, monkeypatch, capsys):
+    """A MemoryError while one image decodes is that image's one line; the images after it are explained."""
+    from PIL import ImageFile
+
+    rng = np.random.default_rng(6)
+    paths = []
+    for name, size in (("a", (40, 48)), ("b", (7, 7)), ("c", (64, 32))):
+        paths.append(tmp_path / f"{name}.png")
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(paths[-1])
+    decode = ImageFile.ImageFile.load
+
+    def load(image):
+        if image.size == (7, 7):
+            raise MemoryError
+        return decode(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    out = tmp_path / "out"
+    argv = ["explain", *map(str, paths), "--model", "timm:test_vit", "--random-init", "--method", "rollout"]
+    assert main([*argv, "--out", str(out), "--batch-size", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"gmar: skipped {paths[1]}: out of memory while decoding it (7 x 7 pixels)"]
+    assert (out / "a.png.png").is_file() and (out / "c.png.png").is_file()
+    assert "wrote 2 figure(s)" in captured.out and "1 input(s) failed" in captured.out
+
+
+def test_warnings_while_reading_an_input_are_one_line_naming_it(tmp_path, capsys):
+    from test_images import corrupt_exif_jpeg
+
+    photo = corrupt_exif_jpeg(tmp_path / "photo.jpg")
+    argv = ["explain", str(photo), "--model", "timm:test_vit", "--random-init", "--method", "rollout"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"gmar: {photo}: Corrupt EXIF data."), lines
+
+
+def test_folder_scans_take_every_listed_suffix(tmp_path):
+    from gmar.cli import _image_paths, build_parser
+
+    names = ["a.avif", "b.ico", "c.gif", "d.PNG", "e.jpg", "f.webp"]
+    for name in names:
+        Image.new("RGB", (16, 16), (1, 2, 3)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    args = build_parser().parse_args(["explain", str(tmp_path)])
+    assert [p.name for p in _image_paths(args)] == names
+
+
+def test_explain_takes_the_reference_model(tmp_path, monkeypatch, capsys):
+    """As evaluate and the app do: its classes are the scenes' (multi-label, so each is a sigmoid)."""
+    from gmar import viz
+    from gmar.data import CLASSES
+
+    titles = []
+    grid = viz.method_grid
+
+    def method_grid(*args, **kwargs):
+        titles.extend(kwargs["row_titles"])
+        return grid(*args, **kwargs)
+
+    monkeypatch.setattr(viz, "method_grid", method_grid)
+    out = tmp_path / "ref"
+    assert main(["explain", "--example", "--model", "reference", "--method", "gmar", "--out", str(out)]) == 0
+    assert (out / "example_shapes.png.png").is_file() and (out / "example_shapes.png_gmar_heads.png").is_file()
+    assert len(titles) == 2
+    assert all(re.fullmatch(rf"predicted: ({'|'.join(CLASSES)}) \[\d\] \(\d\.\d\d\)", t) for t in titles), titles
+
+
+@pytest.mark.parametrize("flag", [["--random-init"], ["--num-classes", "3"]])
+def test_reference_model_weight_flags_are_one_line(tmp_path, capsys, flag):
+    assert main(["explain", "--example", "--model", "reference", *flag, "--out", str(tmp_path / "x")]) == 2
+    assert "the reference model" in one_error_line(capsys)
+
+
+def test_explain_shows_progress_on_a_terminal(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    argv = ["explain", "--example", "--model", "timm:test_vit", "--random-init", "--method", "rollout"]
+    assert main([*argv, "--out", str(tmp_path / "out"), "--batch-size", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "explaining: [" in err and "2/2 images" in err
+    assert err.endswith("\n")
+
+
+def test_explain_draws_no_progress_into_a_file(tmp_path, capsys):
+    argv = ["explain", "--example", "--model", "timm:test_vit", "--random-init", "--method", "rollout"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().err == ""

@@ -114,6 +114,7 @@ def test_prompts_with_the_same_file_name_do_not_overwrite(pictures, tmp_path):
     [
         ([], "give what to explain with --prompt"),
         (["--prompt", "a cat", "--target", "3"], "CLIP models are explained with --prompt"),
+        (["--prompt", "a cat", "--prompt", " "], "prompt 1 is empty: give the text to explain"),
     ],
 )
 def test_clip_argument_errors(pictures, tmp_path, capsys, extra, message):

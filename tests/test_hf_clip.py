@@ -323,3 +323,21 @@ def test_cli_explains_a_prompt(clip_dir, tmp_path, capsys):
     for method in ("legrad", "gmar"):
         expected = gmar.explain(loaded.model, images, method, target=target).heatmap[0].numpy()
         np.testing.assert_allclose(np.load(out / f"room.png_a-cat_{method}.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["CLIPModel", "hf_siglip"])
+def test_text_target_warns_about_a_prompt_cut_to_the_text_tower(name):
+    """The tower reads 16 positions here; transformers' tokenizer truncates silently."""
+    import warnings
+
+    long = "a photo of a cat sitting on a red sofa next to a window in the afternoon sun"
+    count = len(tokenizer()(long)["input_ids"])
+    assert count > 16
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gmar.TextTarget(model(name), tokenizer(), [long, "a cat"])
+    messages = [str(w.message) for w in caught if issubclass(w.category, gmar.GmarWarning)]
+    assert messages == [
+        f'prompt 0 ("{long[:39]}…") is {count} tokens long, but the text tower reads 16: '
+        "only its first 16 tokens are explained"
+    ]

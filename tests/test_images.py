@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -15,6 +18,7 @@ import gmar
 from gmar.errors import ImageLoadError
 from gmar.preprocess import PreprocessConfig
 
+PRE = importlib.import_module("gmar.preprocess")  # gmar.preprocess is the function
 PLAIN = PreprocessConfig(input_size=(16, 16), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
@@ -152,3 +156,189 @@ def bomb_png(path: Path, side: int = 20000) -> Path:
 def test_a_real_20000_square_png_header_is_refused_without_decoding(tmp_path):
     with pytest.raises(ImageLoadError, match=r"bomb\.png: too large: 400000000 pixels"):
         gmar.load_image(bomb_png(tmp_path / "bomb.png"))
+
+
+# ------------------------------------------------------------------ resizing: crop first, bounded memory
+
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def enlarge_then_crop(image: Image.Image, config: PreprocessConfig) -> Image.Image:
+    """The reference: main 9dbe572's algorithm, which resizes the whole image and then crops it."""
+    height, width = config.input_size
+    scale = max(height / image.height, width / image.width) / config.crop_pct
+    new_size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(new_size, RESAMPLE[config.interpolation])
+    left = (image.width - width) // 2
+    top = (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+@pytest.mark.parametrize(
+    ("size", "input_size", "crop_pct", "interpolation"),
+    [
+        ((640, 480), (224, 224), 0.875, "bicubic"),  # a photo, downscaled
+        ((37, 50), (224, 224), 1.0, "bilinear"),  # enlarged
+        ((300, 200), (16, 24), 1.0, "lanczos"),  # a non-square input
+        ((224, 224), (224, 224), 1.0, "bicubic"),  # already the input's size
+        ((1000, 30), (32, 32), 0.9, "nearest"),  # wide
+        ((31, 97), (64, 48), 0.95, "bicubic"),  # tall, odd sizes
+    ],
+)
+def test_crop_first_equals_enlarge_then_crop(size, input_size, crop_pct, interpolation):
+    """Resizing only the source box that becomes the crop gives today's pixels, up to one level of 255
+    (Pillow's fixed-point filter weights may round differently for a box that starts off the origin)."""
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    config = PreprocessConfig(input_size=input_size, crop_pct=crop_pct, interpolation=interpolation)
+    new = np.asarray(PRE.resize_and_crop(image, config)).astype(int)
+    old = np.asarray(enlarge_then_crop(image, config)).astype(int)
+    assert new.shape == old.shape == (*input_size, 3)
+    assert np.abs(new - old).max() <= 1
+
+
+LIMITED = """
+import json, resource, sys
+from gmar.preprocess import PreprocessConfig, load_image, preprocess
+with open("/proc/self/status") as status:
+    used = next(int(line.split()[1]) for line in status if line.startswith("VmSize:")) * 1024
+hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+limit = used + 300 * 2**20  # 300 MB more than torch and gmar take once imported
+resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+x = preprocess(load_image(sys.argv[1]), PreprocessConfig())
+print(json.dumps({"shape": list(x.shape), "pixel": x[0, :, 100, 100].tolist()}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the address-space size from /proc")
+@pytest.mark.parametrize("size", [(30000, 1), (1, 100000)])
+def test_a_thin_image_is_resized_in_little_memory(tmp_path, size):
+    """Enlarging a 30000 x 1 image to cover 224 x 224 would take 4.5 GB (1 x 100000: 15 GB); the crop takes 0.15 MB."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "thin.png"
+    Image.new("RGB", size, (10, 200, 30)).save(path)
+    done = subprocess.run([sys.executable, "-c", LIMITED, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["shape"] == [1, 3, 224, 224]
+    expected = [(c / 255 - m) / s for c, m, s in zip((10, 200, 30), PRE.IMAGENET_MEAN, PRE.IMAGENET_STD, strict=True)]
+    np.testing.assert_allclose(result["pixel"], expected, atol=1e-5)
+
+
+def test_the_pixel_limit_is_checked_on_what_resizing_allocates(tmp_path, monkeypatch):
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(tmp_path / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the file's 16 pixels pass; the 16 x 16 crop does not
+    with pytest.raises(ImageLoadError) as error:
+        PRE.load_and_preprocess(tmp_path / "small.png", PLAIN)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / 'small.png'}: resizing 4 x 4 pixels to 16 x 16 would allocate ")
+    assert "above Pillow's limit of 100" in message
+
+
+@pytest.mark.parametrize("stage", ["decoding", "resizing"])
+def test_out_of_memory_on_one_image_is_one_line(tmp_path, monkeypatch, stage):
+    from PIL import ImageFile
+
+    Image.new("RGB", (7, 5), (1, 2, 3)).save(tmp_path / "heavy.png")
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    if stage == "decoding":
+        monkeypatch.setattr(ImageFile.ImageFile, "load", exhausted)
+    else:
+        monkeypatch.setattr(PRE, "resize_and_crop", exhausted)
+    with pytest.raises(ImageLoadError) as error:
+        PRE.load_and_preprocess(tmp_path / "heavy.png", PLAIN)
+    assert str(error.value) == f"{tmp_path / 'heavy.png'}: out of memory while {stage} it (7 x 5 pixels)"
+
+
+# ------------------------------------------------------------------ what is not a regular file
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not Path("/dev/null").exists(), reason="POSIX files")
+def test_each_kind_of_non_file_has_its_own_reason(tmp_path):
+    import threading
+
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    (tmp_path / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "to_folder.png").symlink_to(folder)
+    (tmp_path / "to_device.png").symlink_to("/dev/null")
+    expected = {
+        "folder.png": "is a folder, not an image file",
+        "to_folder.png": "is a folder, not an image file",
+        "pipe.png": "is a FIFO, not a regular file",
+        "to_device.png": "is a device, not a regular file",
+        "loop.png": "is a symbolic-link loop",
+        "broken.png": f"is a broken link (to {tmp_path / 'nowhere.png'})",
+        "missing.png": "no such file",
+    }
+    found = {}
+
+    def load_all():
+        for name in expected:
+            with pytest.raises(ImageLoadError) as error:
+                gmar.load_image(tmp_path / name)
+            found[name] = str(error.value)
+
+    reader = threading.Thread(target=load_all, daemon=True)  # opening the FIFO for reading would block
+    reader.start()
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "load_image blocked on a FIFO"
+    assert found == {name: f"{tmp_path / name}: {reason}" for name, reason in expected.items()}
+
+
+# ------------------------------------------------------------------ warnings name the file
+
+
+def corrupt_exif_jpeg(path: Path) -> Path:
+    """A JPEG whose EXIF block announces two tags and holds one: Pillow warns "Corrupt EXIF data"."""
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 2) + struct.pack("<HHI4s", 0x0112, 3, 1, b"\x01\x00\x00\x00")
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(path, exif=b"Exif\x00\x00" + tiff)
+    return path
+
+
+def test_warnings_while_reading_an_image_start_with_its_path(tmp_path):
+    import warnings
+
+    jpeg = corrupt_exif_jpeg(tmp_path / "photo.jpg")
+    nan = tmp_path / "nan.tif"
+    Image.fromarray(np.full((4, 4), np.nan, dtype=np.float32), mode="F").save(nan)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PRE.load_and_preprocess(jpeg, PLAIN)
+        PRE.load_and_preprocess(nan, PLAIN)
+    messages = [(w.category, str(w.message)) for w in caught]
+    assert len(messages) == 2, messages
+    assert messages[0][0] is UserWarning and messages[0][1].startswith(f"{jpeg}: Corrupt EXIF data.")
+    assert messages[1] == (RuntimeWarning, f"{nan}: All-NaN slice encountered")
+    assert all(w.filename == __file__ for w in caught), "the warning points at the caller's line"
+
+
+# ------------------------------------------------------------------ formats
+
+
+SUFFIXES = [".avif", ".bmp", ".gif", ".ico", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"]
+
+
+def test_the_suffixes_gmar_reads():
+    """One list for the folder scans of explain and evaluate: what the CLI took, with AVIF and ICO."""
+    assert getattr(PRE, "IMAGE_SUFFIXES", None) == frozenset(SUFFIXES)
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_a_file_of_each_listed_suffix_is_read(tmp_path, suffix):
+    path = tmp_path / f"picture{suffix}"
+    Image.new("RGB", (16, 16), (200, 30, 10)).save(path)
+    assert np.abs(pixels(path)[8, 8] - [200, 30, 10]).max() <= 8  # lossy formats round a little

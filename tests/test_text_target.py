@@ -293,3 +293,38 @@ def test_prompts_is_none_for_other_targets():
     assert gmar.explain(model(), images(), "legrad", target=clip_target).prompts is None
     timm_images = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(4))
     assert gmar.explain(make_timm(), timm_images, "gradcam").prompts is None
+
+
+@pytest.mark.parametrize("prompts", ["", "   ", ["a cat", ""], ["a cat", "\n\t"]])
+def test_an_empty_prompt_is_refused(prompts):
+    with pytest.raises(gmar.TargetError, match=r"^prompt \d is empty: give the text to explain") as caught:
+        gmar.TextTarget(model(), tokenizer(), prompts)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_prompt_longer_than_the_text_tower_is_warned_about_once():
+    """OpenCLIP cuts a prompt to the context length (77 here) silently; gmar says so, naming the prompt."""
+    import warnings
+
+    long = " ".join(["a very small and slightly blurry photo of a cat"] * 10)
+    count = len(tokenizer().encode(long)) + 2  # with the start and end tokens
+    assert count > 77
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gmar.TextTarget(model(), tokenizer(), ["a cat", long, "a dog"])
+    messages = [str(w.message) for w in caught if issubclass(w.category, gmar.GmarWarning)]
+    assert messages == [
+        f'prompt 1 ("{long[:39]}…") is {count} tokens long, but the text tower reads 77: '
+        "only its first 77 tokens are explained"
+    ]
+    assert caught[0].filename == __file__
+
+
+def test_prompts_that_fit_give_no_warning():
+    import warnings
+
+    fits = " ".join(["cat"] * 75)  # 75 tokens and the start and end tokens: exactly 77
+    assert len(tokenizer().encode(fits)) == 75
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gmar.TextTarget(model(), tokenizer(), [fits, "a dog"])

@@ -8,11 +8,13 @@ endpoint ``explain`` (see the README), so a script can ask the page what a perso
 
 import math
 import os
+import secrets
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,12 +37,29 @@ from gmar.targets import TextTarget
 
 #: the shorter side, in pixels, that pictures are drawn at on the page (small inputs are enlarged)
 DISPLAY = 256
+#: no side of a picture is enlarged beyond this many pixels (a thin picture keeps its size)
+LONGEST = 4 * DISPLAY
 #: the margins of the head-weights picture, for the layer and head labels (and the page's own label)
 LEFT, TOP = 40, 44
 #: how many of the model's best classes the page offers as targets
 TOP_K = 5
 #: pyplot keeps global state: figures are drawn one at a time, whichever request asks
 _PYPLOT = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the page (``gmar app --max-upload-mb``, ``--max-pixels``, ``--max-prompts``).
+
+    Attributes:
+        max_upload_mb: the largest upload, in MB (2**20 bytes); gradio refuses a larger file as it arrives.
+        max_pixels: the most pixels an image may have, read from its header before it is decoded.
+        max_prompts: the most text prompts one explanation takes (CLIP-style models).
+    """
+
+    max_upload_mb: int = 20
+    max_pixels: int = 40_000_000
+    max_prompts: int = 16
 
 
 @dataclass
@@ -57,6 +76,7 @@ class Served:
         examples: ``(image file, caption)`` pairs the page offers.
         methods: the methods defined for this model, in :func:`gmar.available_methods`' order.
         head_grid: ``(layers, heads)`` of the head view; None when the model has no readout rows.
+        limits: what one request may ask (:class:`Limits`).
     """
 
     model: nn.Module
@@ -68,6 +88,7 @@ class Served:
     examples: list[tuple[Path, str]] = field(default_factory=list)
     methods: list[str] = field(default_factory=list)
     head_grid: tuple[int, int] | None = None
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def is_classifier(self) -> bool:
@@ -130,18 +151,46 @@ class Result:
     layout: TokenLayout
 
 
-def read_image(path: str | Path | None) -> Image.Image:
-    """The uploaded file as an RGB picture; a message for the page when it is none."""
+def read_image(path: str | Path | None, max_pixels: int | None = None) -> Image.Image:
+    """The uploaded file as an RGB picture; a message for the page when it is none, or when its header
+    says it has more than ``max_pixels`` pixels (checked before anything is decoded)."""
     if path is None:
         raise GmarError("no image: upload one or click an example")
+    name = Path(path).name  # name the file as the user knows it, not the server's copy
+    if max_pixels is not None:
+        size = _header_size(path)
+        if size is not None and (size[0] * size[1] if size[1] else size[0]) > max_pixels:
+            pixels = f"{size[0]} x {size[1]}" if size[1] else str(size[0])
+            raise ImageLoadError(
+                f"{name}: too large: {pixels} pixels, above the page's limit of {max_pixels} (gmar app --max-pixels)"
+            )
     try:
         return load_image(path)
-    except ImageLoadError as error:  # name the file as the user knows it, not the server's copy
-        raise ImageLoadError(str(error).replace(str(path), Path(path).name)) from None
+    except ImageLoadError as error:
+        raise ImageLoadError(str(error).replace(str(path), name)) from None
+
+
+def _header_size(path: str | Path) -> tuple[int, int] | None:
+    """``(width, height)`` from the file's header, ``(pixels, 0)`` when Pillow refuses it as a
+    decompression bomb, None when it is no image (then :func:`gmar.preprocess.load_image` says why)."""
+    import re
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size
+    except Image.DecompressionBombError as error:
+        count = re.search(r"\((\d+) pixels\)", str(error))
+        return (int(count.group(1)), 0) if count else None
+    except (OSError, ValueError, SyntaxError):
+        return None
 
 
 def model_input(served: Served, image: Image.Image) -> torch.Tensor:
-    """``(1, 3, H, W)`` as the model takes it."""
+    """``(1, 3, H, W)`` as the model takes it (:func:`gmar.preprocess.preprocess` crops before it
+    resizes, so a thin image allocates about the input's size, not its whole length)."""
     return preprocess(image, served.preprocess)
 
 
@@ -192,8 +241,13 @@ def explain_image(
     if unknown:
         raise GmarError(f"{', '.join(unknown)} cannot explain {served.spec}; choose from {', '.join(served.methods)}")
     texts = parse_prompts(prompts)
+    if len(texts) > served.limits.max_prompts:
+        raise GmarError(
+            f"{len(texts)} prompts: the page explains at most {served.limits.max_prompts} at once"
+            " (gmar app --max-prompts)"
+        )
     chosen = _target(served, target, texts)
-    batch = model_input(served, read_image(path))
+    batch = model_input(served, read_image(path, served.limits.max_pixels))
     explanations = explain(served.model, batch, methods, target=chosen)
     assert isinstance(explanations, dict)
     first = next(iter(explanations.values()))
@@ -229,9 +283,10 @@ def _target(served: Served, target: float | int | None, prompts: list[str]) -> A
 
 
 def enlarged(picture: np.ndarray) -> np.ndarray:
-    """An ``(H, W, 3)`` float picture in [0, 1] as uint8, enlarged by a whole factor to about :data:`DISPLAY`."""
+    """An ``(H, W, 3)`` float picture in [0, 1] as uint8, enlarged by a whole factor to about :data:`DISPLAY`
+    (no side beyond :data:`LONGEST`)."""
     pixels = (np.clip(picture, 0.0, 1.0) * 255).round().astype(np.uint8)
-    factor = max(1, math.ceil(DISPLAY / min(pixels.shape[:2])))
+    factor = max(1, min(math.ceil(DISPLAY / min(pixels.shape[:2])), LONGEST // max(pixels.shape[:2])))
     return pixels.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else pixels
 
 
@@ -343,22 +398,22 @@ def write_downloads(result: Result, folder: Path) -> tuple[list[str], str]:
 
 
 class Downloads:
-    """A folder per request under one root; folders older than ``keep_s`` go when a new one is made."""
+    """A folder per request under one root, named by 128 random bits (a URL no other user can guess);
+    folders older than ``keep_s`` go when a new one is made."""
 
     def __init__(self, root: Path, keep_s: float = 3600.0) -> None:
         self.root, self.keep_s = root, keep_s
-        self._count = 0
         self._lock = threading.Lock()
 
     def new(self) -> Path:
         with self._lock:
-            self._count += 1
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             now = time.time()
-            for old in self.root.glob("request_*"):
+            for old in self.root.iterdir():
                 if now - old.stat().st_mtime > self.keep_s:
                     shutil.rmtree(old, ignore_errors=True)
-            folder = self.root / f"request_{self._count}"
-            folder.mkdir(parents=True)
+            folder = self.root / secrets.token_urlsafe(16)
+            folder.mkdir(mode=0o700)
             return folder
 
 
@@ -378,7 +433,7 @@ def build_page(served: Served, workdir: Path):
         if path is None:
             return None, gr.update(choices=[], value=None), None
         try:
-            batch = model_input(served, read_image(path))
+            batch = model_input(served, read_image(path, served.limits.max_pixels))
         except GmarError as error:
             raise fail(error) from None
         preview = enlarged(denormalise(batch, served.preprocess)[0].permute(1, 2, 0).numpy())
@@ -446,8 +501,9 @@ def build_page(served: Served, workdir: Path):
             with gr.Column(scale=2):
                 with gr.Row(visible=classifier):
                     best = gr.Dropdown(label=f"top-{TOP_K} classes", choices=[], elem_id="top-classes")
+                    # no precision: gradio would round 2.5 to 2; explain_image refuses it instead
                     target = gr.Number(
-                        label="class index (empty: the predicted class)", precision=0, minimum=0, elem_id="target"
+                        label="class index (empty: the predicted class)", minimum=0, step=1, elem_id="target"
                     )
                 prompts = gr.Textbox(
                     label="text prompts, one per line",
@@ -521,31 +577,76 @@ def require_gradio() -> None:
 
 def check_port(host: str, port: int) -> None:
     """Refuse, with what to do, an address the page cannot be served on (before the model loads)."""
+    import errno
     import socket
 
     if not 1 <= port <= 65535:
         raise GmarError(f"--port must be in [1, 65535], not {port}")
     try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, UnicodeError):
+        raise GmarError(f"--host {host} is not an address or a name of this machine: pass another --host") from None
+    try:
+        with socket.socket(family) as probe:
             probe.bind((host, port))
     except OSError as error:
+        if error.errno == errno.EADDRNOTAVAIL:
+            raise GmarError(f"--host {host} is not an address of this machine: pass another --host") from None
         raise GmarError(f"cannot serve on {host}:{port} ({error.strerror or error}): pass another --port") from None
 
 
-def launch(served: Served, host: str = "127.0.0.1", port: int = 7860) -> None:
-    """Serve the page until interrupted (offline: no share link, no analytics, fonts of the system)."""
-    with tempfile.TemporaryDirectory(prefix="gmar-app-") as work:
-        page, theme = build_page(served, Path(work))
-        folders = sorted({str(path.parent) for path, _ in served.examples} | {work})
-        print(f"gmar: serving {served.spec} at http://{host}:{port} (Ctrl+C stops it)", flush=True)
-        page.launch(
-            server_name=host,
-            server_port=port,
-            share=False,
-            quiet=True,
-            show_error=True,
-            allowed_paths=folders,
-            ssr_mode=False,
-            theme=theme,
-            footer_links=["api"],
-        )
+@contextmanager
+def private_folder(prefix: str = "gmar-app-") -> Iterator[Path]:
+    """A new folder in the temporary directory that only this user can enter (0700), holding gradio's
+    cache (``GRADIO_TEMP_DIR``, its ``gradio`` folder); while it is open the process's umask is 077, so
+    what the server writes is 0600 and its folders 0700. On the way out, Ctrl+C and SIGTERM included,
+    it is removed and the umask and ``GRADIO_TEMP_DIR`` are restored."""
+    umask = os.umask(0o077)
+    cache = os.environ.get("GRADIO_TEMP_DIR")
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        (folder / "gradio").mkdir()
+        os.environ["GRADIO_TEMP_DIR"] = str(folder / "gradio")
+        yield folder
+    finally:
+        if cache is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = cache
+        shutil.rmtree(folder, ignore_errors=True)
+        os.umask(umask)
+
+
+def launch(served: Served, host: str = "127.0.0.1", port: int = 7860, work: Path | None = None) -> None:
+    """Serve the page until interrupted (offline: no share link, no analytics, fonts of the system).
+
+    Everything the server writes stays in ``work`` (a :func:`private_folder`; a new one when None):
+    gradio's cache, the downloads and private copies of the examples. Only the examples are served
+    from there by name; uploads and results are served from gradio's cache, under names hashed with
+    their content, and nothing else is."""
+    if work is None:
+        with private_folder() as folder:
+            return launch(served, host, port, folder)
+    examples = work / "examples"
+    examples.mkdir(mode=0o700, exist_ok=True)
+    copies = []
+    for path, caption in served.examples:  # copies that the umask keeps private (shipped files are 0644)
+        copy = path if path.parent == examples else examples / path.name
+        if copy != path:
+            shutil.copyfile(path, copy)
+        copies.append((copy, caption))
+    served.examples = copies
+    page, theme = build_page(served, work)
+    print(f"gmar: serving {served.spec} at http://{host}:{port} (Ctrl+C stops it)", flush=True)
+    page.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        quiet=True,
+        show_error=True,
+        allowed_paths=[str(examples)],
+        max_file_size=served.limits.max_upload_mb * 2**20,
+        ssr_mode=False,
+        theme=theme,
+        footer_links=["api"],
+    )

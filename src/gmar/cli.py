@@ -6,9 +6,12 @@ import argparse
 import json
 import logging
 import re
+import signal
 import sys
-import tempfile
-from collections.abc import Sequence
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -24,10 +27,10 @@ from gmar.evaluate import SELECTORS
 from gmar.loading import LoadedModel, load_model
 from gmar.methods import all_methods, available_methods, explain, get_method, select_methods
 from gmar.outputs import OutputFolder, distinct, previous_outputs
-from gmar.preprocess import denormalise, load_image, preprocess
+from gmar.preprocess import IMAGE_SUFFIXES, denormalise, load_and_preprocess
+from gmar.progress import Progress
 from gmar.targets import TextTarget
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 #: Flags of the official GMAR demo; a command line that starts with one of them means `explain`.
 OFFICIAL_FLAGS = ("--input", "--output", "--pretrained", "--norm")
 ALL_HELP = ",".join(all_methods())
@@ -42,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders of images")
     p.add_argument("--input", action="append", default=[], metavar="IMAGE", help="an image (official demo's flag)")
     p.add_argument("--example", action="store_true", help="explain the example images shipped with gmar")
-    p.add_argument("--model", metavar="SPEC", help="timm:NAME, hf:NAME_OR_PATH or openclip:ARCH/TAG")
+    p.add_argument(
+        "--model", metavar="SPEC", help="timm:NAME, hf:NAME_OR_PATH, openclip:ARCH/TAG or 'reference' (the shipped ViT)"
+    )
     p.add_argument("--pretrained", metavar="HF_ID", help="same as --model hf:HF_ID (official demo's flag)")
     _weights_arguments(p)
     p.add_argument("--method", default="all", help=f"comma-separated, or 'all' ({ALL_HELP}); {SLOW_HELP}")
@@ -102,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--host", default="127.0.0.1", help="address to serve on (default %(default)s: this machine only)")
     a.add_argument("--port", type=int, default=7860, help="port to serve on (default %(default)s)")
     a.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    a.add_argument("--max-upload-mb", type=int, default=20, metavar="MB", help="largest upload (default %(default)s)")
+    a.add_argument(
+        "--max-pixels", type=int, default=40_000_000, metavar="N", help="most pixels of an image (default %(default)s)"
+    )
+    a.add_argument(
+        "--max-prompts", type=int, default=16, metavar="N", help="most prompts per explanation (default %(default)s)"
+    )
     a.set_defaults(func=run_app)
 
     m = commands.add_parser("models", help="which model classes gmar explains: build each small, run every method")
@@ -172,26 +184,40 @@ def run_explain(args: argparse.Namespace) -> int:
 
     failures = written = 0
     pending: list[tuple[Path, torch.Tensor]] = []
-    for index, path in enumerate(paths):
-        # Decoded one at a time and kept at the model's size only: memory is one photo, not all of them.
-        try:
-            pending.append((path, preprocess(load_image(path), loaded.preprocess)))
-        except ImageLoadError as error:
-            print(f"gmar: skipped {error}", file=sys.stderr)
-            failures += 1
-        if pending and (len(pending) == step or index == len(paths) - 1):
-            batch = torch.cat([tensor for _, tensor in pending]).to(device)
-            # one call: the methods that read the same attention and gradient share one pass
-            explanations = explain(loaded.model, batch, methods, target=target, options=_options(methods, args))
-            names = [outputs.reserve(p.name, _suffixes(methods, slugs, args.save_maps), p) for p, _ in pending]
-            if slugs is None:
-                written += _write(batch, explanations, loaded, names, outputs, args.save_maps)
-            else:
-                written += _write_prompts(batch, explanations, loaded, names, slugs, outputs, args.save_maps)
-            pending = []
+    bar = Progress(len(paths), "explaining", sys.stderr.isatty(), unit="images")
+    try:
+        for index, path in enumerate(paths):
+            # Decoded one at a time and kept at the model's size only: memory is one photo, not all of them.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    pending.append((path, load_and_preprocess(path, loaded.preprocess)))
+                except ImageLoadError as error:
+                    _report(f"skipped {error}", bar)
+                    failures += 1
+            for warning in caught:  # each starts with the file's path
+                _report(str(warning.message), bar)
+            if pending and (len(pending) == step or index == len(paths) - 1):
+                batch = torch.cat([tensor for _, tensor in pending]).to(device)
+                # one call: the methods that read the same attention and gradient share one pass
+                explanations = explain(loaded.model, batch, methods, target=target, options=_options(methods, args))
+                names = [outputs.reserve(p.name, _suffixes(methods, slugs, args.save_maps), p) for p, _ in pending]
+                if slugs is None:
+                    written += _write(batch, explanations, loaded, names, outputs, args.save_maps)
+                else:
+                    written += _write_prompts(batch, explanations, loaded, names, slugs, outputs, args.save_maps)
+                pending = []
+            bar.update(index + 1)
+    finally:
+        bar.close()
     out = outputs.folder
     print(f"gmar: wrote {written} figure(s) to {out}" + (f"; {failures} input(s) failed" if failures else ""))
     return 2 if failures else 0
+
+
+def _report(line: str, bar: Progress) -> None:
+    """One ``gmar: ...`` line on stderr; a progress bar on the terminal is erased first, and redrawn below."""
+    print(("\r\033[K" if bar.enabled else "") + f"gmar: {line}", file=sys.stderr, flush=True)
 
 
 def _suffixes(methods: Sequence[str], slugs: list[str] | None, save_maps: bool) -> list[str]:
@@ -419,22 +445,55 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def run_app(args: argparse.Namespace) -> int:
+    from PIL import Image
+
     from gmar import app
 
     app.require_gradio()  # an extra
     app.check_port(args.host, args.port)
+    for flag in ("max_upload_mb", "max_pixels", "max_prompts"):
+        if getattr(args, flag) < 1:
+            raise GmarError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
+    if Image.MAX_IMAGE_PIXELS is not None and args.max_pixels > Image.MAX_IMAGE_PIXELS:
+        raise GmarError(f"--max-pixels must be at most Pillow's limit, {Image.MAX_IMAGE_PIXELS}, not {args.max_pixels}")
+    limits = app.Limits(args.max_upload_mb, args.max_pixels, args.max_prompts)
     device = _device(args.device)
-    if args.model == "reference":
-        from gmar.reference import load_reference_model
+    with _terminated_as_interrupted():  # SIGTERM, as Ctrl+C, removes the app's folder on the way out
+        if args.model == "reference":
+            from gmar.reference import load_reference_model
 
-        if args.random_init or args.num_classes is not None:
-            raise GmarError("--random-init and --num-classes are for --model SPEC; the reference model is trained")
-        model = load_reference_model(args.checkpoint, device=device)
-        with tempfile.TemporaryDirectory(prefix="gmar-examples-") as folder:
-            app.launch(app.serve_reference(model, Path(folder)), args.host, args.port)
-        return 0
-    app.launch(app.serve_loaded(_load(args, device)), args.host, args.port)
+            if args.random_init or args.num_classes is not None:
+                raise GmarError("--random-init and --num-classes are for --model SPEC; the reference model is trained")
+            model = load_reference_model(args.checkpoint, device=device)
+            with app.private_folder() as work:
+                (work / "examples").mkdir()
+                served = app.serve_reference(model, work / "examples")
+                served.limits = limits
+                app.launch(served, args.host, args.port, work=work)
+            return 0
+        served = app.serve_loaded(_load(args, device))
+        served.limits = limits
+        with app.private_folder() as work:
+            app.launch(served, args.host, args.port, work=work)
     return 0
+
+
+@contextmanager
+def _terminated_as_interrupted() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl+C does, so that what cleans up after Ctrl+C runs;
+    the previous handler comes back afterwards. Only the main thread can handle signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -462,7 +521,8 @@ def _write(
 ) -> int:
     pixels = denormalise(batch, loaded.preprocess).cpu()
     first = next(iter(explanations.values()))
-    probabilities = first.logits.float().softmax(dim=-1).cpu()
+    logits = first.logits.float()
+    probabilities = (logits.sigmoid() if loaded.extras.get("multi_label") else logits.softmax(dim=-1)).cpu()
     for i, name in enumerate(names):
         predicted = int(probabilities[i].argmax())
         row = [f"predicted: {_label(loaded, predicted)} ({probabilities[i, predicted]:.2f})"]
@@ -581,7 +641,11 @@ def _image_paths(args: argparse.Namespace) -> list[Path]:
 def _load(args: argparse.Namespace, device: torch.device) -> LoadedModel:
     spec = args.model or (f"hf:{args.pretrained}" if args.pretrained else None)
     if spec is None:
-        raise GmarError("name a model: --model timm:NAME | hf:NAME_OR_PATH | openclip:ARCH/TAG (or --pretrained HF_ID)")
+        raise GmarError(
+            "name a model: --model timm:NAME | hf:NAME_OR_PATH | openclip:ARCH/TAG | reference (or --pretrained HF_ID)"
+        )
+    if spec == "reference":
+        return _reference(args, device)
     # Hub clients log retries and fallbacks, and a failed download as an error, and transformers draws
     # a progress bar while it loads weights: gmar reports a failure on one line and loads quietly.
     disabled = logging.root.manager.disable
@@ -604,6 +668,18 @@ def _load(args: argparse.Namespace, device: torch.device) -> LoadedModel:
         logging.disable(disabled)
         if bars is not None and shown:
             bars.enable_progress_bar()
+
+
+def _reference(args: argparse.Namespace, device: torch.device) -> LoadedModel:
+    """The shipped reference ViT (or ``--checkpoint``), labelled with the scenes' classes; multi-label."""
+    from gmar.data import CLASSES
+    from gmar.reference import load_reference_model
+
+    if args.random_init or args.num_classes is not None:
+        raise GmarError("--random-init and --num-classes are for --model SPEC; the reference model is trained")
+    model = load_reference_model(args.checkpoint, device=device)
+    config = get_adapter(model).preprocess_config()
+    return LoadedModel(model, config, list(CLASSES), "reference", extras={"multi_label": True})
 
 
 if __name__ == "__main__":

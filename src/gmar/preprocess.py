@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +17,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gmar.errors import ImageLoadError
 
+#: The file suffixes the folder scans of ``gmar explain`` and ``gmar evaluate`` take (lower case).
+IMAGE_SUFFIXES = frozenset({".avif", ".bmp", ".gif", ".ico", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"})
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESAMPLE = {
@@ -44,22 +49,26 @@ def load_image(path: str | Path, background: tuple[int, int, int] = WHITE) -> Im
     """Open an image file as the RGB picture it shows (see :func:`to_rgb`), turned upright by its EXIF
     orientation; raise :class:`ImageLoadError` with the reason if it cannot be read.
 
-    Images of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels are refused before they are decoded.
+    Images of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels are refused before they are decoded. A
+    folder, a FIFO, a device, a broken link or a link loop is refused with what it is; a FIFO is never
+    waited on.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ImageLoadError(f"{path}: no such file")
+    size = None
     try:
         with warnings.catch_warnings():
             # Pillow warns between one and two times its limit; gmar refuses that range itself, below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with _open_regular(path) as handle, Image.open(handle) as image:
+                size = image.size
                 limit = Image.MAX_IMAGE_PIXELS
                 if limit is not None and image.width * image.height > limit:
                     raise ImageLoadError(f"{path}: too large: {image.width} x {image.height} pixels{_limit(limit)}")
                 image.load()
                 ImageOps.exif_transpose(image, in_place=True)
                 return to_rgb(image, background)
+    except MemoryError:
+        raise ImageLoadError(f"{path}: out of memory while decoding it{_pixels(size)}") from None
     except Image.DecompressionBombError as error:
         count = re.search(r"\((\d+) pixels\)", str(error))
         pixels = f"{count.group(1)} pixels" if count else "more pixels than Pillow allows"
@@ -68,7 +77,59 @@ def load_image(path: str | Path, background: tuple[int, int, int] = WHITE) -> Im
         if isinstance(error, ImageLoadError):
             raise
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if isinstance(error, UnidentifiedImageError):  # its message names the open file object, not the path
+            reason = "cannot identify image file"
         raise ImageLoadError(f"{path}: not a readable image ({reason})") from None
+
+
+def _open_regular(path: Path):
+    """``path`` opened for reading if it is a regular file (or a link to one); else :class:`ImageLoadError`
+    saying what it is. Opened without blocking, so a FIFO is refused, not waited on."""
+    nonblocking = getattr(os, "O_NONBLOCK", 0)
+    try:
+        handle = open(path, "rb", opener=lambda name, flags: os.open(name, flags | nonblocking))
+    except OSError as error:
+        raise ImageLoadError(f"{path}: {_not_a_file(path, error)}") from None
+    try:
+        mode = os.fstat(handle.fileno()).st_mode
+    except OSError:
+        handle.close()
+        raise
+    if not stat.S_ISREG(mode):
+        handle.close()
+        raise ImageLoadError(f"{path}: {_kind(mode)}")
+    return handle
+
+
+def _not_a_file(path: Path, error: OSError) -> str:
+    """Why ``path`` could not be opened, in words."""
+    if error.errno == errno.ELOOP:
+        return "is a symbolic-link loop"
+    if path.is_dir():  # Windows refuses to open a folder
+        return "is a folder, not an image file"
+    if error.errno == errno.ENOENT:
+        if path.is_symlink():
+            return f"is a broken link (to {os.readlink(path)})"
+        return "no such file"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return error.strerror or type(error).__name__
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "is a folder, not an image file"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO, not a regular file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a regular file"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a regular file"
+    return "is not a regular file"
+
+
+def _pixels(size: tuple[int, int] | None) -> str:
+    return "" if size is None else f" ({size[0]} x {size[1]} pixels)"
 
 
 def _limit(limit: int | None) -> str:
@@ -103,14 +164,71 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
 
 
 def resize_and_crop(image: Image.Image, config: PreprocessConfig) -> Image.Image:
-    """Resize so the crop covers ``input_size / crop_pct``, then centre-crop to ``input_size``."""
+    """Resize so the crop covers ``input_size / crop_pct``, then centre-crop to ``input_size``.
+
+    Only the part of ``image`` that becomes the crop is resampled (Pillow's ``resize(box=...)``), so
+    the memory taken is about the crop's, whatever the aspect ratio: a 30000 x 1 image is not first
+    enlarged to 6720000 x 224. Raises :class:`ImageLoadError` if even that would exceed
+    ``PIL.Image.MAX_IMAGE_PIXELS``.
+    """
     height, width = config.input_size
     scale = max(height / image.height, width / image.width) / config.crop_pct
-    new_size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(new_size, _RESAMPLE.get(config.interpolation, Image.Resampling.BICUBIC))
-    left = (image.width - width) // 2
-    top = (image.height - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    # the size the whole image would be resized to, and the crop's place in it
+    full = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    left = (full[0] - width) // 2
+    top = (full[1] - height) // 2
+    x_scale, y_scale = image.width / full[0], image.height / full[1]  # source pixels per resized pixel
+    right, bottom = min((left + width) * x_scale, image.width), min((top + height) * y_scale, image.height)
+    box = (left * x_scale, top * y_scale, right, bottom)
+    limit = Image.MAX_IMAGE_PIXELS
+    allocated = _resize_pixels(image.size, (width, height), box)
+    if limit is not None and allocated > limit:
+        raise ImageLoadError(
+            f"resizing {image.width} x {image.height} pixels to {width} x {height} would allocate {allocated} "
+            f"pixels{_limit(limit)}"
+        )
+    return image.resize((width, height), _RESAMPLE.get(config.interpolation, Image.Resampling.BICUBIC), box=box)
+
+
+#: the widest filter's support, in source pixels per unit of scale (Lanczos: 3)
+_SUPPORT = 3
+
+
+def _resize_pixels(source: tuple[int, int], size: tuple[int, int], box: tuple[float, float, float, float]) -> int:
+    """About how many pixels resizing ``box`` of a ``source`` image to ``size`` allocates: the output,
+    and Pillow's intermediate image, ``size``'s width by the source rows its vertical filter reads."""
+    rows_per_pixel = (box[3] - box[1]) / size[1]
+    rows = min(source[1], int(box[3] - box[1] + 2 * _SUPPORT * max(rows_per_pixel, 1.0)) + 2)
+    return size[0] * size[1] + size[0] * rows
+
+
+def load_and_preprocess(path: str | Path, config: PreprocessConfig) -> torch.Tensor:
+    """One image file as the model's input ``(1, 3, H, W)``: :func:`load_image`, then :func:`preprocess`.
+
+    Every failure is one :class:`ImageLoadError` naming the file, running out of memory included.
+    Warnings raised on the way (Pillow's "Corrupt EXIF data", numpy's "All-NaN slice") are issued
+    again, once each, with the file's path in front.
+    """
+    size = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            image = load_image(path)
+            size = image.size
+            tensor = preprocess(image, config)
+        except MemoryError:
+            raise ImageLoadError(f"{path}: out of memory while resizing it{_pixels(size)}") from None
+        except ImageLoadError as error:
+            if str(error).startswith(str(path)):
+                raise
+            raise ImageLoadError(f"{path}: {error}") from None
+    seen = set()
+    for warning in caught:
+        key = (warning.category, str(warning.message))
+        if key not in seen:
+            seen.add(key)
+            warnings.warn(f"{path}: {warning.message}", warning.category, stacklevel=2)
+    return tensor
 
 
 def to_tensor(images: Sequence[Image.Image], config: PreprocessConfig) -> torch.Tensor:

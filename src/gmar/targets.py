@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gmar.errors import TargetError
+from gmar.errors import TargetError, warn
 
 Target = Union[None, int, Sequence[int], torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
@@ -109,6 +109,9 @@ class TextTarget:
         self.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
             raise TargetError("TextTarget needs one prompt or a non-empty list of prompts (strings)")
+        for index, prompt in enumerate(self.prompts):
+            if not prompt.strip():
+                raise TargetError(f'prompt {index} is empty: give the text to explain, e.g. "a photo of a cat"')
         encode = getattr(model, "encode_text", None)
         transformers_model = not callable(encode) and callable(getattr(model, "get_text_features", None))
         if not callable(encode) and not transformers_model:
@@ -123,10 +126,12 @@ class TextTarget:
         # take part in the explanation's backward pass.
         with torch.inference_mode(False), torch.no_grad(), frozen_eval(model):
             if transformers_model:
-                from gmar.adapters.hf_clip import text_features
+                from gmar.adapters.hf_clip import text_features, token_counts
 
+                _warn_cut(self.prompts, token_counts(model, tokenizer, self.prompts))
                 embeddings = text_features(model, tokenizer, self.prompts, device)
             else:
+                _warn_cut(self.prompts, _openclip_token_counts(model, tokenizer, self.prompts))
                 tokens = tokenizer(self.prompts)
                 if isinstance(tokens, dict) or hasattr(tokens, "input_ids"):
                     tokens = tokens["input_ids"]
@@ -161,3 +166,32 @@ class TextTarget:
 
     def __repr__(self) -> str:
         return f"TextTarget({self.prompts!r})"
+
+
+def _openclip_token_counts(model: nn.Module, tokenizer: Callable, prompts: list[str]) -> tuple[list[int], int] | None:
+    """Each prompt's length in tokens, start and end tokens included, and the text tower's context length,
+    for OpenCLIP's tokenizers (which cut longer prompts silently); None for a tokenizer gmar cannot count with."""
+    limit = getattr(tokenizer, "context_length", None) or getattr(model, "context_length", None)
+    if not isinstance(limit, int) or getattr(tokenizer, "reduction_fn", None) is not None:
+        return None  # no known length, or a tokenizer that drops tokens by its own rule, not by position
+    encode = getattr(tokenizer, "encode", None)
+    if callable(encode) and hasattr(tokenizer, "sot_token_id"):  # SimpleTokenizer: BPE ids without start and end
+        return [len(encode(prompt)) + 2 for prompt in prompts], limit
+    inner = getattr(tokenizer, "tokenizer", None)  # HFTokenizer, SigLipTokenizer: a transformers tokenizer inside
+    if inner is not None and type(inner).__module__.startswith("transformers."):
+        return [len(ids) for ids in inner(prompts, truncation=False, verbose=False)["input_ids"]], limit
+    return None
+
+
+def _warn_cut(prompts: list[str], counts: tuple[list[int], int] | None) -> None:
+    """One warning per prompt longer than the text tower reads: the tokenizer cuts it without a word."""
+    if counts is None:
+        return
+    lengths, limit = counts
+    for index, (prompt, length) in enumerate(zip(prompts, lengths, strict=True)):
+        if length > limit:
+            short = prompt if len(prompt) <= 40 else prompt[:39] + "…"
+            warn(
+                f'prompt {index} ("{short}") is {length} tokens long, but the text tower reads {limit}: '
+                f"only its first {limit} tokens are explained"
+            )

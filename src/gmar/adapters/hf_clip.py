@@ -212,6 +212,16 @@ def _attention_pool(head: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor
     return pooled[:, 0], probabilities  # type: ignore[return-value]
 
 
+def token_counts(model: nn.Module, tokenizer, prompts: list[str]) -> tuple[list[int], int] | None:
+    """Each prompt's length in tokens (special tokens included) and the text tower's length, which
+    :func:`text_features` truncates to; None for a tokenizer that is not transformers'."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds its tokenizer
+    if not type(tokenizer).__module__.startswith("transformers."):
+        return None
+    ids = tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
+    return [len(row) for row in ids], model.config.text_config.max_position_embeddings
+
+
 def text_features(model: nn.Module, tokenizer, prompts: list[str], device: torch.device | None) -> torch.Tensor:
     """``(P, D)`` the prompts' embeddings from ``model.get_text_features``, not normalised.
 

@@ -208,6 +208,11 @@ class Explainer:
             raise ValueError(f"images must be a float tensor (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         if images.shape[0] == 0:
             raise InputSizeError(f"empty batch: images has shape {tuple(images.shape)}; pass at least one image")
+        if images.is_meta:
+            raise ValueError(
+                f"images are on the meta device (shapes without data): {tuple(images.shape)}; pass images that hold "
+                "pixels, e.g. gmar.preprocess(gmar.load_image(path), config) or a tensor on cpu or cuda"
+            )
         if any(t.is_meta for t in (*self.model.parameters(), *self.model.buffers())):
             raise ModelLoadError(
                 f"the parameters of {type(self.model).__name__} are on the meta device (no weights loaded): "
