@@ -350,7 +350,7 @@ def test_explain_shows_progress_on_a_terminal(tmp_path, monkeypatch, capsys):
     argv = ["explain", "--example", "--model", "timm:test_vit", "--random-init", "--method", "rollout"]
     assert main([*argv, "--out", str(tmp_path / "out"), "--batch-size", "1"]) == 0
     err = capsys.readouterr().err
-    assert "explaining: [" in err and "2/2 images" in err
+    assert "explaining:" in err and "2/2 [" in err and " images/s]" in err
     assert err.endswith("\n")
 
 

@@ -22,8 +22,9 @@ from torch.testing import assert_close
 import gmar
 import reference as R
 from conftest import FACTORIES, IMAGE, clip_target, make_coca, make_hf_vit, make_siglip, make_timm, target_for
+from tolerance import FLOAT32
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = FLOAT32
 LAYERS = (-1, 0, 1)
 MODELS = {
     **FACTORIES,

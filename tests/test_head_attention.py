@@ -10,8 +10,9 @@ import gmar
 import reference as R
 from conftest import ATTENTION_POOLED, FACTORIES, IMAGE, make_swin, make_timm
 from test_capture import assert_same, snapshot, unusual_state
+from tolerance import FLOAT32
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = FLOAT32
 #: class token, registers, DINOv2's class token and mean of patches, OpenCLIP, torchvision, CaiT, EVA
 NAMES = ["timm", "timm_registers", "timm_avg", "hf_vit", "hf_dinov2", "openclip", "torchvision", "cait", "eva"]
 

@@ -20,9 +20,10 @@ from conftest import (
     make_timm,
     target_for,
 )
+from tolerance import FLOAT32
 
 METHODS = gmar.available_methods()
-TOL = dict(rtol=1e-5, atol=1e-6)
+TOL = FLOAT32
 MODELS = {**FACTORIES, "siglip": make_siglip, "coca": make_coca}
 #: every option of every method, away from its default
 OPTIONS = {

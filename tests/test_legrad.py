@@ -32,8 +32,9 @@ from conftest import (
     make_timm,
     target_for,
 )
+from tolerance import FLOAT32
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = FLOAT32
 MODELS = {**FACTORIES, "timm_dynamic": lambda: make_timm(dynamic_img_size=True)}
 #: CaiT has its own tests below: only its class-attention layers have a score of their own
 FAMILIES = [name for name in MODELS if name != "cait"]
@@ -162,7 +163,7 @@ def per_layer(name: str, net: nn.Module, images: torch.Tensor, score=None, pooli
     assert len(t.tokens) == layers + 1
     assert all(a.grad_fn is not None for a in t.attentions), "the reference graph must be connected"
     # The hand readout of the last block's tokens is the model's output: the readout is right.
-    assert_close(readout(name, net, t.tokens[-1]), t.output, rtol=1e-5, atol=1e-6)
+    assert_close(readout(name, net, t.tokens[-1]), t.output, **FLOAT32)
     # Against the model's own forward (fused attention, another summation order) float32 rounding
     # reaches 1.4e-6 on some CPUs: the same tolerance as every map comparison here.
     assert_close(readout(name, net, t.tokens[-1]), model_output(name, net, images), **TOL)
@@ -340,7 +341,7 @@ def siglip_ref(final_norm: bool = True) -> LeGradRef:
         (grad,) = torch.autograd.grad(clip_target(embedding).sum(), attention)
         maps.append(layer_map(grad, (4, 4)))
     output = siglip_readout(net, tokens[-1])[0].detach()
-    assert_close(output, expected, rtol=1e-5, atol=1e-6)
+    assert_close(output, expected, **FLOAT32)
     maps = torch.stack(maps)
     return LeGradRef(maps, maps, output, clip_target(output), None)
 
@@ -415,7 +416,7 @@ def test_coca_pooler_attention():
             x = block(x)
             tokens.append(x)
         expected = net.encode_image(images, normalize=False)
-        assert_close(coca_readout(net, tokens[-1])[0], expected, rtol=1e-5, atol=1e-6)
+        assert_close(coca_readout(net, tokens[-1])[0], expected, **FLOAT32)
     maps = []
     for layer_tokens in tokens:
         embedding, attention = coca_readout(net, layer_tokens)

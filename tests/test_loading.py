@@ -91,3 +91,14 @@ def test_bad_specs(spec):
 def test_parse_spec():
     assert parse_spec("openclip:ViT-B-16/laion2b_s34b_b88k") == ("openclip", "ViT-B-16/laion2b_s34b_b88k")
     assert parse_spec("hf:/tmp/a:b") == ("hf", "/tmp/a:b")
+
+
+def test_timm_models_name_their_imagenet_classes_offline():
+    """timm ships ImageNet's class descriptions; a head of ImageNet-1k's size gets them (figures were
+    titled "class 281"), a fine-tuned head of another size gets none rather than wrong ones."""
+    loaded = load_model("timm:test_vit", pretrained=False)
+    assert loaded.model.num_classes == 1000
+    assert loaded.class_names is not None and len(loaded.class_names) == 1000
+    assert loaded.class_names[0] == "tench, Tinca tinca"  # ImageNet-1k's first and 281st synsets
+    assert loaded.class_names[281] == "tabby, tabby cat"
+    assert load_model("timm:test_vit", pretrained=False, num_classes=10).class_names is None

@@ -25,6 +25,7 @@ from gmar.capture import AttentionStream
 from gmar.errors import CaptureError
 from gmar.methods import get_method
 from gmar.methods.base import differentiate, stream_gradients
+from tolerance import FLOAT32
 
 MODELS = {**FACTORIES, "timm_dynamic": lambda: make_timm(dynamic_img_size=True)}
 OPTIONS = {
@@ -278,7 +279,7 @@ def test_streamed_forward_gives_the_models_own_output(family):
     explainer = get_method("gmar")(model)
     with torch.no_grad():
         expected = explainer.adapter.forward(images)
-    assert_close(explainer(images, target_for(family)).logits, expected, rtol=1e-5, atol=1e-5)
+    assert_close(explainer(images, target_for(family)).logits, expected, **FLOAT32)
 
 
 @pytest.mark.parametrize("low_memory", [True, False])

@@ -10,6 +10,7 @@ Localisation metrics run on hand-made masks; the sanity and head-ablation metric
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import gmar
-from conftest import make_timm
+from conftest import FACTORIES, make_timm
 from gmar import metrics as M
 
 SIZE = 16
@@ -746,6 +747,75 @@ def test_cascading_randomisation_steps_of_other_timm_layouts():
     assert labels == ["head", *(f"block {i}" for i in range(10, -1, -1)), "embeddings"]
 
 
+#: each family's block parameter prefix, as its modelling code names it (the test's own reference,
+#: independent of the adapters): (factory, prefix of block N, head names, embedding names)
+FAMILY_BLOCKS = {
+    "hf_vit": (
+        "vit.layers.{}.",
+        ["classifier.bias", "classifier.weight", "vit.layernorm.bias", "vit.layernorm.weight"],
+        ["vit.embeddings.cls_token", "vit.embeddings.patch_embeddings.projection.bias",
+         "vit.embeddings.patch_embeddings.projection.weight", "vit.embeddings.position_embeddings"],
+    ),
+    "openclip": (
+        "visual.transformer.resblocks.{}.",
+        ["visual.ln_post.bias", "visual.ln_post.weight", "visual.proj"],
+        ["visual.class_embedding", "visual.conv1.weight", "visual.ln_pre.bias", "visual.ln_pre.weight",
+         "visual.positional_embedding"],
+    ),
+    "torchvision": (
+        "encoder.layers.encoder_layer_{}.",
+        ["encoder.ln.bias", "encoder.ln.weight", "heads.head.bias", "heads.head.weight"],
+        ["class_token", "conv_proj.bias", "conv_proj.weight", "encoder.pos_embedding"],
+    ),
+    "hf_clip": (
+        "vision_model.encoder.layers.{}.",
+        ["vision_model.post_layernorm.bias", "vision_model.post_layernorm.weight", "visual_projection.weight"],
+        ["vision_model.embeddings.class_embedding", "vision_model.embeddings.patch_embedding.weight",
+         "vision_model.embeddings.position_embedding.weight", "vision_model.pre_layrnorm.bias",
+         "vision_model.pre_layrnorm.weight"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_BLOCKS))
+def test_cascading_randomisation_has_one_step_per_block_in_every_family(family):
+    """Before: one step that randomised everything outside timm (blocks found by the prefix ``blocks.``)."""
+    model = FACTORIES[family]()
+    prefix, head, embeddings = FAMILY_BLOCKS[family]
+    names = all_names(model)
+    stem = prefix.split("{}")[0]
+    depth = len({n[len(stem) :].split(".")[0] for n in names if n.startswith(stem)})
+    steps = M.cascading_randomisation_steps(model)
+    assert [label for label, _ in steps] == ["head", *(f"block {i}" for i in reversed(range(depth))), "embeddings"]
+    named = dict(steps)
+    assert sorted(named["head"]) == head
+    assert sorted(named["embeddings"]) == embeddings
+    for index in range(depth):
+        assert named[f"block {index}"] == [n for n in names if n.startswith(prefix.format(index))]
+    listed = [name for _, group in steps for name in group]
+    assert len(listed) == len(set(listed))
+    # Only what the image's output does not depend on is left out: a CLIP model's text tower.
+    image_tower = ("visual.", "vision_model.", "visual_projection.")
+    clip = family in ("openclip", "hf_clip")
+    assert sorted(listed) == sorted(n for n in names if not clip or n.startswith(image_tower))
+
+
+def test_cascading_randomisation_puts_layers_between_blocks_with_the_block_before(monkeypatch):
+    """A layer outside the blocks between two of them (Swin's patch merging, when every stage's blocks
+    are the adapter's) is randomised with the block before it, not with the head or the embeddings."""
+    from conftest import make_swin
+    from gmar.adapters.swin import SwinAdapter
+
+    model = make_swin("timm_swin")
+    every = property(lambda self: [block for stage in self.model.layers for block in stage.blocks])
+    monkeypatch.setattr(SwinAdapter, "blocks", every)
+    steps = dict(M.cascading_randomisation_steps(model))
+    first = len(model.layers[0].blocks)  # the index of stage 1's first block
+    merging = [n for n, _ in model.layers[1].downsample.named_parameters(prefix="layers.1.downsample")]
+    assert merging and set(merging) <= set(steps[f"block {first - 1}"])
+    assert not set(merging) & set(steps["embeddings"]) and not set(merging) & set(steps["head"])
+
+
 @pytest.fixture(scope="module")
 def vit() -> nn.Module:
     return make_timm()
@@ -902,6 +972,73 @@ def test_knockout_drops_switch_each_head_off_alone(vit, vit_images):
     assert M.rank_heads(drops)[0, 0].item() == int(drops[0].argmax())
 
 
+#: where each family's modelling code merges a layer's heads: (factory, module whose input is the heads'
+#: outputs concatenated, with {} for the layer); the test's own reference, independent of the adapters
+MERGED_HEADS = {
+    "timm": (make_timm, "blocks.{}.attn.proj"),
+    "hf_vit": (FACTORIES["hf_vit"], "vit.layers.{}.attention.o_proj"),
+    # nn.MultiheadAttention applies out_proj's weight itself (no hook runs): its columns are zeroed
+    "torchvision": (FACTORIES["torchvision"], "encoder.layers.encoder_layer_{}.self_attention.out_proj.weight"),
+    # attention that normalises its merged heads before the projection: the heads are the norm's input
+    "timm_scale_norm": (lambda: make_timm(scale_attn_norm=True), "blocks.{}.attn.norm"),
+    "eva_sub_ln": (FACTORIES["eva_avg"], "blocks.{}.attn.norm"),
+}
+
+
+def zeroed(model: nn.Module, module_name: str, head: int, heads: int) -> Callable:
+    """A pre-hook on ``module_name`` that zeroes head ``head``'s slice of its input (or, for a name
+    ending in ``.weight``, that head's columns of the weight, given back on ``remove()``)."""
+    if module_name.endswith(".weight"):
+        weight = dict(model.named_parameters())[module_name]
+        saved = weight.detach().clone()
+        width = weight.shape[1] // heads
+        with torch.no_grad():
+            weight[:, head * width : (head + 1) * width] = 0
+
+        class Restore:
+            def remove(self):
+                with torch.no_grad():
+                    weight.copy_(saved)
+
+        return Restore()
+
+    def hook(module, args):
+        merged = args[0].clone()
+        width = merged.shape[-1] // heads
+        merged[..., head * width : (head + 1) * width] = 0
+        return (merged, *args[1:])
+
+    return dict(model.named_modules())[module_name].register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("name", sorted(MERGED_HEADS))
+def test_knockout_switches_off_the_heads_the_modelling_code_merges(name):
+    """Switching head ``(l, h)`` off is zeroing its slice where the model merges its heads: before the
+    output projection, or before the norm where the attention normalises the merged heads (EVA-02's
+    sub-LN), which the capture's head outputs are. Before: heads were zeroed at the output
+    projection's input, after that norm, and OpenCLIP and torchvision could not be ablated at all."""
+    factory, where = MERGED_HEADS[name]
+    model = factory()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    adapter = gmar.get_adapter(model)
+    with torch.no_grad():
+        logits = adapter.forward(images)
+    classes = logits.argmax(dim=1)
+    layers, heads = M.head_counts(adapter)
+    drops = M.knockout_drops(M.Scorer(model), adapter, images, classes)
+    assert drops.shape == (2, layers * heads)
+    for layer, head in ((0, 1), (layers - 1, heads - 1)):
+        handle = zeroed(model, where.format(layer), head, heads)
+        try:
+            with torch.no_grad():
+                off = adapter.forward(images)
+        finally:
+            handle.remove()
+        expected = logits.softmax(dim=1).gather(1, classes[:, None]) - off.softmax(dim=1).gather(1, classes[:, None])
+        assert_close(drops[:, layer * heads + head], expected.squeeze(1), rtol=1e-5, atol=1e-6)
+    assert no_hooks(model)
+
+
 def test_head_ablation_orders_share_endpoints(vit, vit_images):
     adapter = gmar.get_adapter(vit)
     classes = torch.tensor([1, 1])
@@ -928,7 +1065,7 @@ def test_head_ablation_does_not_depend_on_the_scorers_batch_size(vit, vit_images
 def test_head_ablation_removes_its_hooks_when_the_model_fails(vit, vit_images):
     class Failing(M.Scorer):
         def __call__(self, images, classes):
-            self.model(images[:1])
+            self.model(images)  # the masked copies, through the masking capture
             raise RuntimeError("boom")
 
     adapter = gmar.get_adapter(vit)

@@ -12,6 +12,7 @@ import gmar
 import reference as R
 from conftest import ATTENTION_POOLED, FACTORIES, IMAGE, make_coca, make_siglip, make_timm
 from gmar.capture import capture, collect, frozen_eval
+from tolerance import FLOAT32
 
 MODELS = {
     **FACTORIES,
@@ -51,7 +52,7 @@ def test_readout_of_the_last_block_is_the_model_output(name):
             output = adapter.forward(x)
         captured = collect(recorder, output, net)
         readout, pooler = adapter.readout(adapter.block_tokens(captured.block_outputs[-1]))
-    assert_close(readout, expected, rtol=1e-5, atol=1e-5)  # fused vs explicit attention
+    assert_close(readout, expected, **FLOAT32)  # fused vs explicit attention
     assert len(adapter.blocks) == adapter.num_layers == len(captured.block_outputs)
     layout = adapter.token_layout((IMAGE, IMAGE))
     if adapter.attention_pooled:
@@ -88,7 +89,7 @@ def test_detached_blocks_cut_the_graph_between_blocks(name):
     assert grads[2] is not None and grads[2].abs().sum() > 0
     # The cut changes no value: the output equals the model's own.
     with torch.no_grad():
-        assert_close(output.detach(), own_forward(net, images()), rtol=1e-5, atol=1e-5)  # fused vs explicit attention
+        assert_close(output.detach(), own_forward(net, images()), **FLOAT32)  # fused vs explicit attention
 
 
 @pytest.mark.parametrize("name", ["timm", "hf_vit", "openclip", "siglip"])

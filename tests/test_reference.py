@@ -12,8 +12,9 @@ import gmar
 import reference as R
 from conftest import EMBEDDING_MODELS, FACTORIES, IMAGE, clip_target, make_timm, target_for
 from reference import fuse
+from tolerance import FLOAT32
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = FLOAT32
 METHODS = ["raw_attention", "rollout", "grad_rollout", "gmar", "gae"]
 GRADIENT_METHODS = ["grad_rollout", "gmar", "gae"]
 MODELS = {**FACTORIES, "timm_dynamic": lambda: make_timm(dynamic_img_size=True)}

@@ -18,8 +18,9 @@ from torch.testing import assert_close
 
 import gmar
 from conftest import IMAGE, SWIN, make_swin
+from tolerance import FLOAT32
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = FLOAT32
 
 
 @functools.cache
@@ -112,7 +113,7 @@ def test_occlusion_explains_on_the_last_stage_grid(kind):
         logits, occluded = gmar.get_adapter(net).forward(images()), gmar.get_adapter(net).forward(hidden)
     rows = torch.arange(images().shape[0])
     drop = logits[rows, explanation.target] - occluded[rows, explanation.target]
-    torch.testing.assert_close(explanation.token_map[:, 1, 0], drop, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(explanation.token_map[:, 1, 0], drop, **FLOAT32)
 
 
 @pytest.mark.parametrize("kind", SWIN)

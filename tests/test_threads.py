@@ -19,6 +19,7 @@ import gmar
 from conftest import IMAGE, clip_target, make_clip, make_hf_vit, make_timm
 from gmar.capture import model_lock
 from test_capture import unusual_state
+from tolerance import FLOAT32
 
 METHODS = gmar.available_methods()
 CALLS = 20
@@ -73,7 +74,7 @@ def assert_same_explanation(got: gmar.Explanation, want: gmar.Explanation) -> No
         a, b = getattr(got, field), getattr(want, field)
         assert (a is None) == (b is None), field
         if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m, f=field: f"{f}: {m}")
+            torch.testing.assert_close(a, b, **FLOAT32, msg=lambda m, f=field: f"{f}: {m}")
 
 
 FAMILIES = {"timm": make_timm, "hf": make_hf_vit, "openclip": make_clip}
@@ -203,5 +204,5 @@ def test_text_targets_made_while_another_thread_explains():
     assert not errors, f"{len(errors)} calls failed, first: {errors[0]!r}"
     assert len(made) == CALLS
     for other in made:
-        torch.testing.assert_close(other.embeddings, embeddings, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(other.embeddings, embeddings, **FLOAT32)
     assert full_state(model) == before

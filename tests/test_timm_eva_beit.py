@@ -20,8 +20,9 @@ from conftest import FACTORIES, GELU_MLP, IMAGE, PATCH, clip_target, make_beit, 
 from gmar.methods import get_method
 from test_gradcam import gradcam_map
 from test_legrad import class_score, layer_map, per_layer
+from tolerance import FLOAT32
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = FLOAT32
 ROLLOUT_FAMILY = ["raw_attention", "rollout", "grad_rollout", "gmar", "gae"]
 WIDE = (IMAGE, IMAGE + 16)  # a 4x6 grid
 

@@ -12,8 +12,9 @@ from torch import nn
 
 import gmar
 from conftest import IMAGE, spread
+from tolerance import FLOAT32
 
-TOL = dict(atol=1e-5, rtol=1e-4)
+TOL = FLOAT32
 
 
 def make_hybrid() -> nn.Module:

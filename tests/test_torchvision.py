@@ -8,8 +8,9 @@ from torch import nn
 
 import gmar
 from conftest import IMAGE, PATCH, make_torchvision
+from tolerance import FLOAT32
 
-TOL = dict(rtol=1e-4, atol=1e-5)
+TOL = FLOAT32
 
 
 def timm_twin(tv: nn.Module) -> nn.Module:

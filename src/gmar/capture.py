@@ -110,6 +110,8 @@ class Recorder:
         stream: if given, adapters route each layer's attention core through :meth:`attend`, and
             what the stream makes of it (a forward-only method's reduction, or nothing) is stored
             instead of the probabilities.
+        head_mask: ``(B, L, H)`` factors on each head's output where it is recorded (0 switches a
+            head off; a tensor that requires grad gives ``∂y/∂mask``), or None.
     """
 
     num_layers: int
@@ -120,6 +122,7 @@ class Recorder:
     stream: AttentionStream | None = None
     #: False: the attention is not captured (the layers are not expected to report)
     expects_attention: bool = True
+    head_mask: torch.Tensor | None = None
     attentions: list[torch.Tensor | None] = field(init=False)
     reported: list[bool] = field(init=False)
     num_tokens: int | None = field(init=False, default=None)
@@ -184,10 +187,24 @@ class Recorder:
         self.reported[layer] = True
         self.num_tokens = num_tokens
 
-    def head_output(self, layer: int, heads: torch.Tensor) -> None:
-        """Record the per-head context vectors ``(B, heads, N, head_dim)`` of ``layer``."""
+    def head_output(self, layer: int, heads: torch.Tensor) -> torch.Tensor:
+        """Record the per-head context vectors ``(B, heads, N, head_dim)`` of ``layer``; return what
+        the model goes on with: ``heads``, scaled by :attr:`head_mask` when one is set.
+
+        Adapters call it at the one point where a layer's heads are separate, and continue with what
+        it returns, so that the heads gmar reads and the heads it switches off are the same tensors.
+        """
+        if self.head_mask is not None:
+            mask = self.head_mask[:, layer]
+            if mask.shape != heads.shape[:2]:
+                raise CaptureError(
+                    f"a head mask of {tuple(mask.shape)} for layer {layer}'s heads {tuple(heads.shape[:2])} "
+                    "(samples, heads)"
+                )
+            heads = heads * mask.to(heads)[:, :, None, None]
         if self.keep_head_outputs:
             self.head_outputs[layer] = heads
+        return heads
 
 
 @dataclass
@@ -217,12 +234,11 @@ def split_heads_hook(layer: int, num_heads: int, recorder: Recorder) -> Callable
     """
 
     def hook(module: nn.Module, args: tuple) -> tuple | None:
-        if not recorder.keep_head_outputs:
+        if not recorder.keep_head_outputs and recorder.head_mask is None:
             return None
         merged = args[0]
         *lead, width = merged.shape
-        heads = merged.reshape(*lead, num_heads, width // num_heads).transpose(-3, -2)
-        recorder.head_output(layer, heads)
+        heads = recorder.head_output(layer, merged.reshape(*lead, num_heads, width // num_heads).transpose(-3, -2))
         return (heads.transpose(-3, -2).reshape(*lead, width), *args[1:])
 
     return hook
@@ -239,6 +255,7 @@ def capture(
     stream: AttentionStream | None = None,
     attention: bool = True,
     leaf_at: int | None = None,
+    head_mask: torch.Tensor | None = None,
 ) -> Iterator[Recorder]:
     """Instrument ``adapter.model`` for one forward pass; every hook and flag is undone on exit.
 
@@ -257,6 +274,7 @@ def capture(
         norm_input_layer=norm_input_layer,
         stream=stream,
         expects_attention=attention,
+        head_mask=head_mask,
     )
     instrumented = adapter.instrument(recorder) if attention else nullcontext()
     with model_lock(adapter.model), instrumented, _instrument_blocks(adapter, recorder, leaf_at):

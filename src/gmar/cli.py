@@ -216,8 +216,8 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 def _report(line: str, bar: Progress) -> None:
-    """One ``gmar: ...`` line on stderr; a progress bar on the terminal is erased first, and redrawn below."""
-    print(("\r\033[K" if bar.enabled else "") + f"gmar: {line}", file=sys.stderr, flush=True)
+    """One ``gmar: ...`` line on stderr, above the progress bar when one is drawn."""
+    bar.message(f"gmar: {line}")
 
 
 def _suffixes(methods: Sequence[str], slugs: list[str] | None, save_maps: bool) -> list[str]:

@@ -15,12 +15,13 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gmar.capture import model_lock
+from gmar.capture import AttentionStream, Recorder, capture, model_lock
 
 #: metric name -> which way is better
 DIRECTION = {
@@ -496,93 +497,72 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def cascading_randomisation_steps(model: nn.Module) -> list[tuple[str, list[str]]]:
-    """The steps of Adebayo et al.'s cascading randomisation, from the head down: the classifier
-    head (with the final norms: every parameter after the blocks), then each block from the last to
-    the first (norms included), then the embeddings (every parameter the first block's input depends
-    on: patch and position embeddings, class, distillation and register tokens). Each step lists
-    parameter names, in the model's order.
+    """The steps of Adebayo et al.'s cascading randomisation, from the head down, for any model gmar
+    explains: the head (every parameter after the last block: final norms, pooling, classifier or
+    projection), then each block from the last to the first, then the embeddings (every parameter the
+    first block's input depends on: patch embedding, position embedding, class, distillation and
+    register tokens, pre-norm). Each step lists parameter names.
 
-    The blocks are the model adapter's (:attr:`gmar.adapters.ModelAdapter.blocks`), and the
-    embeddings are found by differentiating the first block's input, so this holds for every family
-    (a module no adapter knows is split by timm's parameter names).
+    The blocks are the adapter's (:attr:`gmar.adapters.ModelAdapter.blocks`), so the cascade has one
+    step per block whatever the family. A parameter outside the blocks goes with the first block whose
+    input depends on it (found by autograd on one blank image: the embeddings for block 0, the block
+    before for a layer between two blocks, such as Swin's patch merging); the others the output
+    depends on form the head. Parameters the explained output does not depend on (a CLIP model's text
+    tower) are in no step. The model is not touched: the dependencies are traced on a copy.
     """
+    with model_lock(model):  # a copy taken while another thread instruments the model would keep its hooks
+        twin = copy.deepcopy(model)
+    return _cascade(twin)
+
+
+def _block_input(inputs: list[torch.Tensor], module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Append a block's input tokens (its first argument, positional or not) to ``inputs``."""
+    tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
+    inputs.append(tensors[0])
+
+
+def _cascade(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """:func:`cascading_randomisation_steps` of ``model``, which this may change (pass a copy)."""
     from gmar.adapters import get_adapter
-    from gmar.errors import UnsupportedModelError
 
+    adapter = get_adapter(model)
+    blocks = list(adapter.blocks)
+    names = {id(param): name for name, param in model.named_parameters()}
+    inside = [[names[id(p)] for p in block.parameters() if id(p) in names] for block in blocks]
+    in_blocks = {name for listed in inside for name in listed}
+    outside = [(name, param) for name, param in model.named_parameters() if name not in in_blocks]
+    inputs: list[torch.Tensor] = []
+    handles = [block.register_forward_pre_hook(partial(_block_input, inputs), with_kwargs=True) for block in blocks]
+    parameter = next(model.parameters())
+    image = torch.zeros(1, 3, *adapter.preprocess_config().input_size, dtype=parameter.dtype, device=parameter.device)
     try:
-        adapter = get_adapter(model)
-    except UnsupportedModelError:
-        return _timm_named_steps(model)
-    named = list(model.named_parameters())
-    owner = {}  # id(parameter) -> block index
-    for index, block in enumerate(adapter.blocks):
-        for param in block.parameters():
-            owner.setdefault(id(param), index)
-    rest = [(name, param) for name, param in named if id(param) not in owner]
-    embedding = _first_block_inputs(adapter, [param for _, param in rest])
-    steps = [("head", [name for name, param in rest if id(param) not in embedding])]
-    for index in reversed(range(len(adapter.blocks))):
-        steps.append((f"block {index}", [name for name, param in named if owner.get(id(param)) == index]))
-    steps.append(("embeddings", [name for name, param in rest if id(param) in embedding]))
-    return [(label, params) for label, params in steps if params]
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the first block's input is known."""
-
-
-def _first_block_inputs(adapter, params: list[nn.Parameter]) -> set[int]:
-    """The ids of those of ``params`` that the first block's input depends on (one forward pass of a
-    blank image, stopped at the first block, and one backward pass; the model is left as found)."""
-    if not params or not adapter.blocks:
-        return set()
-    model = adapter.model
-    found: list[torch.Tensor] = []
-
-    def hook(module, args, kwargs):
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_floating_point()]
-        found.append(tensors[0])
-        raise _Stop
-
-    reference = next(iter(params))
-    size = adapter.preprocess_config().input_size
-    blank = torch.zeros(1, 3, *size, device=reference.device, dtype=reference.dtype)
-    modes = {module: module.training for module in model.modules()}
-    wanted = {param: param.requires_grad for param in params}
-    with model_lock(model), torch.inference_mode(False), torch.enable_grad():
-        handle = adapter.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            model.eval()
-            for param in params:
-                param.requires_grad_(True)
-            try:
-                adapter.forward(blank)
-            except _Stop:
-                pass
-            if not found or not found[0].requires_grad:
-                return set()
-            grads = torch.autograd.grad(found[0].sum(), params, allow_unused=True)
-        finally:
+        model.eval()
+        for _, param in outside:
+            param.requires_grad_(True)
+        # Instrumented, as when explained: some adapters run their blocks only then (CaiT's stages).
+        with torch.enable_grad(), adapter.instrument(Recorder(adapter.num_layers)):
+            output = adapter.forward(image)
+    finally:
+        for handle in handles:
             handle.remove()
-            for module, training in modes.items():
-                module.train(training)
-            for param, flag in wanted.items():
-                param.requires_grad_(flag)
-    return {id(param) for param, grad in zip(params, grads, strict=True) if grad is not None}
-
-
-def _timm_named_steps(model: nn.Module) -> list[tuple[str, list[str]]]:
-    names = [name for name, _ in model.named_parameters()]
-    blocks = sorted({int(n.split(".")[1]) for n in names if n.startswith("blocks.")})
-    head = [n for n in names if not n.startswith(("blocks.", "patch_embed.")) and n.split(".")[0] not in _EMBEDDINGS]
-    steps = [("head", head)]
-    for index in reversed(blocks):
-        steps.append((f"block {index}", [n for n in names if n.startswith(f"blocks.{index}.")]))
-    steps.append(("embeddings", [n for n in names if n.startswith("patch_embed.") or n.split(".")[0] in _EMBEDDINGS]))
+    if len(inputs) != len(blocks):
+        raise RuntimeError(f"{type(model).__name__}: {len(inputs)} block calls for {len(blocks)} blocks")
+    # owner[name]: the index of the first block whose input depends on it; len(blocks): only the output does
+    owner: dict[str, int] = {}
+    pending = [(name, param) for name, param in outside]
+    for index, tensor in enumerate([*inputs, output]):
+        if not pending or not tensor.requires_grad:
+            continue
+        grads = torch.autograd.grad(tensor.float().sum(), [p for _, p in pending], allow_unused=True, retain_graph=True)
+        owner.update({name: index for (name, _), grad in zip(pending, grads, strict=True) if grad is not None})
+        pending = [(name, param) for (name, param), grad in zip(pending, grads, strict=True) if grad is None]
+    order = [name for name, _ in model.named_parameters()]
+    steps = [("head", [n for n in order if owner.get(n) == len(blocks)])]
+    for index in reversed(range(len(blocks))):
+        between = [n for n in order if owner.get(n) == index + 1 and index + 1 < len(blocks)]
+        steps.append((f"block {index}", [n for n in order if n in set(inside[index]) or n in between]))
+    steps.append(("embeddings", [n for n in order if owner.get(n) == 0]))
     return [(label, params) for label, params in steps if params]
-
-
-_EMBEDDINGS = ("pos_embed", "cls_token", "dist_token", "reg_token", "norm_pre")
 
 
 def cascading_randomisation(
@@ -607,10 +587,17 @@ def cascading_randomisation(
     original = explain(model).detach()
     with model_lock(model):  # a copy taken while another thread instruments the model would keep its hooks
         twin = copy.deepcopy(model)
+    flags = [(param, param.requires_grad) for param in twin.parameters()]
+    modes = [(module, module.training) for module in twin.modules()]
+    steps = _cascade(twin)
+    for param, requires_grad in flags:  # as the model had them: the explanations run on the twin
+        param.requires_grad_(requires_grad)
+    for module, training in modes:
+        module.training = training
     parameters = dict(twin.named_parameters())
     generator = torch.Generator().manual_seed(seed)
     results = []
-    for label, names in cascading_randomisation_steps(twin):
+    for label, names in steps:
         with torch.no_grad():
             for name in names:
                 param = parameters[name]
@@ -633,14 +620,15 @@ def head_ablation(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Remove attention heads one by one, most important first, and follow the target's score.
 
-    Head ``(l, h)`` is removed by zeroing its output (its slice of the input of the layer's output
-    projection). For each image, heads are removed in the order of its ranking; after ``k``
+    Head ``(l, h)`` is removed by zeroing its output ``O_h`` where the capture reads it (see
+    :func:`head_counts`): the heads' context vectors before they are merged (and, where the attention
+    normalises them, before that norm). For each image, heads are removed in the order of its ranking; after ``k``
     removals (``k = 0 … L·H``) the target's probability is recorded. The AUC is the trapezoid over
     the fraction removed in [0, 1]. **Lower is better** for a ranking that finds the heads that
     matter; compare with a random and the reverse ranking, and with :func:`knockout_ranking`.
 
     Args:
-        adapter: the model's :class:`gmar.adapters.ModelAdapter` (gives the output projections).
+        adapter: the model's :class:`gmar.adapters.ModelAdapter`.
         rankings: ``(B, L*H)`` flat head indices ``l * H + h``, most important first.
     Returns:
         ``(auc (B,), curve (B, L*H + 1))``.
@@ -666,9 +654,26 @@ def knockout_drops(scorer: Scorer, adapter, images: torch.Tensor, classes: torch
     return probabilities[:, :1] - probabilities[:, 1:]
 
 
+def head_counts(adapter) -> tuple[int, int]:
+    """``(layers, heads per layer)`` of the heads gmar can switch off: those the capture records
+    (:meth:`gmar.capture.Recorder.head_output`), read from one pass on a blank image."""
+    from gmar.errors import UnsupportedModelError
+
+    parameter = next(adapter.model.parameters())
+    image = torch.zeros(1, 3, *adapter.preprocess_config().input_size, dtype=parameter.dtype, device=parameter.device)
+    with torch.inference_mode(), capture(adapter, head_outputs=True, stream=AttentionStream(adapter.num_layers)) as rec:
+        adapter.forward(image)
+        heads = [None if h is None else h.shape[1] for h in rec.head_outputs]
+    if any(h is None for h in heads) or len(set(heads)) != 1:
+        raise UnsupportedModelError(
+            f"{type(adapter.model).__name__}: gmar cannot switch off single heads of this model"
+        )
+    return len(heads), int(heads[0])
+
+
 def _head_count(adapter) -> int:
-    projections = adapter.head_projections()
-    return len(projections) * projections[0][1]
+    layers, heads = head_counts(adapter)
+    return layers * heads
 
 
 def _with_heads(
@@ -676,37 +681,23 @@ def _with_heads(
 ) -> torch.Tensor:
     """The target's probability ``(B, R)`` for each image of ``images`` ``(B, 3, H, W)`` with each of
     its rows of ``keep`` ``(B, R, L*H)`` (1 keeps a head, 0 switches it off): all ``B·R`` masked
-    copies in batches of the scorer's batch size."""
-    projections = adapter.head_projections()
-    heads = projections[0][1]
+    copies in batches of the scorer's batch size.
+
+    A head is switched off where the capture reads it (:meth:`gmar.capture.Recorder.head_output`),
+    so the heads that head scores describe and the heads removed here are the same tensors."""
+    layers, heads = head_counts(adapter)
     batch, per_image = keep.shape[:2]
     rows_total = batch * per_image
-    keep = keep.reshape(rows_total, len(projections), heads)
+    keep = keep.reshape(rows_total, layers, heads)
     scores = []
     for start in range(0, rows_total, scorer.batch_size):
         rows = slice(start, start + scorer.batch_size)  # each chunk masks with its own rows of `keep`
         owners = torch.arange(rows_total)[rows] // per_image  # the image each row belongs to
-        handles = []
-        with model_lock(adapter.model):  # the masking hooks must reach no other thread's call
-            try:
-                for layer, (projection, count) in enumerate(projections):
-                    handles.append(projection.register_forward_pre_hook(_mask_heads(keep[rows, layer], count)))
-                scores.append(scorer(images[owners.to(images.device)], classes[owners.to(classes.device)])[0])
-            finally:
-                for handle in handles:
-                    handle.remove()
+        # The stream computes each layer's attention without keeping its probabilities.
+        stream = AttentionStream(adapter.num_layers)
+        with capture(adapter, stream=stream, head_mask=keep[rows].to(images.device)):
+            scores.append(scorer(images[owners.to(images.device)], classes[owners.to(classes.device)])[0])
     return torch.cat(scores).view(batch, per_image)
-
-
-def _mask_heads(keep: torch.Tensor, heads: int) -> Callable:
-    def hook(module: nn.Module, args: tuple) -> tuple:
-        merged = args[0]
-        batch, tokens, width = merged.shape
-        scale = keep[:batch].to(merged)
-        out = merged.view(batch, tokens, heads, width // heads) * scale[:, None, :, None]
-        return (out.view(batch, tokens, width), *args[1:])
-
-    return hook
 
 
 def rank_heads(weights: torch.Tensor) -> torch.Tensor:

@@ -1,18 +1,18 @@
-"""A one-line progress bar on stderr, redrawn at most twice a second (no dependency)."""
+"""Progress bars on stderr (a widget in a notebook), through ``tqdm.auto``."""
 
 from __future__ import annotations
 
-import math
 import sys
-import time
 import weakref
+
+from tqdm.auto import tqdm
 
 #: the bars drawing now (not closed, still referenced): a bar started inside one of them stays quiet
 _DRAWING: weakref.WeakSet[Progress] = weakref.WeakSet()
 
 
 class Progress:
-    """``[####....] done/total unit, N s left note`` on one line of stderr.
+    """A bar for ``total`` units of work, redrawn at most twice a second.
 
     Args:
         total: the amount of work.
@@ -24,49 +24,39 @@ class Progress:
     """
 
     def __init__(self, total: int, label: str, enabled: bool = True, done: int = 0, unit: str = "") -> None:
-        enabled = enabled and not _DRAWING
-        self.total, self.label, self.enabled, self.done, self.unit = total, label, enabled, done, unit
-        if enabled:
+        self.enabled = enabled and not _DRAWING
+        self.total, self.label, self.done, self.unit = total, label, done, unit
+        if self.enabled:
             _DRAWING.add(self)
-        self.first = done
-        self._width = 0
-        self.start = self.last = time.perf_counter()
-        self._draw("")
+        self._bar = tqdm(
+            total=total,
+            initial=done,
+            desc=label,
+            unit=f" {unit}" if unit else "it",
+            disable=not self.enabled,
+            file=sys.stderr,
+            mininterval=0.5,
+            dynamic_ncols=True,
+        )
 
     def update(self, done: int | None = None, *, advance: int = 0, note: str = "") -> None:
         """Set the work done (``done``) or add to it (``advance``); redraw if it is time."""
+        before = self.done
         self.done = done if done is not None else self.done + advance
-        now = time.perf_counter()
-        if now - self.last >= 0.5 or self.done >= self.total:
-            self.last = now
-            self._draw(note)
+        if note:
+            self._bar.set_postfix_str(note, refresh=False)
+        self._bar.update(self.done - before)
 
     def message(self, line: str) -> None:
-        """Write ``line`` on a line of its own above the bar, and draw the bar again."""
+        """Write ``line`` on stderr on a line of its own above the bar (drawn again below it)."""
         if self.enabled:
-            sys.stderr.write("\r" + " " * self._width + "\r")
-        sys.stderr.write(line + "\n")
-        self._draw("")
+            self._bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
 
     def close(self) -> None:
         _DRAWING.discard(self)
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-    def _draw(self, note: str) -> None:
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.start
-        rate = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
-        left = (self.total - self.done) / rate if rate > 0 else math.nan
-        filled = int(30 * self.done / max(self.total, 1))
-        unit = f" {self.unit}" if self.unit else ""
-        timing = f", {elapsed:.0f}s elapsed" + (f", {left:.0f}s left" if math.isfinite(left) else "")
-        text = f"{self.label}: [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}{unit}{timing} {note}  "
-        self._width = len(text)
-        sys.stderr.write("\r" + text)
-        sys.stderr.flush()
+        self._bar.close()
 
 
 def message(line: str) -> None:

@@ -89,13 +89,6 @@ class ModelAdapter(ABC):
         model does; the adapter may offer others (:attr:`extra_poolings`).
         """
 
-    def head_projections(self) -> list[tuple[nn.Module, int]]:
-        """Each layer's output projection (a module whose input is the heads' outputs concatenated)
-        and its number of heads; used to switch heads off (:func:`gmar.metrics.head_ablation`)."""
-        from gmar.errors import UnsupportedModelError
-
-        raise UnsupportedModelError(f"{type(self.model).__name__}: gmar cannot switch off single heads of this model")
-
     def preprocess_config(self) -> PreprocessConfig:
         """How to turn an image file into this model's input."""
         return PreprocessConfig()

@@ -157,7 +157,7 @@ class HFCLIPAdapter(ModelAdapter):
 
     @contextmanager
     def instrument(self, recorder: Recorder) -> Iterator[None]:
-        with instrument_attention(self._tower, self._attention, self.head_projections(), recorder):
+        with instrument_attention(self._tower, self._attention, self._merged_heads(), recorder):
             yield
 
     @property
@@ -167,7 +167,9 @@ class HFCLIPAdapter(ModelAdapter):
     def first_norm(self, layer: int) -> nn.Module:
         return self._blocks[layer].layer_norm1
 
-    def head_projections(self) -> list[tuple[nn.Module, int]]:
+    def _merged_heads(self) -> list[tuple[nn.Module, int]]:
+        """Each layer's module whose input is its heads' outputs concatenated, and its number of heads:
+        where the capture splits (and head ablation switches off) the heads."""
         return [(attn.out_proj, attn.num_heads) for attn in self._attention]
 
     def readout(self, tokens: torch.Tensor, pooling: str = "model") -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -34,7 +34,9 @@ class Data2VecVisionAdapter(HFAdapter):
         """Each layer's output projection (``Data2VecVisionSelfOutput.dense``), whose input is the heads' outputs."""
         return [block.attention.output.dense for block in self._blocks]
 
-    def head_projections(self) -> list[tuple[nn.Module, int]]:
+    def _merged_heads(self) -> list[tuple[nn.Module, int]]:
+        """Each layer's module whose input is its heads' outputs concatenated, and its number of heads:
+        where the capture splits (and head ablation switches off) the heads."""
         pairs = zip(self._projections(), self._attention, strict=True)
         return [(dense, attn.num_attention_heads) for dense, attn in pairs]
 
@@ -43,7 +45,7 @@ class Data2VecVisionAdapter(HFAdapter):
         handles: list = []
         with ExitStack() as stack:
             stack.callback(remove_all(handles))
-            for layer, ((dense, heads), attn) in enumerate(zip(self.head_projections(), self._attention, strict=True)):
+            for layer, ((dense, heads), attn) in enumerate(zip(self._merged_heads(), self._attention, strict=True)):
                 override_forward(stack, attn, partial(_self_attention, attn, layer, recorder))
                 handles.append(dense.register_forward_pre_hook(split_heads_hook(layer, heads, recorder)))
             yield

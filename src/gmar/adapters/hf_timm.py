@@ -61,9 +61,6 @@ class HFTimmWrapperAdapter(ModelAdapter):
     def readout(self, tokens: torch.Tensor, pooling: str = "model") -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._timm.readout(tokens, pooling)
 
-    def head_projections(self) -> list[tuple[nn.Module, int]]:
-        return self._timm.head_projections()
-
     def preprocess_config(self) -> PreprocessConfig:
         return self._timm.preprocess_config()
 

@@ -152,7 +152,7 @@ class HFAdapter(ModelAdapter):
 
     @contextmanager
     def instrument(self, recorder: Recorder) -> Iterator[None]:
-        with instrument_attention(self.model, self._attention, self.head_projections(), recorder):
+        with instrument_attention(self.model, self._attention, self._merged_heads(), recorder):
             yield
 
     @property
@@ -163,7 +163,9 @@ class HFAdapter(ModelAdapter):
         block = self._blocks[layer]
         return block.layernorm_before if hasattr(block, "layernorm_before") else block.norm1
 
-    def head_projections(self) -> list[tuple[nn.Module, int]]:
+    def _merged_heads(self) -> list[tuple[nn.Module, int]]:
+        """Each layer's module whose input is its heads' outputs concatenated, and its number of heads:
+        where the capture splits (and head ablation switches off) the heads."""
         return [(attn.o_proj, attn.config.num_attention_heads) for attn in self._attention]
 
     def readout(self, tokens: torch.Tensor, pooling: str = "model") -> tuple[torch.Tensor, torch.Tensor | None]:

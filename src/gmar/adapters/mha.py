@@ -72,7 +72,7 @@ class ExplicitAttention:
             probabilities = F.dropout(scores.softmax(dim=-1), attn.dropout, training=attn.training)
             recorder.attention(self.layer, probabilities)
             context = probabilities @ v
-        recorder.head_output(self.layer, context)
+        context = recorder.head_output(self.layer, context)
         output = attn.out_proj(context.transpose(1, 2).reshape(batch, tokens, width))
         if not attn.batch_first:
             output = output.transpose(0, 1)

@@ -128,9 +128,6 @@ class CaitAdapter(ModelAdapter):
         # only the patches in a self-attention layer).
         return self._stages[layer]
 
-    def head_projections(self) -> list[tuple[nn.Module, int]]:
-        return [(attn.proj, attn.num_heads) for attn in self._attention]
-
     def readout(self, tokens: torch.Tensor, pooling: str = "model") -> tuple[torch.Tensor, torch.Tensor | None]:
         check_pooling(self, pooling)
         return self.model.forward_head(self.model.norm(tokens)), None
@@ -177,7 +174,7 @@ def _self_attention(attn: nn.Module, layer: int, recorder: Recorder, x: torch.Te
     corner[0, 0] = 1.0
     embedded = F.pad(weights, (1, 0, 1, 0)) + corner  # the class token: an identity row and column
     context = recorder.attend_probabilities(layer, embedded, F.pad(v, (0, 0, 1, 0)))
-    recorder.head_output(layer, context)
+    context = recorder.head_output(layer, context)
     x = context[:, :, 1:].transpose(1, 2).reshape(batch, patches, width)
     return attn.proj_drop(attn.proj(x))
 
@@ -196,6 +193,6 @@ def _class_attention(attn: nn.Module, layer: int, recorder: Recorder, x: torch.T
     eye = torch.eye(tokens, dtype=row.dtype, device=row.device)[1:]
     embedded = torch.cat([row, eye.expand(batch, heads, -1, -1)], dim=2)
     context = recorder.attend_probabilities(layer, embedded, v)
-    recorder.head_output(layer, context)
+    context = recorder.head_output(layer, context)
     x_cls = context[:, :, :1].transpose(1, 2).reshape(batch, 1, width)
     return attn.proj_drop(attn.proj(x_cls))

@@ -153,9 +153,6 @@ class TimmAdapter(ModelAdapter):
         # the input tokens is the attention itself.
         return block.attn if isinstance(block, self.post_norm_blocks()) else block.norm1
 
-    def head_projections(self) -> list[tuple[nn.Module, int]]:
-        return [(attn.proj, attn.num_heads) for attn in self._attention]
-
     def readout(self, tokens: torch.Tensor, pooling: str = "model") -> tuple[torch.Tensor, torch.Tensor | None]:
         check_pooling(self, pooling)
         model = self.model
@@ -193,11 +190,24 @@ def timm_preprocess_config(model: nn.Module) -> PreprocessConfig:
 
 
 def timm_class_names(model: nn.Module) -> list[str] | None:
-    """The class names a timm model's pretrained config carries, if they match its head."""
+    """The class names of a timm model's head: those its pretrained config carries, else the ImageNet
+    subset's descriptions ("tabby, tabby cat") that timm ships, when the head has that subset's size."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     names = cfg.get("label_names")
     if names and len(names) == model.num_classes:
         return list(names)
+    # timm ships the ImageNet subsets' class descriptions offline; its pretrained config says which
+    # one a head was trained on (a head of another size, e.g. fine-tuned, matches none of them).
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model)
+        if subset:
+            info = ImageNetInfo(subset)
+            if info.num_classes() == model.num_classes:
+                return info.label_descriptions()
+    except (ImportError, OSError, ValueError, KeyError):
+        pass
     return None
 
 
