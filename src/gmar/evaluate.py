@@ -613,7 +613,7 @@ def _can_switch_heads(adapter) -> bool:
     from gmar.errors import UnsupportedModelError
 
     try:
-        adapter.head_projections()
+        M.head_counts(adapter)
     except UnsupportedModelError:
         return False
     return True
