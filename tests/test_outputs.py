@@ -321,3 +321,42 @@ def test_names_over_the_file_system_limit_are_shortened_deterministically(tmp_pa
     assert OutputFolder(out).reserve("x" * 241 + ".png", suffixes, "x") != OutputFolder(out).reserve(
         "x" * 240 + "y.png", suffixes, "y"
     )
+
+
+def test_a_long_input_name_and_a_failing_write_do_not_stop_the_run(tmp_path, capsys, monkeypatch):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    long = picture(photos / ("a" * 241 + ".png"), 0)
+    picture(photos / "b.png", 1)
+    picture(photos / "c.png", 2)
+    out = tmp_path / "out"
+    argv = ["explain", str(photos), *MODEL, "--out", str(out), "--save-maps"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    (line,) = gmar_lines(captured.err)
+    assert str(long) in line and "name limit" in line
+    figures = sorted(n for n in os.listdir(out) if n.endswith(".png") and not n.endswith("_heads.png"))
+    assert len(figures) == 3 and "b.png.png" in figures and "c.png.png" in figures
+    assert "wrote 3 figure(s)" in captured.out
+    assert main(argv) == 0  # a re-run replaces the shortened names rather than numbering them
+    assert sorted(n for n in os.listdir(out) if n.endswith(".png") and not n.endswith("_heads.png")) == figures
+
+    import gmar.viz
+
+    real_save = gmar.viz.save
+    calls: list[str] = []
+
+    def failing_once(figure, path):
+        calls.append(str(path))
+        if len(calls) == 3:  # the second image's figure (after the first image's figure and heads)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(figure, path)
+
+    monkeypatch.setattr(gmar.viz, "save", failing_once)
+    fresh = tmp_path / "fresh"
+    assert main(["explain", str(photos), *MODEL, "--out", str(fresh)]) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in gmar_lines(captured.err) if "No space left on device" in line]
+    assert len(errors) == 1 and "b.png" in errors[0] and "Traceback" not in captured.err
+    assert (fresh / "c.png.png").is_file() and not (fresh / "b.png.png").exists()
+    assert "1 input(s) failed" in captured.out
