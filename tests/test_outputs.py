@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -360,3 +361,42 @@ def test_a_long_input_name_and_a_failing_write_do_not_stop_the_run(tmp_path, cap
     assert len(errors) == 1 and "b.png" in errors[0] and "Traceback" not in captured.err
     assert (fresh / "c.png.png").is_file() and not (fresh / "b.png.png").exists()
     assert "1 input(s) failed" in captured.out
+
+
+def test_an_old_list_is_read_and_its_files_replaced(tmp_path):
+    """A folder written before the journal existed: its ``.gmar-outputs.json`` still says what is gmar's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cat.jpg.png").write_bytes(b"old figure")
+    info = (out / "cat.jpg.png").lstat()
+    (out / MANIFEST).write_text(
+        json.dumps({"gmar_outputs": 1, "files": {"cat.jpg.png": {"size": info.st_size, "mtime_ns": info.st_mtime_ns}}})
+    )
+    with OutputFolder(out) as folder:
+        assert folder.reserve("cat.jpg", [".png"], "cat.jpg") == "cat.jpg"
+        folder.write("cat.jpg.png", lambda path: path.write_bytes(b"new figure"))
+    assert (out / "cat.jpg.png").read_bytes() == b"new figure"
+    assert sorted(os.listdir(out)) == [MANIFEST, "cat.jpg.png"]  # the journal folded, nothing else left
+    assert set(json.loads((out / MANIFEST).read_text())["files"]) == {"cat.jpg.png"}
+
+
+def test_without_hard_links_or_flock_a_taken_name_is_still_never_replaced(tmp_path, monkeypatch, capsys):
+    import gmar.outputs
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)  # FAT, some network file systems
+    monkeypatch.setattr(gmar.outputs, "fcntl", None)  # as where fcntl cannot be imported
+    out = tmp_path / "out"
+    folder = OutputFolder(out)
+    assert folder.reserve("a", [".png"], "a") == "a"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"someone else's")
+    assert folder.write("a.png", lambda path: path.write_bytes(b"figure")) == out / "a-2.png"
+    assert (out / "a.png").read_bytes() == b"someone else's" and (out / "a-2.png").read_bytes() == b"figure"
+    folder.write("b.png", lambda path: path.write_bytes(b"b"))
+    folder.close()
+    assert set(read_manifest(out)) == {"a-2.png", "b.png"}
+    assert leftovers(out) == ["a-2.png", "a.png", "b.png"]
+    assert len(gmar_lines(capsys.readouterr().err)) == 1
