@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from importlib import resources
@@ -26,9 +26,9 @@ from gmar.errors import GmarError, ImageLoadError
 from gmar.evaluate import SELECTORS
 from gmar.loading import LoadedModel, load_model
 from gmar.methods import all_methods, available_methods, explain, get_method, select_methods
-from gmar.outputs import OutputFolder, distinct, previous_outputs
+from gmar.outputs import TEMPORARY, OutputError, OutputFolder, distinct, previous_outputs
 from gmar.preprocess import IMAGE_SUFFIXES, denormalise, load_and_preprocess
-from gmar.progress import Progress
+from gmar.progress import Progress, message
 from gmar.targets import TextTarget
 
 #: Flags of the official GMAR demo; a command line that starts with one of them means `explain`.
@@ -202,14 +202,18 @@ def run_explain(args: argparse.Namespace) -> int:
                 # one call: the methods that read the same attention and gradient share one pass
                 explanations = explain(loaded.model, batch, methods, target=target, options=_options(methods, args))
                 names = [outputs.reserve(p.name, _suffixes(methods, slugs, args.save_maps), p) for p, _ in pending]
+                sources = [p for p, _ in pending]
                 if slugs is None:
-                    written += _write(batch, explanations, loaded, names, outputs, args.save_maps)
+                    done = _write(batch, explanations, loaded, names, sources, outputs, args.save_maps)
                 else:
-                    written += _write_prompts(batch, explanations, loaded, names, slugs, outputs, args.save_maps)
+                    done = _write_prompts(batch, explanations, loaded, names, sources, slugs, outputs, args.save_maps)
+                written += done
+                failures += len(names) - done
                 pending = []
             bar.update(index + 1)
     finally:
         bar.close()
+        outputs.close()
     out = outputs.folder
     print(f"gmar: wrote {written} figure(s) to {out}" + (f"; {failures} input(s) failed" if failures else ""))
     return 2 if failures else 0
@@ -522,27 +526,36 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _write(
-    batch: torch.Tensor, explanations: dict, loaded: LoadedModel, names: list[str], out: OutputFolder, save_maps: bool
+    batch: torch.Tensor,
+    explanations: dict,
+    loaded: LoadedModel,
+    names: list[str],
+    sources: list[Path],
+    out: OutputFolder,
+    save_maps: bool,
 ) -> int:
+    """Write each image's figure (and heads and maps); return how many images were written whole."""
     pixels = denormalise(batch, loaded.preprocess).cpu()
     first = next(iter(explanations.values()))
     logits = first.logits.float()
     probabilities = (logits.sigmoid() if loaded.extras.get("multi_label") else logits.softmax(dim=-1)).cpu()
+    written = 0
     for i, name in enumerate(names):
         predicted = int(probabilities[i].argmax())
         row = [f"predicted: {_label(loaded, predicted)} ({probabilities[i, predicted]:.2f})"]
         columns = {m: [f"{m}: {_label(loaded, int(e.target[i]))}"] for m, e in explanations.items()}
         single = {m: _select(e, i) for m, e in explanations.items()}
         grid = viz.method_grid(pixels[i : i + 1], single, row_titles=row, column_titles=columns)
-        out.write(f"{name}.png", lambda path, figure=grid: viz.save(figure, path))
+        files = [(f"{name}.png", lambda path, figure=grid: viz.save(figure, path))]
         if "gmar" in explanations:
             figure = viz.head_weights_figure(explanations["gmar"].head_weights[i].cpu(), f"GMAR head weights: {name}")
-            out.write(f"{name}_gmar_heads.png", lambda path, figure=figure: viz.save(figure, path))
+            files.append((f"{name}_gmar_heads.png", lambda path, figure=figure: viz.save(figure, path)))
         if save_maps:
             for method, explanation in explanations.items():
                 heatmap = explanation.heatmap[i].cpu().numpy()
-                out.write(f"{name}_{method}.npy", lambda path, heatmap=heatmap: np.save(path, heatmap))
-    return len(names)
+                files.append((f"{name}_{method}.npy", lambda path, heatmap=heatmap: np.save(path, heatmap)))
+        written += _write_files(files, sources[i], out)
+    return written
 
 
 def _write_prompts(
@@ -550,15 +563,19 @@ def _write_prompts(
     explanations: dict,
     loaded: LoadedModel,
     names: list[str],
+    sources: list[Path],
     slugs: list[str],
     out: OutputFolder,
     save_maps: bool,
 ) -> int:
-    """One figure per image: a row per prompt, the image and one overlay per method, labelled with the prompt."""
+    """One figure per image: a row per prompt, the image and one overlay per method, labelled with the prompt.
+
+    Returns how many images were written whole."""
     pixels = denormalise(batch, loaded.preprocess).cpu()
     first = next(iter(explanations.values()))
     prompts = first.prompts
     count = len(slugs)  # maps per image: one per prompt
+    written = 0
     for i, name in enumerate(names):
         rows = list(range(i * count, (i + 1) * count))
         images = pixels[i : i + 1].expand(count, *pixels.shape[1:])
@@ -569,17 +586,39 @@ def _write_prompts(
         }
         single = {m: replace(e, heatmap=e.heatmap[rows[0] : rows[-1] + 1]) for m, e in explanations.items()}
         grid = viz.method_grid(images, single, row_titles=row_titles, column_titles=columns)
-        out.write(f"{name}.png", lambda path, figure=grid: viz.save(figure, path))
+        files = [(f"{name}.png", lambda path, figure=grid: viz.save(figure, path))]
         for slug, r in zip(slugs, rows, strict=True):
             if "gmar" in explanations:
                 title = f'GMAR head weights: {name}, "{_short(prompts[r])}"'
                 figure = viz.head_weights_figure(explanations["gmar"].head_weights[r].cpu(), title)
-                out.write(f"{name}_{slug}_gmar_heads.png", lambda path, figure=figure: viz.save(figure, path))
+                files.append((f"{name}_{slug}_gmar_heads.png", lambda path, figure=figure: viz.save(figure, path)))
             if save_maps:
                 for method, explanation in explanations.items():
                     heatmap = explanation.heatmap[r].cpu().numpy()
-                    out.write(f"{name}_{slug}_{method}.npy", lambda path, heatmap=heatmap: np.save(path, heatmap))
-    return len(names)
+                    files.append((f"{name}_{slug}_{method}.npy", lambda path, heatmap=heatmap: np.save(path, heatmap)))
+        written += _write_files(files, sources[i], out)
+    return written
+
+
+def _write_files(files: list[tuple[str, Callable[[Path], object]]], source: Path, out: OutputFolder) -> int:
+    """Write one image's ``files`` (name, writer); 1 if all were written, 0 (and one line on stderr) if not.
+
+    An image whose files cannot be written (full disk, a name the file system refuses) does not stop
+    the run: the next images are still explained, and the run ends with exit code 2.
+    """
+    try:
+        for name, writer in files:
+            out.write(name, writer)
+    except OutputError as error:
+        message(f"gmar: {source}: {error}")
+        import matplotlib.pyplot as plt
+
+        for _, writer in files:  # the figures not written are released all the same
+            for value in writer.__defaults__ or ():
+                if isinstance(value, plt.Figure):
+                    plt.close(value)
+        return 0
+    return 1
 
 
 def _short(text: str, width: int = 40) -> str:
@@ -634,7 +673,11 @@ def _image_paths(args: argparse.Namespace) -> list[Path]:
     for path in given:
         if path.is_dir():
             ours = previous_outputs(path)  # figures gmar wrote into this folder are not inputs
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name not in ours)
+            found = sorted(
+                p
+                for p in path.iterdir()
+                if p.suffix.lower() in IMAGE_SUFFIXES and p.name not in ours and not p.name.startswith(TEMPORARY)
+            )
             if not found:
                 print(f"gmar: no images in folder {path}", file=sys.stderr)
             paths += found

@@ -108,5 +108,7 @@ def _fit_title(figure: Figure, axis, title: str, fontsize: float, max_lines: int
 
 def save(figure: Figure, path) -> None:
     """Write ``figure`` to ``path`` and release it."""
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=110)
+    finally:
+        plt.close(figure)
