@@ -536,13 +536,15 @@ def save(settings: list[Setting], out: Path) -> list[Path]:
                 for row in s.rows:
                     writer.writerow([s.model, s.batch_size, s.resolution, s.device, *asdict(row).values()])
 
-    paths = [
-        outputs.write("bench.md", lambda path: path.write_text("\n\n".join(table(s) for s in settings) + "\n")),
-        outputs.write("bench.csv", write_csv),
-        outputs.write("bench.json", lambda path: path.write_text(json.dumps([asdict(s) for s in settings], indent=1))),
-    ]
-    if len(settings) > 1:
-        paths.append(outputs.write("scaling.png", lambda path: plot_scaling(settings, path)))
+    records = json.dumps([asdict(s) for s in settings], indent=1)
+    with outputs:  # the folder's list of outputs is folded once they are written
+        paths = [
+            outputs.write("bench.md", lambda path: path.write_text("\n\n".join(table(s) for s in settings) + "\n")),
+            outputs.write("bench.csv", write_csv),
+            outputs.write("bench.json", lambda path: path.write_text(records)),
+        ]
+        if len(settings) > 1:
+            paths.append(outputs.write("scaling.png", lambda path: plot_scaling(settings, path)))
     return paths
 
 

@@ -47,6 +47,7 @@ def demo(out: Path, scenes: int = 100) -> list[str]:
     first = explanations["gmar"].head_weights[0]
     heads = viz.head_weights_figure(first, f"GMAR head weights: {row_titles[0]}")
     outputs.write("gmar_heads.png", lambda path: viz.save(heads, path))
+    outputs.close()
 
     settings = Settings(
         model="reference",

@@ -853,12 +853,14 @@ def report(store: Store, settings: Settings, out: Path) -> dict:
             for (method, metric), (mean, ci, n) in sorted(summary.items()):
                 writer.writerow([method, metric, f"{mean:.6f}", f"{ci:.6f}", n, M.DIRECTION[metric]])
 
-    outputs.write("results.csv", write_csv)
     markdown = _markdown(summary, methods_present, metrics_present, settings) + _model_check_section(summary, settings)
     paired = "".join(_paired(scores, methods_present, metrics_present, pair) for pair in PAIRS)
     paired += _paired_heads(scores)
-    outputs.write("results.md", lambda path: path.write_text(markdown + paired + _sanity_steps(store, methods_present)))
-    _plots(store, summary, methods_present, outputs)
+    with outputs:  # the folder's list of outputs is folded when the report is written
+        outputs.write("results.csv", write_csv)
+        text = markdown + paired + _sanity_steps(store, methods_present)
+        outputs.write("results.md", lambda path: path.write_text(text))
+        _plots(store, summary, methods_present, outputs)
     return summary
 
 
