@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 
 import gmar
-from gmar import app
-from gmar.cli import main
+from gmar.frontends import app
+from gmar.frontends.cli import main
 from gmar.preprocess import load_image, preprocess
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -579,7 +579,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 import gmar
-from gmar import app
+from gmar.frontends import app
 from gmar.preprocess import denormalise
 
 folder = Path(sys.argv[1])

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import IMAGE, make_timm
-from gmar import bench
-from gmar.cli import main
 from gmar.errors import GmarError
+from gmar.frontends import bench
+from gmar.frontends.cli import main
 from gmar.methods import explain
 
 

@@ -9,7 +9,7 @@ import torch
 
 import gmar
 from conftest import one_error_line
-from gmar.cli import main
+from gmar.frontends.cli import main
 from gmar.loading import load_model
 
 TINY = "vit_tiny_patch16_224"
@@ -169,7 +169,7 @@ def test_hf_num_classes_sets_the_number_of_labels(tmp_path):
 
 
 def test_reference_checkpoint_as_a_torch_file(tmp_path, capsys):
-    from gmar.reference import build_reference_model, load_reference_model
+    from gmar.eval.reference import build_reference_model, load_reference_model
 
     source = build_reference_model()
     with torch.no_grad():

@@ -14,7 +14,7 @@ from PIL import Image
 
 import gmar
 from conftest import make_hf_vit, one_error_line
-from gmar.cli import main
+from gmar.frontends.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_attention_pooled_model_gets_the_methods_that_explain_it(inputs, tmp_pat
 
 
 def test_train_reference_options_reach_the_recipe(monkeypatch, tmp_path, capsys):
-    import gmar.reference
+    import gmar.eval.reference
 
     seen = []
 
@@ -168,13 +168,13 @@ def test_train_reference_options_reach_the_recipe(monkeypatch, tmp_path, capsys)
         seen.append(config)
         return None, {"test_exact_set_accuracy": 0.5, "test_scenes": 1, "train_seconds": 0.0}
 
-    monkeypatch.setattr(gmar.reference, "train_reference", fake)
+    monkeypatch.setattr(gmar.eval.reference, "train_reference", fake)
     argv = ["train-reference", "--out", str(tmp_path), "--steps", "40", "--lr", "3e-4", "--train-scenes", "500"]
     assert main([*argv, "--token-loss", "0"]) == 0
     assert main(["train-reference", "--out", str(tmp_path)]) == 0
     changed, default = seen
     assert (changed.steps, changed.lr, changed.train_scenes, changed.token_loss) == (40, 3e-4, 500, 0.0)
-    assert default == gmar.reference.ReferenceConfig()
+    assert default == gmar.eval.reference.ReferenceConfig()
     assert "test exact-set accuracy 0.5000" in capsys.readouterr().out
 
 
@@ -309,7 +309,7 @@ def test_warnings_while_reading_an_input_are_one_line_naming_it(tmp_path, capsys
 
 
 def test_folder_scans_take_every_listed_suffix(tmp_path):
-    from gmar.cli import _image_paths, build_parser
+    from gmar.frontends.cli import _image_paths, build_parser
 
     names = ["a.avif", "b.ico", "c.gif", "d.PNG", "e.jpg", "f.webp"]
     for name in names:
@@ -322,7 +322,7 @@ def test_folder_scans_take_every_listed_suffix(tmp_path):
 def test_explain_takes_the_reference_model(tmp_path, monkeypatch, capsys):
     """As evaluate and the app do: its classes are the scenes' (multi-label, so each is a sigmoid)."""
     from gmar import viz
-    from gmar.data import CLASSES
+    from gmar.eval.scenes import CLASSES
 
     titles = []
     grid = viz.method_grid

@@ -11,7 +11,7 @@ from PIL import Image
 
 import gmar
 from gmar import viz
-from gmar.cli import main
+from gmar.frontends.cli import main
 
 ARCH = "gmar-test-tiny-clip"
 PROMPTS = ["a photo of a cat", "a remote control"]

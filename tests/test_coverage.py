@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import gmar
-from gmar import coverage as C
-from gmar.cli import main
+from gmar.frontends import models as C
+from gmar.frontends.cli import main
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 METHODS = gmar.available_methods()

@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from gmar.data import CLASSES, FILLS, Scenes
+from gmar.eval.scenes import CLASSES, FILLS, Scenes
 
 
 @functools.cache

@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 from conftest import one_error_line
-from gmar import evaluate as E
-from gmar.cli import main
 from gmar.errors import GmarError
-from gmar.evaluate import Settings, Store, folder_items
+from gmar.eval import evaluate as E
+from gmar.eval.evaluate import Settings, Store, folder_items
+from gmar.eval.reference import ReferenceConfig, build_reference_model, save_reference
+from gmar.frontends.cli import main
 from gmar.preprocess import PreprocessConfig
-from gmar.reference import ReferenceConfig, build_reference_model, save_reference
 
 TINY = ReferenceConfig(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
 FAST = ["--methods", "gae", "--metrics", "deletion", "--steps", "2", "--limit", "2", "--sanity-items", "0"]
@@ -56,7 +56,7 @@ def test_overwritten_checkpoint_is_not_resumed(tmp_path, capsys):
 
 
 def test_library_evaluate_keys_the_store_by_the_weights(tmp_path):
-    from gmar.evaluate import evaluate, scene_items, select_metrics
+    from gmar.eval.evaluate import evaluate, scene_items, select_metrics
 
     settings = Settings(model="mine", data="scenes", methods=["gae"], metrics=select_metrics("deletion"), steps=2)
     items = scene_items(1, image_size=TINY.image_size)

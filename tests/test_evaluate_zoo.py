@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 from conftest import clip_target, make_clip, make_hf_vit, make_timm, make_torchvision, one_error_line
-from gmar import evaluate as E
-from gmar import metrics as M
 from gmar.adapters import get_adapter
-from gmar.cli import main
 from gmar.errors import GmarError
+from gmar.eval import evaluate as E
+from gmar.eval import metrics as M
+from gmar.eval.reference import ReferenceConfig, build_reference_model
+from gmar.frontends.cli import main
 from gmar.methods import explain, select_methods
-from gmar.reference import ReferenceConfig, build_reference_model
 
 SIZE = 32
 TINY = ReferenceConfig(image_size=SIZE, patch_size=8, embed_dim=32, depth=2, num_heads=4)
@@ -288,7 +288,7 @@ def test_a_memory_error_on_one_image_skips_it(tmp_path, monkeypatch, capsys):
 
 
 def test_folder_scans_take_the_suffixes_explain_takes(tmp_path):
-    from gmar.cli import IMAGE_SUFFIXES as CLI_SUFFIXES
+    from gmar.frontends.cli import IMAGE_SUFFIXES as CLI_SUFFIXES
     from gmar.preprocess import IMAGE_SUFFIXES
 
     assert set(CLI_SUFFIXES) <= IMAGE_SUFFIXES and {".gif", ".avif", ".ico"} <= IMAGE_SUFFIXES
@@ -326,7 +326,7 @@ def test_cli_explain_with_a_method_named_twice(tmp_path):
 
 @pytest.mark.parametrize("kind", ["under_a_file", "read_only"])
 def test_an_unwritable_out_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, kind):
-    import gmar.cli
+    import gmar.frontends.cli
 
     if kind == "under_a_file":
         (tmp_path / "file").write_text("x")
@@ -338,7 +338,7 @@ def test_an_unwritable_out_is_refused_before_the_model_loads(tmp_path, monkeypat
         locked.mkdir(mode=0o555)
         out = locked / "eval"
     loaded = []
-    monkeypatch.setattr(gmar.cli, "_evaluation_model", lambda *a: loaded.append(1) or 1 / 0)
+    monkeypatch.setattr(gmar.frontends.cli, "_evaluation_model", lambda *a: loaded.append(1) or 1 / 0)
     assert main(["evaluate", "--model", "reference", "--out", str(out), "--limit", "1"]) == 2
     line = one_error_line(capsys)
     assert str(out) in line and "--out" in line and loaded == []

@@ -233,7 +233,7 @@ def test_occlusion_against_a_loop_over_patches(name):
 
 @pytest.mark.parametrize("name", ["timm", "hf_vit", "openclip"])
 def test_occlusion_windows_and_baselines_against_the_loop(name):
-    from gmar.metrics import gaussian_blur
+    from gmar.eval.metrics import gaussian_blur
 
     net, target = model(name), target_for(name)
     exp = gmar.explain(net, batch(), "occlusion", target=target, window=2, baseline=0.5)
@@ -376,7 +376,7 @@ def test_windows_cover_the_grid_and_their_map_averages_the_drops():
 def test_head_ablation_pairs_each_ranking_with_the_oracle_and_gmar(tmp_path):
     import statistics
 
-    from gmar.evaluate import Store, _paired_heads
+    from gmar.eval.evaluate import Store, _paired_heads
 
     store = Store(tmp_path / "results.sqlite")
     aucs = {"a": (0.6, 0.4, 0.3), "b": (0.7, 0.5, 0.35), "c": (0.65, 0.38, 0.33)}  # gmar, taylor, oracle

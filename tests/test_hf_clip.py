@@ -22,7 +22,7 @@ from torch.testing import assert_close
 import gmar
 import reference as R
 from conftest import ATTENTION_POOLED, IMAGE, clip_target, hf_clip_tokenizer, make_hf_beit, make_hf_clip
-from gmar.cli import main
+from gmar.frontends.cli import main
 from gmar.methods import get_method
 
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gmar.cli import main
 from gmar.errors import GmarError
+from gmar.frontends.cli import main
 from gmar.outputs import MANIFEST, OutputFolder, distinct, read_manifest
 
 MODEL = ["--model", "timm:test_vit", "--random-init", "--method", "gmar,rollout"]

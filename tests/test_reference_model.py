@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import gmar
-from gmar.data import CLASSES, Scenes
-from gmar.reference import CARD, CHECKPOINT, ReferenceConfig, build_reference_model, exact_set_accuracy
+from gmar.eval.reference import CARD, CHECKPOINT, ReferenceConfig, build_reference_model, exact_set_accuracy
+from gmar.eval.scenes import CLASSES, Scenes
 
 ASSETS = Path(str(resources.files("gmar") / "assets"))
 
@@ -70,7 +70,7 @@ def test_build_is_seeded_and_the_loader_refuses_a_missing_file(tmp_path):
 
 
 def test_train_reference_runs_a_few_steps(tmp_path):
-    from gmar.reference import train_reference
+    from gmar.eval.reference import train_reference
 
     config = ReferenceConfig(image_size=32, embed_dim=32, depth=2, num_heads=4, train_scenes=64, test_scenes=16,
                              steps=3, batch_size=8, warmup=2)  # fmt: skip
@@ -93,7 +93,7 @@ class _Corners:
         return 2
 
     def __getitem__(self, index: int):
-        from gmar.data import Scene
+        from gmar.eval.scenes import Scene
 
         size = self.image_size
         masks = torch.zeros(len(CLASSES), size, size, dtype=torch.bool)
@@ -111,7 +111,7 @@ class _Corners:
 
 @pytest.mark.parametrize("size", [32, 36])  # 36: a 4x4 grid, the last 4 pixels in no patch
 def test_render_gives_each_patch_its_objects_cover_in_token_order(size):
-    from gmar.reference import _render
+    from gmar.eval.reference import _render
 
     images, labels, cover = _render(_Corners(size), progress=False, patch=8)
     assert images.dtype == torch.uint8 and labels[0, 2] == 1 and labels[1, 4] == 1
@@ -127,7 +127,7 @@ def test_the_token_loss_labels_patches_from_their_cover_and_follows_the_flip():
     """``_loss`` against a hand computation: BCE of the CLS logits plus BCE of the head on each patch token."""
     import torch.nn.functional as F
 
-    from gmar.reference import _loss
+    from gmar.eval.reference import _loss
 
     config = ReferenceConfig(image_size=32, embed_dim=32, depth=2, num_heads=4, token_cover=0.3)
     model = build_reference_model(config).eval()
@@ -156,7 +156,7 @@ def test_the_token_loss_labels_patches_from_their_cover_and_follows_the_flip():
 
 
 def test_training_restores_the_attention_flags():
-    from gmar.reference import train_reference
+    from gmar.eval.reference import train_reference
 
     config = ReferenceConfig(image_size=32, embed_dim=32, depth=2, num_heads=4, train_scenes=16, test_scenes=4,
                              steps=2, batch_size=4, warmup=1)  # fmt: skip
@@ -168,8 +168,8 @@ def test_training_restores_the_attention_flags():
 def test_the_shipped_model_passes_the_model_check():
     """Removing an object lowers the shipped model's logit of that object's class, and far more than
     the other present classes' (docs/evaluation.md): the batched check against a loop, and its level."""
-    from gmar import metrics as M
-    from gmar.evaluate import MODEL_CHECK_WARNING, scene_items
+    from gmar.eval import metrics as M
+    from gmar.eval.evaluate import MODEL_CHECK_WARNING, scene_items
 
     model = gmar.load_reference_model()
     items = [item for item in scene_items(60) if item.removed is not None]

@@ -9,7 +9,7 @@ import pytest
 
 import gmar
 from conftest import make_clip, make_hf_vit, make_timm, make_torchvision, target_for
-from gmar.cli import main
+from gmar.frontends.cli import main
 from test_capture import assert_same, snapshot
 
 #: family -> (a model of it, the distribution, a version older than gmar supports, pip's extra)

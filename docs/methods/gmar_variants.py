@@ -9,9 +9,9 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 import gmar
-from gmar import metrics as M
+from gmar.eval import metrics as M
 from gmar.adapters import get_adapter
-from gmar.evaluate import _seed, scene_items
+from gmar.eval.evaluate import _seed, scene_items
 
 torch.set_num_threads(1)  # as measured: one thread, beside other work
 scenes = int(sys.argv[1]) if len(sys.argv) > 1 else 100

@@ -15,7 +15,7 @@ import sys
 import torch
 
 import gmar
-from gmar.data import CLASSES, Scenes
+from gmar.eval.scenes import CLASSES, Scenes
 
 model = gmar.load_reference_model(sys.argv[1] if len(sys.argv) > 1 else None)
 scenes = Scenes("test", 500)

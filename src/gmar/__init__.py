@@ -1,4 +1,13 @@
-"""gmar: explain Vision Transformer decisions with GMAR and the methods it is compared with."""
+"""gmar: explain Vision Transformer decisions with GMAR and the methods it is compared with.
+
+``import gmar`` loads the core: the adapters, the capture, the methods and what they share. The
+evaluation harness (:mod:`gmar.eval`, with :mod:`gmar.metrics`), the pictures (:mod:`gmar.viz`) and the
+front ends (:mod:`gmar.frontends`: the command line, the demo, the web page, the benchmark) load when
+they are first used, e.g. ``gmar.viz.overlay(...)`` or ``gmar.load_reference_model()``.
+"""
+
+import importlib
+from typing import Any
 
 from gmar.adapters import get_adapter
 from gmar.errors import (
@@ -31,7 +40,6 @@ from gmar.methods import (
     supported_methods,
 )
 from gmar.preprocess import PreprocessConfig, denormalise, load_image, preprocess
-from gmar.reference import load_reference_model
 from gmar.targets import TextTarget
 
 __version__ = "0.1.0"
@@ -77,3 +85,20 @@ __all__ = [
 def preprocess_config(model) -> PreprocessConfig:
     """How to preprocess images for ``model`` (from the model's own data config where it has one)."""
     return get_adapter(model).preprocess_config()
+
+
+#: attributes loaded on first use, so that ``import gmar`` loads no evaluation or front-end module
+_LAZY = {
+    "eval": "gmar.eval",
+    "metrics": "gmar.metrics",
+    "viz": "gmar.viz",
+    "frontends": "gmar.frontends",
+    "load_reference_model": "gmar.eval.reference",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'gmar' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    return getattr(module, name) if name == "load_reference_model" else module

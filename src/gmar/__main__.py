@@ -1,5 +1,5 @@
 import sys
 
-from gmar.cli import main
+from gmar.frontends.cli import main
 
 sys.exit(main())

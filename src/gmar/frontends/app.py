@@ -97,7 +97,7 @@ class Served:
 
 def serve_reference(model: nn.Module, folder: Path, scenes: int = 6) -> Served:
     """The reference ViT with the first ``scenes`` test scenes, written into ``folder``, as examples."""
-    from gmar.data import CLASSES, Scenes
+    from gmar.eval.scenes import CLASSES, Scenes
 
     adapter = get_adapter(model)
     size = adapter.preprocess_config().input_size[0]

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from gmar import metrics as M
 from gmar.adapters import get_adapter
 from gmar.errors import GmarError
+from gmar.eval import metrics as M
 from gmar.methods import explain
 from gmar.outputs import OutputFolder
 from gmar.preprocess import IMAGE_SUFFIXES, PreprocessConfig, load_image, preprocess, resize_and_crop
@@ -120,7 +120,7 @@ def scene_items(limit: int | None, seed: int = 0, image_size: int = 64, removals
     """Test scenes, one item per object present; ``others`` holds the other objects' masks and,
     with ``removals``, ``removed`` the scene re-rendered without the item's object (scenes with
     several objects only: the model check compares the classes present)."""
-    from gmar.data import Scenes
+    from gmar.eval.scenes import Scenes
 
     scenes = Scenes("test", limit if limit is not None else 500, seed=seed, image_size=image_size)
     items = []
@@ -554,7 +554,7 @@ def evaluate(
     if not adapter.is_classifier:
         raise GmarError(
             f"gmar evaluate scores classifiers, and {type(model).__name__} returns an embedding; score its maps with "
-            "gmar.metrics and a callable target (Scorer(model, target=...)) instead"
+            "gmar.eval.metrics and a callable target (Scorer(model, target=...)) instead"
         )
     settings = replace(settings, weights=weights_digest(model))
     out.mkdir(parents=True, exist_ok=True)
@@ -724,7 +724,7 @@ PROTOCOLS = {
 
 def _faithfulness(scorer, images, targets, heatmaps: list[torch.Tensor], settings) -> dict:
     """The selected faithfulness protocols of several maps ``(B, H, W)`` of ``images`` at once
-    (:func:`gmar.metrics.faithfulness`): per protocol ``(auc, curve)`` with a leading map axis."""
+    (:func:`gmar.eval.metrics.faithfulness`): per protocol ``(auc, curve)`` with a leading map axis."""
     wanted = [p for p, (metric, _) in PROTOCOLS.items() if metric in settings.metrics]
     if not heatmaps or not wanted:
         return {}
@@ -922,7 +922,8 @@ def _model_check_section(summary, settings: Settings) -> str:
         )
         return "\n".join(lines) + "\n"
     lines += [
-        "Each item of a scene with several objects, re-rendered without its object (`gmar.data.Scenes.without`):",
+        "Each item of a scene with several objects, re-rendered without its object "
+        "(`gmar.eval.scenes.Scenes.without`):",
         "the drop of each present class's logit. The localisation and class-discrimination scores above assume",
         "that the model finds each class on its own object; this measures it.",
         "",

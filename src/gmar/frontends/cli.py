@@ -23,7 +23,7 @@ import gmar
 from gmar import viz
 from gmar.adapters import get_adapter
 from gmar.errors import GmarError, ImageLoadError
-from gmar.evaluate import SELECTORS
+from gmar.eval.evaluate import SELECTORS
 from gmar.loading import LoadedModel, load_model
 from gmar.methods import all_methods, available_methods, explain, get_method, select_methods
 from gmar.outputs import TEMPORARY, OutputError, OutputFolder, distinct, previous_outputs
@@ -253,7 +253,7 @@ def _text_target(args: argparse.Namespace, loaded: LoadedModel) -> TextTarget | 
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from gmar.evaluate import (
+    from gmar.eval.evaluate import (
         GROUPS,
         MODEL_CHECK,
         MODEL_CHECK_WARNING,
@@ -285,7 +285,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         data = f"imagenet-seg:{args.imagenet_seg}"
         items = imagenet_seg_images(Path(args.imagenet_seg), config, args.limit)
     elif args.data == "scenes":
-        from gmar.data import CLASSES
+        from gmar.eval.scenes import CLASSES
 
         classes = _num_classes(model)
         if classes != len(CLASSES):
@@ -335,7 +335,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def _evaluation_model(args: argparse.Namespace, device: torch.device):
     """The model, its preprocessing and whether it is multi-label (the reference model is)."""
     if args.model == "reference":
-        from gmar.reference import load_reference_model
+        from gmar.eval.reference import load_reference_model
 
         if args.num_classes is not None:
             raise GmarError("--num-classes is for --model SPEC; the reference model has the scenes' classes")
@@ -365,7 +365,7 @@ def _num_classes(model: torch.nn.Module) -> int:
 def run_train_reference(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from gmar.reference import ReferenceConfig, train_reference
+    from gmar.eval.reference import ReferenceConfig, train_reference
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -389,7 +389,7 @@ def run_train_reference(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from gmar import bench
+    from gmar.frontends import bench
 
     _device(args.device)
     OutputFolder(args.out).check(bench.FILES)
@@ -421,7 +421,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from gmar import coverage
+    from gmar.frontends import models as coverage
 
     zoos = [z.strip() for z in args.zoo.split(",") if z.strip()] or coverage.installed_zoos()
     unknown = [z for z in zoos if z not in coverage.CASES]
@@ -456,7 +456,7 @@ def run_models(args: argparse.Namespace) -> int:
 def run_app(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from gmar import app
+    from gmar.frontends import app
 
     app.require_gradio()  # an extra
     app.check_port(args.host, args.port)
@@ -469,7 +469,7 @@ def run_app(args: argparse.Namespace) -> int:
     device = _device(args.device)
     with _terminated_as_interrupted():  # SIGTERM, as Ctrl+C, removes the app's folder on the way out
         if args.model == "reference":
-            from gmar.reference import load_reference_model
+            from gmar.eval.reference import load_reference_model
 
             if args.random_init or args.num_classes is not None:
                 raise GmarError("--random-init and --num-classes are for --model SPEC; the reference model is trained")
@@ -516,7 +516,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from gmar.demo import demo
+    from gmar.frontends.demo import demo
 
     if args.scenes < 1:
         raise GmarError("--scenes must be at least 1")
@@ -720,8 +720,8 @@ def _load(args: argparse.Namespace, device: torch.device) -> LoadedModel:
 
 def _reference(args: argparse.Namespace, device: torch.device) -> LoadedModel:
     """The shipped reference ViT (or ``--checkpoint``), labelled with the scenes' classes; multi-label."""
-    from gmar.data import CLASSES
-    from gmar.reference import load_reference_model
+    from gmar.eval.reference import load_reference_model
+    from gmar.eval.scenes import CLASSES
 
     if args.random_init or args.num_classes is not None:
         raise GmarError("--random-init and --num-classes are for --model SPEC; the reference model is trained")

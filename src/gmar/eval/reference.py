@@ -1,4 +1,4 @@
-"""The reference ViT: a timm ``VisionTransformer`` trained on :mod:`gmar.data` scenes, shipped with gmar.
+"""The reference ViT: a timm ``VisionTransformer`` trained on :mod:`gmar.eval.scenes` scenes, shipped with gmar.
 
 ``gmar.load_reference_model()`` loads the checkpoint in the package (no network); ``gmar
 train-reference`` reproduces it from its seed. The model is multi-label: class ``c`` is present
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gmar.data import CLASSES, Scenes
 from gmar.errors import ModelLoadError
+from gmar.eval.scenes import CLASSES, Scenes
 from gmar.progress import Progress
 
 CHECKPOINT = "reference_vit.safetensors"
@@ -233,7 +233,7 @@ def _card(config: ReferenceConfig, report: dict) -> str:
     return f"""# gmar reference ViT
 
 A timm `VisionTransformer` trained from scratch, multi-label, on gmar's synthetic scenes
-(`gmar.data.Scenes`, classes: {", ".join(CLASSES)}). Shipped with gmar so that the benchmark runs
+(`gmar.eval.scenes.Scenes`, classes: {", ".join(CLASSES)}). Shipped with gmar so that the benchmark runs
 offline; load it with `gmar.load_reference_model()`.
 
 - Architecture: {config.image_size}x{config.image_size} input, patch {config.patch_size} \

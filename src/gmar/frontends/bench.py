@@ -88,7 +88,7 @@ def build_model(spec: str, resolution: int | None, device: str) -> nn.Module:
     """
     torch.manual_seed(0)
     if spec == "reference":
-        from gmar.reference import build_reference_model
+        from gmar.eval.reference import build_reference_model
 
         model = build_reference_model()
     elif spec.startswith("timm:"):

@@ -9,11 +9,11 @@ import torch
 
 from gmar import viz
 from gmar.adapters import get_adapter
-from gmar.data import CLASSES, Scenes
-from gmar.evaluate import REPORT_FILES, Settings, evaluate, report, scene_items, select_metrics
+from gmar.eval.evaluate import REPORT_FILES, Settings, evaluate, report, scene_items, select_metrics
+from gmar.eval.reference import load_reference_model
+from gmar.eval.scenes import CLASSES, Scenes
 from gmar.methods import all_methods, explain
 from gmar.outputs import OutputFolder
-from gmar.reference import load_reference_model
 
 #: the test scenes shown in the figure
 SHOWN = (0, 1, 2, 3)
