@@ -202,3 +202,19 @@ def test_the_model_is_left_as_found_also_when_the_target_raises():
     with pytest.raises(RuntimeError, match="from the target"):
         gmar.explain(net, batch(), "all", target=broken)
     same_state(before, snapshot(net))
+
+
+def test_methods_for_a_model_is_one_answer():
+    """``"all"`` is what the model supports; a named method it cannot run is one line with the reason."""
+    from conftest import ATTENTION_POOLED
+    from gmar.methods import methods_for, supported_methods
+
+    vit = model("timm")
+    assert methods_for(vit) == supported_methods(vit) == gmar.all_methods()
+    assert methods_for(vit, "gae,gae, legrad") == ["gae", "legrad"]
+    assert methods_for(vit, ["occlusion"]) == ["occlusion"]
+    pooled = ATTENTION_POOLED["hf_siglip2_vision"]()
+    assert methods_for(pooled) == supported_methods(pooled) == ["legrad", "gradcam"]
+    with pytest.raises(gmar.UnsupportedModelError, match="no readout token for gmar") as caught:
+        methods_for(pooled, "legrad,gmar")
+    assert "\n" not in str(caught.value)

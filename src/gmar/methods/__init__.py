@@ -68,6 +68,28 @@ def select_methods(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def methods_for(model: nn.Module, spec: str | Sequence[str] = "all") -> list[str]:
+    """The methods to explain ``model`` with, the one answer every front end asks for.
+
+    ``"all"`` is every method of :func:`all_methods` defined for the model (:func:`supported_methods`);
+    names, as a list or comma-separated, are checked and deduplicated (:func:`select_methods`), and one
+    the model cannot run is refused with its reason (:class:`~gmar.errors.UnsupportedModelError`, one
+    line that names the methods that can).
+    """
+    text = spec if isinstance(spec, str) else ",".join(spec)
+    names = select_methods(text)
+    if text.strip() == "all":
+        return supported_methods(model)
+    adapter = get_adapter(model)
+    for name in names:
+        refusal = get_method(name).refusal(adapter)
+        if refusal is not None:
+            from gmar.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(refusal)
+    return names
+
+
 def get_method(name: str) -> type[Explainer]:
     try:
         return METHODS[name]
@@ -155,6 +177,7 @@ __all__ = [
     "explain_jointly",
     "get_method",
     "head_attention",
+    "methods_for",
     "select_methods",
     "supported_methods",
 ]
