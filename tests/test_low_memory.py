@@ -302,7 +302,8 @@ def test_nothing_of_the_graph_outlives_the_call(method, low_memory):
 def test_default_chunk_size_follows_the_device():
     """The stream's chunks hold 16 MB of probabilities on the CPU (its caches), 256 MB elsewhere
     (fewer kernel launches on an accelerator): ViT-B/16 at 224 px, 8 samples a chunk against 142."""
-    from gmar.capture import _Core, chunk_bytes_for
+    from gmar.capture import chunk_bytes_for
+    from gmar.capture.stream import _Core
 
     assert chunk_bytes_for(torch.device("cpu")) == 16 * 2**20
     assert chunk_bytes_for(torch.device("cuda")) == chunk_bytes_for(torch.device("mps")) == 256 * 2**20

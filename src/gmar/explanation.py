@@ -73,7 +73,10 @@ def upsample(token_map: torch.Tensor, layout: TokenLayout, image_size: tuple[int
 
     Pixels the patch grid does not cover (an input size that is not a multiple of the patch size)
     get zero; a grid that covers more than the image (timm's ``dynamic_img_pad``) is cropped.
+    Pixels need a 2-D patch grid: a token sequence's layout is refused.
     """
+    if not layout.is_2d:
+        raise ValueError(f"upsampling to pixels needs a 2-D patch grid, not grid_size {layout.grid_size}")
     height, width = image_size
     covered = (layout.grid_size[0] * layout.patch_size[0], layout.grid_size[1] * layout.patch_size[1])
     pixels = F.interpolate(token_map[:, None].float(), size=covered, mode="bilinear", align_corners=False)[:, 0]

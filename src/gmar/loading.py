@@ -1,4 +1,5 @@
-"""Loading models by name: ``timm:NAME``, ``hf:NAME_OR_PATH``, ``openclip:ARCH/TAG``.
+"""Loading models by name: ``timm:NAME``, ``hf:NAME_OR_PATH``, ``openclip:ARCH/TAG`` (the specs of the
+table of zoos, :mod:`gmar.adapters.zoos`).
 
 Failures (no network, an unknown name, a checkpoint that does not fit) raise
 :class:`ModelLoadError` with a one-line message.
@@ -18,10 +19,12 @@ import torch
 from torch import nn
 
 from gmar.adapters import get_adapter
+from gmar.adapters.zoos import ZOOS, loadable
 from gmar.errors import GmarError, ModelLoadError
 from gmar.preprocess import PreprocessConfig
 
-FAMILIES = ("timm", "hf", "openclip")
+#: the zoos a model spec may name, from the table of zoos
+FAMILIES = tuple(zoo.family for zoo in loadable())
 
 
 @dataclass
@@ -38,7 +41,8 @@ class LoadedModel:
 def parse_spec(spec: str) -> tuple[str, str]:
     family, sep, name = spec.partition(":")
     if not sep or family not in FAMILIES or not name:
-        raise ModelLoadError(f"model spec {spec!r} must be one of timm:NAME, hf:NAME_OR_PATH, openclip:ARCH/TAG")
+        forms = ", ".join(zoo.spec for zoo in loadable())  # type: ignore[misc]
+        raise ModelLoadError(f"model spec {spec!r} must be one of {forms}")
     return family, name
 
 
@@ -71,8 +75,7 @@ def load_model(
     except GmarError:  # already one line: a load error, or a zoo version gmar does not support
         raise
     except ImportError as error:
-        extra = {"timm": "timm", "hf": "hf", "openclip": "clip"}[family]
-        raise ModelLoadError(f"{spec}: {error}; install it with pip install 'gmar[{extra}]'") from None
+        raise ModelLoadError(f"{spec}: {error}; install it with pip install 'gmar[{ZOOS[family].extra}]'") from None
     except Exception as error:  # hub, network and name errors come in many types
         if hub.unreachable:
             raise ModelLoadError(
@@ -90,8 +93,11 @@ def load_model(
 def _check_num_classes(family: str, num_classes: int | None, from_hub: bool) -> None:
     if num_classes is None:
         return
-    if family == "openclip":
-        raise ModelLoadError("--num-classes is for classifiers (timm:, hf:); an OpenCLIP model has no class head")
+    if not ZOOS[family].class_heads:
+        classifiers = ", ".join(f"{zoo.family}:" for zoo in loadable() if zoo.class_heads)
+        raise ModelLoadError(
+            f"--num-classes is for classifiers ({classifiers}); an {ZOOS[family].label} model has no class head"
+        )
     if num_classes < 1:
         raise ModelLoadError(f"--num-classes must be at least 1, not {num_classes}")
     if from_hub:
@@ -328,4 +334,5 @@ def _load_openclip(name: str, from_hub: bool, num_classes: int | None) -> Loaded
     return LoadedModel(model, adapter.preprocess_config(), None, f"openclip:{name}", {"tokenizer": tokenizer})
 
 
-_LOADERS = {"timm": _load_timm, "hf": _load_hf, "openclip": _load_openclip}
+#: family -> its loader, named in the table of zoos
+_LOADERS = {zoo.family: globals()[zoo.loader] for zoo in loadable() if zoo.loader is not None}

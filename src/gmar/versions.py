@@ -1,6 +1,7 @@
 """The model zoos' versions gmar supports, checked before a model is explained.
 
-The minimums are those of ``pyproject.toml``'s extras (a test keeps the two equal). An older zoo
+The minimums are those of the table of zoos (:mod:`gmar.adapters.zoos`), which are
+``pyproject.toml``'s extras (a test keeps the two equal). An older zoo
 changes models in ways gmar's adapters do not follow (OpenCLIP 2.x ignores LeGrad's pooling, for
 one), so it is refused on one line instead of giving other maps without a word.
 """
@@ -11,14 +12,12 @@ import re
 from functools import cache
 from importlib import metadata
 
+from gmar.adapters.zoos import ZOOS
 from gmar.errors import UnsupportedModelError
 
-#: family -> (distribution, minimum version, gmar's extra that installs it)
+#: family -> (distribution, minimum version, gmar's extra that installs it), from the table of zoos
 SUPPORTED: dict[str, tuple[str, str, str]] = {
-    "timm": ("timm", "1.0.15", "timm"),
-    "hf": ("transformers", "5.0", "hf"),
-    "openclip": ("open_clip_torch", "3.0", "clip"),
-    "torchvision": ("torchvision", "0.13", "torchvision"),
+    family: (zoo.distribution, zoo.minimum, zoo.extra) for family, zoo in ZOOS.items()
 }
 
 _RELEASE = re.compile(r"^\s*v?(?:(\d+)!)?(\d+(?:\.\d+)*)")
@@ -26,9 +25,10 @@ _RELEASE = re.compile(r"^\s*v?(?:(\d+)!)?(\d+(?:\.\d+)*)")
 
 def check_supported(family: str) -> None:
     """Raise :class:`UnsupportedModelError` when ``family``'s library is older than gmar supports."""
-    if family not in SUPPORTED:
+    zoo = ZOOS.get(family)
+    if zoo is None:
         return
-    distribution, minimum, extra = SUPPORTED[family]
+    distribution, minimum, extra = zoo.distribution, zoo.minimum, zoo.extra
     version = installed_version(distribution)
     if version is not None and not at_least(version, minimum):
         needed = f"{distribution}>={minimum}"

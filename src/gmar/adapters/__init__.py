@@ -1,9 +1,11 @@
-"""Model adapters: one per family, chosen from the model object."""
+"""Model adapters: one file per family, chosen from the model object; :mod:`gmar.adapters.zoos` is the
+table of zoos they belong to."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from gmar.adapters import zoos
 from gmar.adapters.base import ModelAdapter
 from gmar.adapters.hf_clip import HFCLIPAdapter
 from gmar.adapters.hf_data2vec import Data2VecVisionAdapter
@@ -19,37 +21,11 @@ from gmar.adapters.timm_vit import TimmAdapter
 from gmar.adapters.torchvision_vit import TorchvisionAdapter
 from gmar.errors import UnsupportedModelError
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (
-    TimmAdapter,
-    TimmEvaAdapter,
-    TimmBeitAdapter,
-    CaitAdapter,
-    TimmRelPosAdapter,
-    SwinAdapter,
-    HFCLIPAdapter,
-    Data2VecVisionAdapter,
-    HFTimmWrapperAdapter,
-    HFAdapter,
-    OpenCLIPAdapter,
-    TorchvisionAdapter,
-)
+#: every adapter, in the order :func:`get_adapter` tries them (the table of zoos' order)
+ADAPTERS: tuple[type[ModelAdapter], ...] = zoos.adapters()
 
-SUPPORTED = (
-    "timm VisionTransformer (vit_*, deit_*, register tokens, class_token=False with global_pool='avg', "
-    "SigLIP's global_pool='map', hybrid patch embeddings, post-norm blocks), VisionTransformerDistilled, "
-    "Eva (eva02_*, *_dinov3, vit_pe_*, *_rope_*), Beit (beit_*, beitv2_*), Cait, VisionTransformerRelPos, "
-    "SwinTransformer(V2) (gradcam only); "
-    "transformers ViTForImageClassification, ViTMSNForImageClassification, DeiTForImageClassification, "
-    "DeiTForImageClassificationWithTeacher, Dinov2ForImageClassification, Dinov2WithRegistersForImageClassification, "
-    "IJepaForImageClassification, BeitForImageClassification, Data2VecVisionForImageClassification, "
-    "CLIPForImageClassification, SiglipForImageClassification, TimmWrapperForImageClassification, "
-    "Swin(v2)ForImageClassification (gradcam only), the image-text models CLIPModel and SiglipModel, and the "
-    "backbones ViTModel, ViTMSNModel, DeiTModel, Dinov2Model, Dinov2WithRegistersModel, IJepaModel, "
-    "CLIPVisionModel(WithProjection), SiglipVisionModel (MetaClip2 and Siglip2 likewise); "
-    "OpenCLIP CLIP and CoCa with a VisionTransformer image tower or a TimmModel tower on a timm trunk of those "
-    "(SigLIP, EVA02-*, PE-Core-*); torchvision VisionTransformer (vit_b_16, vit_l_16, ...). "
-    "docs/models.md lists every class"
-)
+#: what gmar explains, as the refusal of an unknown model lists it
+SUPPORTED = zoos.supported()
 
 #: Wrappers for data-parallel training: gmar explains the model they wrap.
 PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)

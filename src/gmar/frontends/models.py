@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from gmar.adapters import get_adapter
+from gmar.adapters.zoos import ZOOS
 from gmar.errors import UnsupportedModelError
 from gmar.methods import available_methods, explain, get_method
 
 EXPLAINED, REFUSED, FAILED = "explained", "refused", "failed"
-#: the zoos a case can come from, with the distribution that provides each
-ZOOS = {"timm": "timm", "hf": "transformers", "openclip": "open_clip_torch", "torchvision": "torchvision"}
 
 
 @dataclass(frozen=True)
@@ -254,8 +253,8 @@ CASES = {"timm": timm_cases, "hf": hf_cases, "openclip": openclip_cases, "torchv
 
 
 def installed_zoos() -> list[str]:
-    modules = {"timm": "timm", "hf": "transformers", "openclip": "open_clip", "torchvision": "torchvision"}
-    return [zoo for zoo, module in modules.items() if importlib.util.find_spec(module) is not None]
+    """The zoos of the table of zoos (:mod:`gmar.adapters.zoos`) that have cases here and are installed."""
+    return [name for name, zoo in ZOOS.items() if name in CASES and importlib.util.find_spec(zoo.module) is not None]
 
 
 def cases(zoos: Sequence[str] | None = None) -> list[Case]:
@@ -344,9 +343,9 @@ HEADER = "# Supported models\n\n"
 
 def versions() -> dict[str, str]:
     found = {"torch": torch.__version__}
-    for distribution in ZOOS.values():
+    for zoo in ZOOS.values():
         try:
-            found[distribution] = importlib.metadata.version(distribution)
+            found[zoo.distribution] = importlib.metadata.version(zoo.distribution)
         except importlib.metadata.PackageNotFoundError:
             continue
     return found

@@ -1,4 +1,23 @@
-"""The explanation methods, by name."""
+"""The explanation methods, one per module, by name.
+
+========================  ===================  =========================================================
+module                    class                method
+========================  ===================  =========================================================
+:mod:`.gmar`              :class:`GMAR`        ``gmar``: gradient-weighted heads, rolled out
+:mod:`.rollout`           AttentionRollout     ``rollout``: attention rollout
+:mod:`.grad_rollout`      GradientRollout      ``grad_rollout``: rollout of gradient-weighted attention
+:mod:`.gae`               GAE                  ``gae``: Chefer et al.'s generic attention explainability
+:mod:`.gmar_gae`          HeadWeightedGAE      ``gmar_gae``: GMAR's head weights inside GAE
+:mod:`.legrad`            LeGrad               ``legrad``: every layer's own score
+:mod:`.gradcam`           GradCAM              ``gradcam``: Grad-CAM on a block's tokens
+:mod:`.raw_attention`     RawAttention         ``raw_attention``: the last layer's attention
+:mod:`.occlusion`         Occlusion            ``occlusion``: the score's drop when patches are hidden
+========================  ===================  =========================================================
+
+What they share: :mod:`.base` (:class:`Explainer` and :func:`~gmar.methods.base.forward_pass`, the one
+captured forward pass), :mod:`.functional` (the pure maths), :mod:`.joint` (several methods from one
+pass), :mod:`.heads` (each head's attention) and :mod:`.registry`, which every front end asks.
+"""
 
 from __future__ import annotations
 
@@ -11,45 +30,32 @@ from torch import nn
 from gmar.adapters import get_adapter
 from gmar.explanation import Explanation
 from gmar.methods.base import Explainer
-from gmar.methods.explainers import (
-    GAE,
-    GMAR,
-    AttentionRollout,
-    GradCAM,
-    GradientRollout,
-    HeadWeightedGAE,
-    LeGrad,
-    Occlusion,
-    RawAttention,
+from gmar.methods.registry import (
+    METHODS,
+    all_methods,
+    available_methods,
+    get_method,
+    register,
+    registered,
+    unregister,
 )
+
+# Each module registers its method as it is imported: this order is available_methods()' order.
+# isort: off
+from gmar.methods.gmar import GMAR
+from gmar.methods.rollout import AttentionRollout
+from gmar.methods.grad_rollout import GradientRollout
+from gmar.methods.gae import GAE
+from gmar.methods.gmar_gae import HeadWeightedGAE
+from gmar.methods.legrad import LeGrad
+from gmar.methods.gradcam import GradCAM
+from gmar.methods.raw_attention import RawAttention
+from gmar.methods.occlusion import Occlusion
+
+# isort: on
 from gmar.methods.heads import head_attention
 from gmar.methods.joint import explain_jointly
 from gmar.targets import Target
-
-METHODS: dict[str, type[Explainer]] = {
-    cls.name: cls
-    for cls in (
-        GMAR,
-        AttentionRollout,
-        GradientRollout,
-        GAE,
-        HeadWeightedGAE,
-        LeGrad,
-        GradCAM,
-        RawAttention,
-        Occlusion,
-    )
-}
-
-
-def available_methods() -> list[str]:
-    """Names accepted by :func:`explain` and ``gmar explain --method``."""
-    return list(METHODS)
-
-
-def all_methods() -> list[str]:
-    """The methods ``"all"`` stands for: every one but the slow ones asked by name (``occlusion``)."""
-    return [name for name, cls in METHODS.items() if cls.in_all]
 
 
 def select_methods(spec: str) -> list[str]:
@@ -88,13 +94,6 @@ def methods_for(model: nn.Module, spec: str | Sequence[str] = "all") -> list[str
 
             raise UnsupportedModelError(refusal)
     return names
-
-
-def get_method(name: str) -> type[Explainer]:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}") from None
 
 
 def explain(
@@ -178,6 +177,9 @@ __all__ = [
     "get_method",
     "head_attention",
     "methods_for",
+    "register",
+    "registered",
     "select_methods",
     "supported_methods",
+    "unregister",
 ]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -144,24 +145,23 @@ class Explainer:
         return None
 
     def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
-        images = prepare_images(target, self._prepare(images))
-        layout = self.adapter.token_layout(tuple(images.shape[-2:]))
+        images, layout = self.inputs(images, target)
         # A method that reads no attention lets the model run its own (fused) attention.
         own_attention = not self.needs_attention and self.adapter.runs_own_attention
-        options = {**self.capture_options(), "attention": not own_attention}
-        with instrumented(self.model, self.uses_gradients) as cleanup:
-            stream = None
-            if self.low_memory and not own_attention:
-                stream = AttentionStream(
-                    self.adapter.num_layers, reduce_attention=None if self.uses_gradients else self.reduce_attention
-                )
-                # The stream and the graph refer to each other; closing it frees the graph at once.
-                cleanup.callback(stream.close)
-            captured = run_forward(self.adapter, images, layout, stream, options, self.uses_gradients)
-            scores, classes = score(self.adapter, captured.output, target, self.uses_gradients)
+        with forward_pass(
+            self.adapter,
+            images,
+            layout,
+            target,
+            gradients=self.uses_gradients,
+            capture_options={**self.capture_options(), "attention": not own_attention},
+            stream=self.low_memory and not own_attention,
+            reduce_attention=None if self.uses_gradients else self.reduce_attention,
+        ) as run:
+            captured = run.captured
             if self.uses_gradients:
-                reduced = self.gradients(captured, scores, classes, target, layout)
-            elif stream is not None:
+                reduced = self.gradients(captured, run.scores, run.classes, target, layout)  # type: ignore[arg-type]
+            elif captured.stream is not None:
                 reduced = captured.attentions
             else:
                 reduced = [self.reduce_attention(i, a) for i, a in enumerate(captured.attentions)]
@@ -169,8 +169,14 @@ class Explainer:
                 token_map, head_weights = self.relevance(captured, reduced, layout)
                 head_scores = self.head_scores(reduced)
         return self.explanation(
-            token_map, head_weights, captured, scores, classes, layout, images, target, head_scores=head_scores
+            token_map, head_weights, captured, run.scores, run.classes, layout, images, target, head_scores=head_scores
         )
+
+    def inputs(self, images: torch.Tensor, target: Target = None) -> tuple[torch.Tensor, TokenLayout]:
+        """The batch the model runs on (checked, on the model's device and dtype, shaped by ``target``:
+        a :class:`~gmar.TextTarget` with several prompts repeats one image) and its token layout."""
+        images = prepare_images(target, self._prepare(images))
+        return images, self.adapter.token_layout(tuple(images.shape[-2:]))
 
     def explanation(
         self,
@@ -289,6 +295,61 @@ class Explainer:
         if not self.low_memory:
             return [reduce(i, g) for i, g in enumerate(differentiate(objective, inputs, retain_graph))]
         return stream_gradients(objective, inputs, reduce, chained=self.chained_gradients, retain_graph=retain_graph)
+
+
+@dataclass
+class ForwardPass:
+    """What :func:`forward_pass` ran: the capture, the target's scores ``(B,)`` and classes (None when
+    not scored or class-agnostic), and the call's cleanup stack (closed when the pass's block ends)."""
+
+    captured: Captured
+    scores: torch.Tensor | None
+    classes: torch.Tensor | None
+    cleanup: ExitStack
+
+
+@contextmanager
+def forward_pass(
+    adapter: ModelAdapter,
+    images: torch.Tensor,
+    layout: TokenLayout,
+    target: Target = None,
+    *,
+    gradients: bool = False,
+    capture_options: Mapping[str, Any] | None = None,
+    stream: bool = True,
+    reduce_attention: Callable[[int, torch.Tensor], Any] | None = None,
+    scored: bool = True,
+    needs_target: bool | None = None,
+) -> Iterator[ForwardPass]:
+    """The one forward pass every method's call runs, and the block that works on its results.
+
+    Inside :func:`instrumented` (the model's lock, eval mode, frozen parameters, gradients on or off):
+    ``images`` (from :meth:`Explainer.inputs`) run once through the model, captured with
+    ``capture_options`` (:func:`gmar.capture.capture`'s keywords; the attention through an
+    :class:`~gmar.capture.AttentionStream` when ``stream``, which ``reduce_attention`` reduces chunk by
+    chunk for a forward-only method), and the output is scored for ``target`` (:func:`score`; a class is
+    chosen even without gradients when ``needs_target``). ``capture_options=None`` runs the model as it
+    is, nothing captured (occlusion, which then runs it again per window inside the block). The
+    block's backward passes and reductions run with all of this still in place; on exit the stream is
+    closed (freeing the graph) and the model is left as it was found.
+    """
+    with instrumented(adapter.model, gradients) as cleanup:
+        if capture_options is None:
+            captured = Captured(output=adapter.forward(images), attentions=[], head_outputs=None)
+        else:
+            attention_stream = None
+            if stream:
+                attention_stream = AttentionStream(adapter.num_layers, reduce_attention=reduce_attention)
+                # The stream and the graph refer to each other; closing it frees the graph at once.
+                cleanup.callback(attention_stream.close)
+            captured = run_forward(adapter, images, layout, attention_stream, dict(capture_options), gradients)
+        scores, classes = None, None
+        if scored:
+            scores, classes = score(
+                adapter, captured.output, target, gradients if needs_target is None else needs_target
+            )
+        yield ForwardPass(captured, scores, classes, cleanup)
 
 
 @contextmanager

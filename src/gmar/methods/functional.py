@@ -1,7 +1,9 @@
 """The methods' math: pure functions of captured tensors and a token layout.
 
 Shapes: ``B`` batch, ``H`` heads, ``N`` tokens, ``d`` head width. An attention tensor is
-``(B, H, N, N)`` with rows as queries; a fused (head-mixed) matrix is ``(B, N, N)``.
+``(B, H, N, N)`` with rows as queries; a fused (head-mixed) matrix is ``(B, N, N)``. A map has the
+layout's grid shape, ``(B, *grid_size)``: ``(B, h, w)`` for an image's patches, ``(B, n)`` for a token
+sequence; only occlusion's windows and pixels (:func:`occlusion_windows`, :func:`occlude`) need 2-D.
 Nothing here knows which library a model came from.
 """
 
@@ -87,6 +89,27 @@ def rollout_readout(layers: Sequence[torch.Tensor], weights: torch.Tensor, resid
     for matrix in reversed(layers):
         row = row @ add_residual(matrix, residual)
     return row.squeeze(1)
+
+
+def check_discard_ratio(discard_ratio: float) -> None:
+    """Refuse a ``discard_ratio`` outside ``[0, 1)`` (when a method is built, before any pass)."""
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1), not {discard_ratio}")
+
+
+def rollout_map(
+    fused: Sequence[torch.Tensor], discard_ratio: float, residual: float, layout: TokenLayout
+) -> torch.Tensor:
+    """The readout rows of the rollout of ``fused`` on the patch grid: ``(B, *grid_size)``.
+
+    Args:
+        fused: each layer's head-mixed matrix ``Ā_l`` ``(B, N, N)``, first layer first; with
+            ``discard_ratio`` the lowest patch entries of each row are zeroed first (:func:`discard_lowest`).
+    """
+    if discard_ratio:
+        fused = [discard_lowest(m, discard_ratio, layout.num_prefix_tokens) for m in fused]
+    weights = layout.readout_weights(dtype=fused[0].dtype, device=fused[0].device)
+    return layout.patch_map(rollout_readout(fused, weights, residual))
 
 
 def gradient_weighted(attention: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
@@ -231,10 +254,12 @@ def token_gradcam(activations: torch.Tensor, gradients: torch.Tensor, layout: To
     return torch.relu((patches * weights).sum(dim=-1)).reshape(-1, *layout.grid_size)
 
 
-def occlusion_windows(grid_size: tuple[int, int], window: int) -> torch.Tensor:
+def occlusion_windows(grid_size: tuple[int, ...], window: int) -> torch.Tensor:
     """Every ``window × window`` square of the patch grid, stride one patch: ``(K, h, w)`` bool,
     ``K = (h - window + 1)(w - window + 1)`` in row-major order of the top-left corner (the whole grid
-    once where ``window`` exceeds it)."""
+    once where ``window`` exceeds it). Squares of pixels: a 2-D grid only."""
+    if len(grid_size) != 2:
+        raise ValueError(f"occlusion hides squares of an image's patches: it needs a 2-D grid, not {tuple(grid_size)}")
     height, width = grid_size
     side_h, side_w = min(window, height), min(window, width)
     masks = []

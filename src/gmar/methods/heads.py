@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gmar.capture import AttentionStream
 from gmar.methods import functional as Fn
-from gmar.methods.base import Explainer, instrumented, run_forward
+from gmar.methods.base import Explainer, forward_pass
 
 
 class _HeadAttention(Explainer):
@@ -36,17 +35,14 @@ def head_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     The model is left as it was found; calls on one model from several threads run one at a time.
     """
     explainer = _HeadAttention(model)
-    adapter = explainer.adapter
-    images = explainer._prepare(images)
-    layout = adapter.token_layout(tuple(images.shape[-2:]))
+    images, layout = explainer.inputs(images)
     weights = layout.readout_weights(dtype=torch.float32, device=images.device)
 
     def reduce(layer: int, attention: torch.Tensor) -> torch.Tensor:
         return Fn.head_readout(attention.float(), weights)
 
-    with instrumented(explainer.model, gradients=False) as cleanup:
-        stream = AttentionStream(adapter.num_layers, reduce_attention=reduce)
-        cleanup.callback(stream.close)
-        captured = run_forward(adapter, images, layout, stream, {}, gradients=False)
-    rows = torch.stack(captured.attentions, dim=1)  # type: ignore[arg-type]
+    with forward_pass(
+        explainer.adapter, images, layout, capture_options={}, reduce_attention=reduce, scored=False
+    ) as run:
+        rows = torch.stack(run.captured.attentions, dim=1)  # type: ignore[arg-type]
     return layout.patch_map(rows).detach()

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from gmar.capture import AttentionStream, Captured
+from gmar.capture import Captured
 from gmar.explanation import Explanation
 from gmar.layout import TokenLayout
-from gmar.methods.base import Explainer, instrumented, run_forward, score
-from gmar.targets import Target, prepare_images
+from gmar.methods.base import Explainer, forward_pass
+from gmar.targets import Target
 
 
 def shares_the_pass(explainer: Explainer) -> bool:
@@ -58,9 +58,7 @@ def explain_jointly(explainers: Sequence[Explainer], images: torch.Tensor, targe
 
 def _joint(explainers: list[Explainer], images: torch.Tensor, target: Target) -> list[Explanation]:
     first = explainers[0]
-    adapter = first.adapter
-    images = prepare_images(target, first._prepare(images))
-    layout = adapter.token_layout(tuple(images.shape[-2:]))
+    images, layout = first.inputs(images, target)
     forward_only = [e for e in explainers if not e.uses_gradients]
     gradient = [e for e in explainers if e.uses_gradients]
     block_input = next((e for e in gradient if e.capture_options().get("norm_input_layer") is not None), None)
@@ -70,12 +68,17 @@ def _joint(explainers: list[Explainer], images: torch.Tensor, target: Target) ->
     def reduce_attention(layer: int, attention: torch.Tensor) -> tuple:
         return _once(forward_only, lambda e: e.reduce_attention(layer, attention))
 
-    with instrumented(first.model, uses_gradients) as cleanup:
-        stream = AttentionStream(adapter.num_layers, reduce_attention=reduce_attention if forward_only else None)
-        cleanup.callback(stream.close)
-        options = {} if block_input is None else {"norm_input_layer": block_input.capture_options()["norm_input_layer"]}
-        captured = run_forward(adapter, images, layout, stream, options, uses_gradients)
-        scores, classes = score(adapter, captured.output, target, uses_gradients)
+    options = {} if block_input is None else {"norm_input_layer": block_input.capture_options()["norm_input_layer"]}
+    with forward_pass(
+        first.adapter,
+        images,
+        layout,
+        target,
+        gradients=uses_gradients,
+        capture_options=options,
+        reduce_attention=reduce_attention if forward_only else None,
+    ) as run:
+        captured, scores, classes = run.captured, run.scores, run.classes
         reduced: dict[int, list[Any]] = {}
         if uses_gradients:
             reduced.update(_backward(attention_methods, block_input, captured, scores, layout))  # type: ignore[arg-type]
