@@ -9,8 +9,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 import gmar
-from gmar.eval import metrics as M
 from gmar.adapters import get_adapter
+from gmar.eval import metrics as M
 from gmar.eval.evaluate import _seed, scene_items
 
 torch.set_num_threads(1)  # as measured: one thread, beside other work
