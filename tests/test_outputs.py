@@ -400,3 +400,22 @@ def test_without_hard_links_or_flock_a_taken_name_is_still_never_replaced(tmp_pa
     assert set(read_manifest(out)) == {"a-2.png", "b.png"}
     assert leftovers(out) == ["a-2.png", "a.png", "b.png"]
     assert len(gmar_lines(capsys.readouterr().err)) == 1
+
+
+def test_a_name_a_concurrent_run_wrote_is_replaced_even_when_this_run_saw_it_listed(tmp_path, capsys):
+    """Run B learns of run A's file (reading the list for another name) before it writes the same
+    name: the file is still gmar's and is replaced, not written as a numbered copy. This interleaving
+    made test_concurrent_runs_writing_the_same_names_share_one_list fail now and then."""
+    out = tmp_path / "out"
+    out.mkdir()
+    first, second = OutputFolder(out), OutputFolder(out)
+    assert first.reserve("a", [".png"], "a") == "a" and second.reserve("a", [".png"], "a") == "a"
+    first.write("a.png", lambda path: path.write_bytes(b"first"))
+    first.write("b.png", lambda path: path.write_bytes(b"first"))
+    assert second.reserve("b", [".png"], "b") == "b"  # b.png is unknown to it: it catches up, a.png too
+    second.write("a.png", lambda path: path.write_bytes(b"second"))
+    assert (out / "a.png").read_bytes() == b"second" and not (out / "a-2.png").exists()
+    for folder in (first, second):
+        folder.close()
+    assert set(read_manifest(out)) == {"a.png", "b.png"}
+    assert gmar_lines(capsys.readouterr().err) == []

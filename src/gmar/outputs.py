@@ -259,10 +259,10 @@ class OutputFolder:
         if stat.S_ISREG(current.st_mode) and expected is not None and identity == expected:
             os.rename(temporary, final)
             return None
-        before = self._ledger.listed.get(name)
+        # Not what this run reserved, but gmar's file: a concurrent run wrote it since (this run may
+        # have read that run's line already, for another name). A rename replaces the name only.
         self._ledger.refresh()
-        listed = self._ledger.listed.get(name)
-        if listed != before and _matches(current, listed):  # written by a concurrent run since
+        if _matches(current, self._ledger.listed.get(name)):
             os.rename(temporary, final)
             return None
         return _foreign(current)
