@@ -27,6 +27,9 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = zoos.adapters()
 #: what gmar explains, as the refusal of an unknown model lists it
 SUPPORTED = zoos.supported()
 
+#: adapters registered from outside the package (:func:`register`), tried before the built-in ones
+REGISTERED: list[type[ModelAdapter]] = []
+
 #: Wrappers for data-parallel training: gmar explains the model they wrap.
 PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
@@ -42,10 +45,29 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
             f"{type(model).__name__} is a wrapper for parallel training: pass `model.module` "
             "(the model it wraps) to gmar instead"
         )
-    for adapter in ADAPTERS:
+    for adapter in (*REGISTERED, *ADAPTERS):
         if adapter.matches(model):
             return adapter(model)
     raise UnsupportedModelError(f"{type(model).__name__} is not a supported model. gmar supports: {SUPPORTED}")
+
+
+def register(adapter: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Make :func:`get_adapter` (and so every method, metric and front end) recognise the models
+    ``adapter.matches``; tried before the built-in adapters. Returns ``adapter``, so it works as a
+    class decorator. A family of gmar's own is a file in this package and a row of :mod:`~gmar.adapters.zoos`."""
+    if not isinstance(adapter, type) or not issubclass(adapter, ModelAdapter):
+        raise TypeError(f"register takes a subclass of gmar.adapters.ModelAdapter, not {adapter!r}")
+    if adapter not in REGISTERED:
+        REGISTERED.insert(0, adapter)
+    return adapter
+
+
+def unregister(adapter: type[ModelAdapter]) -> None:
+    """Undo :func:`register`."""
+    try:
+        REGISTERED.remove(adapter)
+    except ValueError:
+        raise ValueError(f"{adapter.__name__} is not registered") from None
 
 
 __all__ = [
@@ -56,6 +78,7 @@ __all__ = [
     "HFCLIPAdapter",
     "HFTimmWrapperAdapter",
     "ModelAdapter",
+    "REGISTERED",
     "OpenCLIPAdapter",
     "SwinAdapter",
     "TimmAdapter",
@@ -64,4 +87,6 @@ __all__ = [
     "TimmRelPosAdapter",
     "TorchvisionAdapter",
     "get_adapter",
+    "register",
+    "unregister",
 ]
