@@ -318,103 +318,52 @@ def _removal(position: int) -> Callable[[Context], torch.Tensor]:
     return compute
 
 
-_NONE: frozenset[str] = frozenset()
 _MASK = frozenset({"mask"})
 _MODEL = frozenset({"model"})
+_REMOVED = frozenset({"removed", "model"})
+
+
+def _heads_unavailable(adapter) -> str | None:
+    if can_switch_heads(adapter):
+        return None
+    return f"{type(adapter.model).__name__}'s heads cannot be switched off one by one; head ablation is skipped"
+
 
 for _entry in (
-    Metric("deletion_auc", "lower", "faithfulness", "deletion", _MODEL, _protocol("deletion"), "deletion", "deletion"),
-    Metric(
-        "insertion_auc", "higher", "faithfulness", "insertion", _MODEL, _protocol("insertion"), "insertion", "insertion"
-    ),
-    Metric(
-        "perturbation_positive",
-        "lower",
-        "faithfulness",
-        "perturbation",
-        _MODEL,
-        _protocol("perturbation_positive"),
-        protocol="perturbation_positive",
-    ),
-    Metric(
-        "perturbation_negative",
-        "higher",
-        "faithfulness",
-        "perturbation",
-        _MODEL,
-        _protocol("perturbation_negative"),
-        protocol="perturbation_negative",
-    ),
+    # faithfulness: the protocols of gmar.eval.metrics.faithfulness, run for all methods of a batch at once
+    Metric("deletion_auc", "lower", "faithfulness", "deletion", _MODEL, _protocol("deletion"),
+           curve="deletion", protocol="deletion"),
+    Metric("insertion_auc", "higher", "faithfulness", "insertion", _MODEL, _protocol("insertion"),
+           curve="insertion", protocol="insertion"),
+    Metric("perturbation_positive", "lower", "faithfulness", "perturbation", _MODEL,
+           _protocol("perturbation_positive"), protocol="perturbation_positive"),
+    Metric("perturbation_negative", "higher", "faithfulness", "perturbation", _MODEL,
+           _protocol("perturbation_negative"), protocol="perturbation_negative"),
+    # localisation: the map against the target's mask
     Metric("pointing_game", "higher", "localisation", "pointing", _MASK, _pointing),
-    Metric(
-        "energy_pointing_game",
-        "higher",
-        "localisation",
-        "energy",
-        _MASK,
-        lambda c: M.energy_pointing_game(c.heatmaps, c.masks),
-    ),
+    Metric("energy_pointing_game", "higher", "localisation", "energy", _MASK,
+           lambda c: M.energy_pointing_game(c.heatmaps, c.masks)),
     Metric("pixel_auroc", "higher", "localisation", "auroc", _MASK, lambda c: M.pixel_auroc(c.heatmaps, c.masks)),
     Metric("pixel_ap", "higher", "localisation", "auroc", _MASK, lambda c: M.pixel_ap(c.heatmaps, c.masks)),
-    Metric(
-        "segmentation_pixel_accuracy", "higher", "localisation", "segmentation", _MASK, lambda c: _segmentation(c)[0]
-    ),
+    Metric("segmentation_pixel_accuracy", "higher", "localisation", "segmentation", _MASK,
+           lambda c: _segmentation(c)[0]),
     Metric("segmentation_miou", "higher", "localisation", "segmentation", _MASK, lambda c: _segmentation(c)[1]),
-    Metric(
-        "class_discrimination",
-        "higher",
-        "discrimination",
-        "discrimination",
-        frozenset({"other_masks"}),
-        lambda c: M.class_discrimination(c.heatmaps, c.masks, c.other_masks),
-    ),
-    Metric("sanity_spearman", "lower", "sanity", "sanity", frozenset({"first_items", "model"}), _sanity, "sanity"),
-    Metric(
-        "head_ablation_auc",
-        "lower",
-        "head_ablation",
-        "head_ablation",
-        _MODEL,
-        _head_ablation,
-        "head_ablation",
-        methods=("gmar",),
-        variants=RANKINGS,
-        unavailable=lambda adapter: (
-            None
-            if can_switch_heads(adapter)
-            else f"{type(adapter.model).__name__}'s heads cannot be switched off one by one; head ablation is skipped"
-        ),
-    ),
-    Metric(
-        "removal_own_drops_most",
-        "higher",
-        "model_check",
-        "model_check",
-        frozenset({"removed", "model"}),
-        _removal(2),
-        unit="model",
-        label="removed object's class drops most of the present classes (rate) ↑",
-    ),
-    Metric(
-        "removal_own_drop",
-        "higher",
-        "model_check",
-        "model_check",
-        frozenset({"removed", "model"}),
-        _removal(0),
-        unit="model",
-        label="drop of the removed object's class logit ↑",
-    ),
-    Metric(
-        "removal_other_drop",
-        "lower",
-        "model_check",
-        "model_check",
-        frozenset({"removed", "model"}),
-        _removal(1),
-        unit="model",
-        label="mean drop of the other present classes' logits (ideally about 0)",
-    ),
-):
+    # discrimination: the target's object against the other objects of the scene
+    Metric("class_discrimination", "higher", "discrimination", "discrimination", frozenset({"other_masks"}),
+           lambda c: M.class_discrimination(c.heatmaps, c.masks, c.other_masks)),
+    # sanity: the map of a cascade of randomised copies of the model
+    Metric("sanity_spearman", "lower", "sanity", "sanity", frozenset({"first_items", "model"}), _sanity,
+           curve="sanity"),
+    # head ablation: GMAR's head rankings (and their bounds) by switching heads off
+    Metric("head_ablation_auc", "lower", "head_ablation", "head_ablation", _MODEL, _head_ablation,
+           curve="head_ablation", methods=("gmar",), variants=RANKINGS, unavailable=_heads_unavailable),
+    # the model check: a property of the model and the data, stored once per item
+    Metric("removal_own_drops_most", "higher", "model_check", "model_check", _REMOVED, _removal(2), unit="model",
+           label="removed object's class drops most of the present classes (rate) ↑"),
+    Metric("removal_own_drop", "higher", "model_check", "model_check", _REMOVED, _removal(0), unit="model",
+           label="drop of the removed object's class logit ↑"),
+    Metric("removal_other_drop", "lower", "model_check", "model_check", _REMOVED, _removal(1), unit="model",
+           label="mean drop of the other present classes' logits (ideally about 0)"),
+):  # fmt: skip
     register(_entry)
 del _entry
