@@ -103,7 +103,7 @@ def evaluate(
     if "sanity_spearman" in settings.metrics:
         labels = [label for label, _ in M.cascading_randomisation_steps(model)]
         store.set_meta("sanity_steps", json.dumps(labels))
-    names = _class_names(adapter)
+    names = adapter.class_names()  # where the model names its classes (the reference model: the scenes')
     bar = Progress(len(mine), "evaluating", progress and rank == 0, unit="items")
 
     def pending_batches():
@@ -134,14 +134,6 @@ def evaluate(
             after_batch()
     bar.close()
     return store
-
-
-def _class_names(adapter) -> list[str] | None:
-    """The model's class names, where it has them (the adapter's; the reference model's are the scenes')."""
-    try:
-        return adapter.class_names()
-    except Exception:  # a model's label table is a courtesy: evaluate never fails for it
-        return None
 
 
 def _evaluate_batch(model, scorer, adapter, ready, settings: Settings, store: Store, device, names) -> None:
