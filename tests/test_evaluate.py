@@ -154,20 +154,20 @@ def write_imagenet_seg(path: Path, count: int = 3) -> list[np.ndarray]:
 
 
 def test_imagenet_segmentation_file(tmp_path):
-    from gmar.eval.evaluate import imagenet_seg_items
+    from gmar.eval.datasets import imagenet_seg_items
     from gmar.preprocess import PreprocessConfig
 
     path = tmp_path / "gtsegs_ijcv.mat"
     truths = write_imagenet_seg(path)
     config = PreprocessConfig(input_size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
     items = imagenet_seg_items(path, config, limit=None)
-    from gmar.eval.evaluate import item_name
+    from gmar.eval.datasets import item_name
 
     assert [item_name(i.key) for i in items] == ["imagenet-seg/00000", "imagenet-seg/00001", "imagenet-seg/00002"]
     for item, truth in zip(items, truths, strict=True):
         assert item.image.shape == (3, 32, 32) and item.target is None
         # The mask went through the image's own resize and centre crop (nearest neighbour).
-        from gmar.eval.evaluate import _mask_to_input
+        from gmar.eval.datasets import _mask_to_input
 
         assert torch.equal(item.mask, _mask_to_input(truth > 0, config))
         assert 0 < int(item.mask.sum()) < 32 * 32
@@ -226,7 +226,7 @@ def test_store_waits_while_another_process_switches_the_journal(tmp_path, monkey
     """Two ranks opening the store at once: SQLite may refuse the WAL switch with "locked" at once."""
     import sqlite3
 
-    from gmar.eval import evaluate as E
+    from gmar.eval import store as S
 
     refusals = []
 
@@ -238,8 +238,8 @@ def test_store_waits_while_another_process_switches_the_journal(tmp_path, monkey
             return super().execute(sql, *args)
 
     connect = sqlite3.connect
-    monkeypatch.setattr(E.sqlite3, "connect", lambda path, **kw: connect(path, factory=Busy, **kw))
-    store = E.Store(tmp_path / "results.sqlite")
+    monkeypatch.setattr(S.sqlite3, "connect", lambda path, **kw: connect(path, factory=Busy, **kw))
+    store = S.Store(tmp_path / "results.sqlite")
     assert len(refusals) == 3
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -248,7 +248,8 @@ def test_gmar_against_rollout_item_by_item(tmp_path):
     """The paired section against a hand computation: per-item differences, their CI, the verdict."""
     import statistics
 
-    from gmar.eval.evaluate import Store, _paired
+    from gmar.eval.report import _paired
+    from gmar.eval.store import Store
 
     store = Store(tmp_path / "results.sqlite")
     deletion = {"a": (0.20, 0.30), "b": (0.30, 0.42), "c": (0.25, 0.33), "d": (0.10, 0.20)}  # gmar, rollout
@@ -329,8 +330,8 @@ def test_the_model_check_against_a_loop_over_removals(tmp_path, capsys):
     """Each item of a multi-object scene against logits read one image at a time, and the report's
     section with the verdict its rate calls for."""
     from conftest import spread
-    from gmar.eval.evaluate import MODEL_CHECK_WARNING, model_check_verdict
     from gmar.eval.reference import load_reference_model
+    from gmar.eval.report import MODEL_CHECK_WARNING, model_check_verdict
     from gmar.eval.scenes import Scenes
 
     report = {"test_exact_set_accuracy": 0.0, "test_scenes": 0, "train_seconds": 0.0, "threads": 1}

@@ -17,9 +17,13 @@ from PIL import Image
 
 from conftest import one_error_line
 from gmar.errors import GmarError
-from gmar.eval import evaluate as E
-from gmar.eval.evaluate import Settings, Store, folder_items
+from gmar.eval import datasets as D
+from gmar.eval import harness as H
+from gmar.eval import store as S
+from gmar.eval.datasets import folder_items
+from gmar.eval.harness import Settings
 from gmar.eval.reference import ReferenceConfig, build_reference_model, save_reference
+from gmar.eval.store import Store
 from gmar.frontends.cli import main
 from gmar.preprocess import PreprocessConfig
 
@@ -56,14 +60,16 @@ def test_overwritten_checkpoint_is_not_resumed(tmp_path, capsys):
 
 
 def test_library_evaluate_keys_the_store_by_the_weights(tmp_path):
-    from gmar.eval.evaluate import evaluate, scene_items, select_metrics
+    from gmar.eval.datasets import scene_items
+    from gmar.eval.harness import evaluate
+    from gmar.eval.registry import select_metrics
 
     settings = Settings(model="mine", data="scenes", methods=["gae"], metrics=select_metrics("deletion"), steps=2)
     items = scene_items(1, image_size=TINY.image_size)
     first = build_reference_model(TINY)
     evaluate(first, items, settings, tmp_path, progress=False).close()
     store = Store(tmp_path / "results.sqlite")
-    assert json.loads(store.meta("settings"))["weights"] == E.weights_digest(first)
+    assert json.loads(store.meta("settings"))["weights"] == H.weights_digest(first)
     store.close()
     other = build_reference_model(ReferenceConfig(**{**TINY.__dict__, "seed": 1}))
     with pytest.raises(GmarError, match="weights"):
@@ -73,19 +79,19 @@ def test_library_evaluate_keys_the_store_by_the_weights(tmp_path):
 
 def test_weights_digest_covers_values_dtypes_shapes_and_buffers():
     model = build_reference_model(TINY)
-    digest = E.weights_digest(model)
+    digest = H.weights_digest(model)
     assert len(digest) == 16 and int(digest, 16) >= 0
-    assert E.weights_digest(build_reference_model(TINY)) == digest  # the same weights, another instance
+    assert H.weights_digest(build_reference_model(TINY)) == digest  # the same weights, another instance
     with torch.no_grad():
         model.head.bias[0] = torch.nextafter(model.head.bias[0], torch.tensor(1.0))
-    assert E.weights_digest(model) != digest
-    nudged = E.weights_digest(model)
+    assert H.weights_digest(model) != digest
+    nudged = H.weights_digest(model)
     model.register_buffer("extra", torch.zeros(2))
-    assert E.weights_digest(model) != nudged
+    assert H.weights_digest(model) != nudged
     model.extra = torch.zeros(2, dtype=torch.float64)
-    assert E.weights_digest(model) not in (nudged, digest)
+    assert H.weights_digest(model) not in (nudged, digest)
     bfloat = build_reference_model(TINY).to(torch.bfloat16)
-    assert E.weights_digest(bfloat) != digest
+    assert H.weights_digest(bfloat) != digest
     assert model.training  # the model is left as found
 
 
@@ -185,7 +191,7 @@ CONFIG = PreprocessConfig(input_size=(32, 32))
 def test_mask_of_another_size_skips_the_item(tmp_path, capsys):
     images, masks = write_folder(tmp_path, {"a": (48, 40), "b": (40, 48), "c": (48, 40)})
     items = folder_items(images, masks, CONFIG, None)
-    assert [E.item_name(item.key) for item in items] == ["a.png", "c.png"]
+    assert [D.item_name(item.key) for item in items] == ["a.png", "c.png"]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "b.png" in err[0] and "40×48" in err[0] and "48×40" in err[0]
@@ -208,7 +214,7 @@ def test_transparent_mask_pixels_are_background(tmp_path):
 def test_corrupt_mask_skips_the_item(tmp_path, capsys):
     images, masks = write_folder(tmp_path, {"a": (48, 40), "b": b"not a png", "c": (48, 40)})
     items = folder_items(images, masks, CONFIG, None)
-    assert [E.item_name(item.key) for item in items] == ["a.png", "c.png"]
+    assert [D.item_name(item.key) for item in items] == ["a.png", "c.png"]
     assert all(item.mask is not None for item in items)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "b.png" in err[0] and "mask" in err[0]
@@ -226,7 +232,7 @@ def test_cli_masks_that_do_not_fit(tmp_path, capsys):
     assert "Traceback" not in err and len(reported) == 2, err  # the progress bar also writes to stderr
     assert "b.png" in reported[0] and "c.png: its mask" in reported[1] and "20×20" in reported[1]
     with sqlite3.connect(out / "results.sqlite") as db:
-        assert [E.item_name(r[0]) for r in db.execute("SELECT DISTINCT item FROM done")] == ["a.png"]
+        assert [D.item_name(r[0]) for r in db.execute("SELECT DISTINCT item FROM done")] == ["a.png"]
 
 
 def test_missing_masks_folder_is_one_error_before_anything_runs(tmp_path, capsys):
@@ -306,8 +312,8 @@ def test_gmar_marks_its_database_and_takes_the_previous_versions(tmp_path):
     store = Store(path)
     store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA application_id").fetchone()[0] == E.APPLICATION_ID
-        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == str(E.SCHEMA_VERSION)
+        assert db.execute("PRAGMA application_id").fetchone()[0] == S.APPLICATION_ID
+        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == str(S.SCHEMA_VERSION)
     db.close()
     Store(path).close()  # its own: opened again
 
@@ -322,7 +328,7 @@ def test_gmar_marks_its_database_and_takes_the_previous_versions(tmp_path):
     assert store.done() == {("a.png", "gae")}
     store.close()
     with sqlite3.connect(old) as db:
-        assert db.execute("PRAGMA application_id").fetchone()[0] == E.APPLICATION_ID
+        assert db.execute("PRAGMA application_id").fetchone()[0] == S.APPLICATION_ID
     db.close()
 
 
@@ -364,10 +370,10 @@ def test_imagenet_seg_items_are_keyed_by_their_content(tmp_path):
 
     path = tmp_path / "gtsegs_ijcv.mat"
     write_imagenet_seg(path)
-    keys = [item.key for item in E.imagenet_seg_items(path, CONFIG, None)]
+    keys = [item.key for item in D.imagenet_seg_items(path, CONFIG, None)]
     assert [key.split("@")[0] for key in keys] == ["imagenet-seg/00000", "imagenet-seg/00001", "imagenet-seg/00002"]
     assert len(set(key.split("@")[1] for key in keys)) == 3
-    assert keys == [item.key for item in E.imagenet_seg_items(path, CONFIG, None)]  # deterministic
+    assert keys == [item.key for item in D.imagenet_seg_items(path, CONFIG, None)]  # deterministic
 
 
 def test_a_previous_versions_name_keys_are_replaced_by_content_keys(tmp_path):
@@ -386,4 +392,4 @@ def test_a_previous_versions_name_keys_are_replaced_by_content_keys(tmp_path):
     with sqlite3.connect(out / "results.sqlite") as db:
         items = {row[0] for table in ("scores", "done") for row in db.execute(f"SELECT item FROM {table}")}
     db.close()
-    assert [E.item_name(item) for item in items] == ["a.png"] and "@" in items.pop()
+    assert [D.item_name(item) for item in items] == ["a.png"] and "@" in items.pop()

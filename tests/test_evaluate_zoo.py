@@ -17,8 +17,12 @@ from PIL import Image
 from conftest import clip_target, make_clip, make_hf_vit, make_timm, make_torchvision, one_error_line
 from gmar.adapters import get_adapter
 from gmar.errors import GmarError
-from gmar.eval import evaluate as E
+from gmar.eval import datasets as D
+from gmar.eval import harness as H
 from gmar.eval import metrics as M
+from gmar.eval import registry as R
+from gmar.eval import report as P
+from gmar.eval import store as S
 from gmar.eval.reference import ReferenceConfig, build_reference_model
 from gmar.frontends.cli import main
 from gmar.methods import explain, select_methods
@@ -33,7 +37,7 @@ def read_csv(path: Path) -> dict[tuple[str, str], tuple[float, float, int]]:
         return {(r["method"], r["metric"]): (float(r["mean"]), float(r["ci95"]), int(r["n"])) for r in rows}
 
 
-def hand_items(count: int = 3) -> list[E.Item]:
+def hand_items(count: int = 3) -> list[D.Item]:
     """Items with everything a metric can use: masks, other objects, a re-rendered image without the target."""
     generator = torch.Generator().manual_seed(3)
     items = []
@@ -46,7 +50,7 @@ def hand_items(count: int = 3) -> list[E.Item]:
         removed = image.clone()
         removed[:, mask] = 0.0
         target = None if index == 0 else index  # the prediction, or a given class
-        items.append(E.Item(f"item{index}", image, target, mask, other, ((index + 1) % 4,), removed))
+        items.append(D.Item(f"item{index}", image, target, mask, other, ((index + 1) % 4,), removed))
     return items
 
 
@@ -66,13 +70,13 @@ def stored(out: Path) -> dict[tuple[str, str, str], float | None]:
 @pytest.mark.parametrize("zoo", list(ZOO))
 def test_every_metric_on_a_tiny_model_of_each_zoo(zoo, tmp_path):
     model = ZOO[zoo]()
-    metrics = E.select_metrics("all")
-    settings = E.Settings(
+    metrics = R.select_metrics("all")
+    settings = H.Settings(
         model=zoo, data="hand", methods=["gae", "gmar"], metrics=metrics, steps=4, sanity_items=2,
         multi_label=zoo == "reference",
     )  # fmt: skip
     items = hand_items()
-    E.evaluate(model, items, settings, tmp_path, progress=False).close()
+    H.evaluate(model, items, settings, tmp_path, progress=False).close()
     values = stored(tmp_path)
     per_method = {"deletion_auc", "insertion_auc", "perturbation_positive", "perturbation_negative", "pointing_game",
                   "energy_pointing_game", "pixel_auroc", "pixel_ap", "segmentation_pixel_accuracy",
@@ -83,12 +87,12 @@ def test_every_metric_on_a_tiny_model_of_each_zoo(zoo, tmp_path):
                 value = values[(item.key, method, metric)]
                 assert value is not None and math.isfinite(value), (item.key, method, metric)
         for metric in ("removal_own_drop", "removal_other_drop", "removal_own_drops_most"):
-            assert math.isfinite(values[(item.key, E.MODEL_CHECK, metric)])
+            assert math.isfinite(values[(item.key, H.MODEL_CHECK, metric)])
     for item in items[:2]:  # --sanity-items 2
         assert math.isfinite(values[(item.key, "gae", "sanity_spearman")])
     head_rows = [k for k in values if k[2].startswith("head_ablation_auc[")]
-    assert len(head_rows) == len(items) * len(E.RANKINGS)  # torchvision's too: heads are switched off in the capture
-    E.report(E.Store(tmp_path / "results.sqlite"), settings, tmp_path)
+    assert len(head_rows) == len(items) * len(R.RANKINGS)  # torchvision's too: heads are switched off in the capture
+    P.report(S.Store(tmp_path / "results.sqlite"), settings, tmp_path)
     assert (tmp_path / "results.md").is_file()
 
 
@@ -109,9 +113,9 @@ def hand_deletion(model, image: torch.Tensor, heatmap: torch.Tensor, target: int
 
 def test_hf_deletion_auc_equals_a_hand_computation(tmp_path):
     model = make_hf_vit()
-    settings = E.Settings(model="hf", data="hand", methods=["gae"], metrics=["deletion_auc"], steps=5)
+    settings = H.Settings(model="hf", data="hand", methods=["gae"], metrics=["deletion_auc"], steps=5)
     items = hand_items(2)
-    E.evaluate(model, items, settings, tmp_path, progress=False).close()
+    H.evaluate(model, items, settings, tmp_path, progress=False).close()
     values = stored(tmp_path)
     for item in items:
         target = item.target
@@ -150,9 +154,9 @@ def test_metrics_take_an_openclip_model_with_a_callable_target():
 
 
 def test_library_evaluate_refuses_an_embedding_model(tmp_path):
-    settings = E.Settings(model="clip", data="hand", methods=["gae"], metrics=["deletion_auc"], steps=2)
+    settings = H.Settings(model="clip", data="hand", methods=["gae"], metrics=["deletion_auc"], steps=2)
     with pytest.raises(GmarError, match="classifier"):
-        E.evaluate(make_clip(), hand_items(1), settings, tmp_path, progress=False)
+        H.evaluate(make_clip(), hand_items(1), settings, tmp_path, progress=False)
 
 
 def test_cascading_steps_of_every_zoo_follow_the_adapter():
@@ -227,18 +231,18 @@ def test_cli_evaluate_a_six_class_hf_classifier_on_scenes(hf_scenes_dir, tmp_pat
 
 def count_decodes(monkeypatch) -> list[str]:
     decoded: list[str] = []
-    load = E.load_image
+    load = D.load_image
 
     def counting(path, *args, **kwargs):
         decoded.append(Path(path).name)
         return load(path, *args, **kwargs)
 
-    monkeypatch.setattr(E, "load_image", counting)
+    monkeypatch.setattr(D, "load_image", counting)
     return decoded
 
 
-def folder_settings(folder: Path) -> E.Settings:
-    return E.Settings(model="t", data=f"imagefolder:{folder}", methods=["gae"], metrics=["deletion_auc"], steps=2)
+def folder_settings(folder: Path) -> H.Settings:
+    return H.Settings(model="t", data=f"imagefolder:{folder}", methods=["gae"], metrics=["deletion_auc"], steps=2)
 
 
 def test_folder_items_stream_one_batch_at_a_time(tmp_path, monkeypatch):
@@ -246,14 +250,14 @@ def test_folder_items_stream_one_batch_at_a_time(tmp_path, monkeypatch):
     write_images(folder, 10)
     decoded = count_decodes(monkeypatch)
     config = get_adapter(make_timm()).preprocess_config()
-    items = E.image_files(folder, None, config, None)
+    items = D.image_files(folder, None, config, None)
     assert decoded == []  # listing decodes nothing
     seen = []
-    E.evaluate(make_timm(), items, folder_settings(folder), tmp_path / "out", batch_size=3, progress=False,
+    H.evaluate(make_timm(), items, folder_settings(folder), tmp_path / "out", batch_size=3, progress=False,
                after_batch=lambda: seen.append(len(decoded)))  # fmt: skip
     assert seen == [3, 6, 9, 10]
     decoded.clear()
-    E.evaluate(make_timm(), items, folder_settings(folder), tmp_path / "out", batch_size=3, progress=False).close()
+    H.evaluate(make_timm(), items, folder_settings(folder), tmp_path / "out", batch_size=3, progress=False).close()
     assert decoded == []  # resumed: every item is done, none is decoded
 
 
@@ -262,24 +266,24 @@ def test_a_rank_decodes_only_its_share(tmp_path, monkeypatch):
     paths = write_images(folder, 7)
     decoded = count_decodes(monkeypatch)
     config = get_adapter(make_timm()).preprocess_config()
-    items = E.image_files(folder, None, config, None)
-    E.evaluate(make_timm(), items, folder_settings(folder), tmp_path / "out", progress=False, rank=1, world=3).close()
+    items = D.image_files(folder, None, config, None)
+    H.evaluate(make_timm(), items, folder_settings(folder), tmp_path / "out", progress=False, rank=1, world=3).close()
     assert decoded == [paths[i].name for i in (1, 4)]
 
 
 def test_a_memory_error_on_one_image_skips_it(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "img"
     write_images(folder, 3)
-    load = E.load_image
+    load = D.load_image
 
     def failing(path, *args, **kwargs):
         if Path(path).name == "im001.png":
             raise MemoryError
         return load(path, *args, **kwargs)
 
-    monkeypatch.setattr(E, "load_image", failing)
+    monkeypatch.setattr(D, "load_image", failing)
     config = get_adapter(make_timm()).preprocess_config()
-    store = E.evaluate(make_timm(), E.image_files(folder, None, config, None), folder_settings(folder),
+    store = H.evaluate(make_timm(), D.image_files(folder, None, config, None), folder_settings(folder),
                        tmp_path / "out", progress=False)  # fmt: skip
     assert sorted(item.split("@")[0] for item, _ in store.done()) == ["im000.png", "im002.png"]
     store.close()
@@ -296,7 +300,7 @@ def test_folder_scans_take_the_suffixes_explain_takes(tmp_path):
     write_images(folder, 1, suffix=".gif")
     write_images(folder, 1, suffix=".ico", seed=1)
     (folder / "notes.txt").write_text("not an image")
-    items = E.folder_items(folder, None, get_adapter(make_timm()).preprocess_config(), None)
+    items = D.folder_items(folder, None, get_adapter(make_timm()).preprocess_config(), None)
     assert sorted(item.key.split("@")[0] for item in items) == ["im000.gif", "im000.ico"]
 
 

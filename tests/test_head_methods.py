@@ -376,7 +376,8 @@ def test_windows_cover_the_grid_and_their_map_averages_the_drops():
 def test_head_ablation_pairs_each_ranking_with_the_oracle_and_gmar(tmp_path):
     import statistics
 
-    from gmar.eval.evaluate import Store, _paired_heads
+    from gmar.eval.report import _paired_heads
+    from gmar.eval.store import Store
 
     store = Store(tmp_path / "results.sqlite")
     aucs = {"a": (0.6, 0.4, 0.3), "b": (0.7, 0.5, 0.35), "c": (0.65, 0.38, 0.33)}  # gmar, taylor, oracle

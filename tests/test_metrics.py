@@ -1118,15 +1118,10 @@ def test_direction_covers_every_metric():
 
 
 def test_direction_covers_the_metrics_the_evaluation_produces():
-    try:
-        from gmar.eval import evaluate
-    except ImportError:
-        pytest.skip("gmar.eval.evaluate is not available")
-    groups = getattr(evaluate, "GROUPS", None)
-    if not groups:
-        pytest.skip("gmar.eval.evaluate has no GROUPS")
-    used = {name for names in groups.values() for name in names}
-    assert used <= set(M.DIRECTION)
+    from gmar.eval import registry
+
+    used = {name for names in registry.groups().values() for name in names}
+    assert used == set(M.DIRECTION) == set(registry.METRICS)
 
 
 def test_the_shared_vit_is_untouched_by_the_module(vit):

@@ -169,7 +169,8 @@ def test_the_shipped_model_passes_the_model_check():
     """Removing an object lowers the shipped model's logit of that object's class, and far more than
     the other present classes' (docs/evaluation.md): the batched check against a loop, and its level."""
     from gmar.eval import metrics as M
-    from gmar.eval.evaluate import MODEL_CHECK_WARNING, scene_items
+    from gmar.eval.datasets import scene_items
+    from gmar.eval.report import MODEL_CHECK_WARNING
 
     model = gmar.load_reference_model()
     items = [item for item in scene_items(60) if item.removed is not None]

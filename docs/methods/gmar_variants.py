@@ -11,7 +11,8 @@ from torch.nn.utils.rnn import pad_sequence
 import gmar
 from gmar.adapters import get_adapter
 from gmar.eval import metrics as M
-from gmar.eval.evaluate import _seed, scene_items
+from gmar.eval.datasets import scene_items
+from gmar.eval.registry import item_seed
 
 torch.set_num_threads(1)  # as measured: one thread, beside other work
 scenes = int(sys.argv[1]) if len(sys.argv) > 1 else 100
@@ -76,7 +77,7 @@ for s in range(0, len(items), 16):
         "gmar_gae[weights]": M.rank_heads(exps["gmar_gae"].head_weights),
         "oracle": M.rank_heads(drops),
     }
-    gens = [torch.Generator().manual_seed(_seed(0, i.key)) for i in chunk]
+    gens = [torch.Generator().manual_seed(item_seed(0, i.key)) for i in chunk]
     rankings["random"] = torch.stack([torch.randperm(16, generator=g) for g in gens])
     rankings["reverse"] = rankings["gmar[weights]"].flip(1)
     for k, r in rankings.items():

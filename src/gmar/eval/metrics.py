@@ -3,7 +3,8 @@
 Every metric takes heatmaps ``(B, H, W)`` (higher = more relevant, any scale unless said) and
 returns one value per sample ``(B,)`` (or per-sample curves), so that results can be stored per
 image and aggregated with confidence intervals later. ``DIRECTION[name]`` is ``"higher"`` or
-``"lower"``: which way is better.
+``"lower"``: which way is better (a view of :mod:`gmar.eval.registry`, where each metric evaluate
+scores is declared with its group, selector and needs).
 
 Faithfulness metrics call the model; they take a :class:`Scorer`, which turns the model's output
 into the target's score and whether the model still "gets it".
@@ -18,30 +19,10 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gmar.capture import AttentionStream, Recorder, capture, model_lock
-
-#: metric name -> which way is better
-DIRECTION = {
-    "deletion_auc": "lower",
-    "insertion_auc": "higher",
-    "perturbation_positive": "lower",
-    "perturbation_negative": "higher",
-    "pointing_game": "higher",
-    "energy_pointing_game": "higher",
-    "pixel_auroc": "higher",
-    "pixel_ap": "higher",
-    "segmentation_pixel_accuracy": "higher",
-    "segmentation_miou": "higher",
-    "class_discrimination": "higher",
-    "sanity_spearman": "lower",
-    "head_ablation_auc": "lower",
-    "removal_own_drops_most": "higher",
-    "removal_own_drop": "higher",
-    "removal_other_drop": "lower",
-}
+from gmar.imageops import gaussian_blur
 
 
 @dataclass
@@ -317,22 +298,6 @@ def perturbation(
     """
     protocol = "perturbation_positive" if positive else "perturbation_negative"
     return faithfulness(scorer, images, heatmaps, classes, [protocol])[protocol]
-
-
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(B, C, H, W)``, kernel radius ``3 sigma`` (at most the image's
-    shorter side minus one, as reflect padding needs), reflect padding."""
-    if sigma <= 0:
-        return images.clone()
-    radius = max(1, min(math.ceil(3 * sigma), min(images.shape[-2:]) - 1))
-    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-(x**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    channels = images.shape[1]
-    out = F.pad(images, (radius, radius, 0, 0), mode="reflect")
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    out = F.pad(out, (0, 0, radius, radius), mode="reflect")
-    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
 # ------------------------------------------------------------------------------------------ localisation
@@ -738,3 +703,11 @@ def mean_ci(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
         return mean, float("nan")
     variance = sum((v - mean) ** 2 for v in clean) / (n - 1)
     return mean, z * math.sqrt(variance / n)
+
+
+def __getattr__(name: str):
+    if name == "DIRECTION":  # metric name -> "higher" | "lower", read from the registry (which imports this module)
+        from gmar.eval.registry import Directions
+
+        return Directions()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

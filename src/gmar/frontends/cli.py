@@ -23,7 +23,7 @@ import gmar
 from gmar import viz
 from gmar.adapters import get_adapter
 from gmar.errors import GmarError, ImageLoadError
-from gmar.eval.evaluate import SELECTORS
+from gmar.eval.registry import selectors
 from gmar.loading import LoadedModel, load_model
 from gmar.methods import all_methods, available_methods, explain, get_method, select_methods
 from gmar.outputs import TEMPORARY, OutputError, OutputFolder, distinct, previous_outputs
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--masks", metavar="DIR", help="masks for imagefolder:, same file names, nonzero = object")
     e.add_argument("--imagenet-seg", metavar="FILE", help="the ImageNet-Segmentation file gtsegs_ijcv.mat")
     e.add_argument("--methods", default="all", help=f"comma-separated, or 'all' ({ALL_HELP}); {SLOW_HELP}")
-    e.add_argument("--metrics", default="all", help="comma-separated, or 'all': " + ",".join(SELECTORS))
+    e.add_argument("--metrics", default="all", help="comma-separated, or 'all': " + ",".join(selectors()))
     e.add_argument("--out", default="gmar-eval", metavar="DIR")
     e.add_argument("--limit", type=int, metavar="N", help="scenes: how many (default 500); folders: the first N")
     e.add_argument("--batch-size", type=int, default=16, metavar="N")
@@ -253,29 +253,18 @@ def _text_target(args: argparse.Namespace, loaded: LoadedModel) -> TextTarget | 
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from gmar.eval.evaluate import (
-        GROUPS,
-        MODEL_CHECK,
-        MODEL_CHECK_WARNING,
-        REPORT_FILES,
-        Settings,
-        barrier,
-        check_writable,
-        distributed,
-        evaluate,
-        image_files,
-        imagenet_seg_images,
-        model_check_verdict,
-        report,
-        scene_items,
-        select_metrics,
-    )
+    from gmar.eval.datasets import image_files, imagenet_seg_images, scene_items
+    from gmar.eval.distributed import barrier, distributed
+    from gmar.eval.harness import MODEL_CHECK, Settings, evaluate
+    from gmar.eval.registry import select_metrics, selected
+    from gmar.eval.report import MODEL_CHECK_WARNING, model_check_verdict, report, report_files
+    from gmar.eval.store import check_writable
 
     methods, metrics = select_methods(args.methods), select_metrics(args.metrics)
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or args.steps < 1:
         raise GmarError("--batch-size, --limit and --steps must be at least 1")
     device = _device(args.device)
-    OutputFolder(args.out).check(REPORT_FILES)  # before the work, not after it
+    OutputFolder(args.out).check(report_files())  # before the work, not after it
     check_writable(Path(args.out))  # before the model loads, not after it
     rank, world = distributed()
     model, config, multi_label = _evaluation_model(args, device)
@@ -291,7 +280,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if classes != len(CLASSES):
             raise GmarError(f"the scenes have {len(CLASSES)} classes but {args.model} has {classes} outputs")
         data = "scenes"
-        checks = any(metric in GROUPS["model_check"] for metric in metrics)  # only they need the re-rendered scenes
+        checks = any("removed" in metric.needs for metric in selected(metrics))  # only they need re-rendered scenes
         items = scene_items(args.limit, seed=args.seed, image_size=config.input_size[0], removals=checks)
     elif args.data.startswith("imagefolder:"):
         data = args.data

@@ -9,8 +9,11 @@ import torch
 
 from gmar import viz
 from gmar.adapters import get_adapter
-from gmar.eval.evaluate import REPORT_FILES, Settings, evaluate, report, scene_items, select_metrics
+from gmar.eval.datasets import scene_items
+from gmar.eval.harness import Settings, evaluate
 from gmar.eval.reference import load_reference_model
+from gmar.eval.registry import select_metrics
+from gmar.eval.report import report, report_files
 from gmar.eval.scenes import CLASSES, Scenes
 from gmar.methods import all_methods, explain
 from gmar.outputs import OutputFolder
@@ -24,7 +27,7 @@ def demo(out: Path, scenes: int = 100) -> list[str]:
     start = time.perf_counter()
     outputs = OutputFolder(out)
     outputs.check(["scenes.png", "gmar_heads.png"])
-    OutputFolder(out / "evaluation").check(REPORT_FILES)  # before the work, not after it
+    OutputFolder(out / "evaluation").check(report_files())  # before the work, not after it
     model = load_reference_model()
     methods = all_methods()
     size = get_adapter(model).preprocess_config().input_size[0]

@@ -99,7 +99,7 @@ class Occlusion(Explainer):
         if self.baseline == "mean":
             return images.new_zeros(())
         if self.baseline == "blur":
-            from gmar.eval.metrics import gaussian_blur
+            from gmar.imageops import gaussian_blur
 
             return gaussian_blur(images, float(max(layout.patch_size)))
         return images.new_full((), float(self.baseline))
