@@ -17,9 +17,10 @@ def blocks() -> list[str]:
 
 def test_the_worked_examples_run_and_check_themselves(tmp_path, monkeypatch):
     from gmar import adapters, methods
+    from gmar.eval import registry
 
     monkeypatch.chdir(tmp_path)  # anything an example writes lands here
-    before = (list(adapters.REGISTERED), dict(methods.METHODS))
+    before = (list(adapters.REGISTERED), dict(methods.METHODS), dict(registry.METRICS))
     code = blocks()
     assert len(code) >= 4, "the examples are python blocks of docs/extending.md"
     namespace: dict = {"__name__": "extending_example"}
@@ -30,4 +31,7 @@ def test_the_worked_examples_run_and_check_themselves(tmp_path, monkeypatch):
         adapters.REGISTERED[:] = before[0]
         methods.METHODS.clear()
         methods.METHODS.update(before[1])
-    assert "last_attention" not in gmar.available_methods()
+        registry.METRICS.clear()
+        registry.METRICS.update(before[2])
+    assert "last_attention" not in gmar.available_methods() and "mass_in_mask" not in registry.METRICS
+    assert (tmp_path / "evaluation" / "results.md").is_file()
