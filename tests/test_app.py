@@ -31,6 +31,7 @@ import gmar
 from gmar.frontends import app
 from gmar.frontends.cli import main
 from gmar.preprocess import load_image, preprocess
+from tolerance import FLOAT32
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 INSTALL = "apt-get install -y chromium chromium-driver"
@@ -218,8 +219,11 @@ def test_page_explains_an_example_and_shows_a_head(server, scenes, reference, tm
 
         # the head view of the sliders' layer and head (the last layer, head 0) follows the explanation
         caption = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#head-caption").text)
-        assert caption.startswith("layer 3, head 0: attention from the readout token; GMAR weight")
+        assert caption.startswith("layer 3, head 0: attention from the readout token; gmar weight")
         first_view = driver.find_element(By.CSS_SELECTOR, "#head-view img").get_attribute("src")
+        # the head weights of every method that has them can be shown
+        offered = [label.text for label in driver.find_elements(By.CSS_SELECTOR, "#heads-method label")]
+        assert offered == [m for m in methods if m in ("gmar", "gmar_gae")]
 
         # click the cell of layer 1, head 2 in the head-weights picture
         cells = driver.find_element(By.CSS_SELECTOR, "#head-weights img")
@@ -233,7 +237,7 @@ def test_page_explains_an_example_and_shows_a_head(server, scenes, reference, tm
             lambda d: (t := d.find_element(By.CSS_SELECTOR, "#head-caption").text).startswith("layer 1, head 2") and t
         )
         weights = expected(reference, scenes[1], ["gmar"])["gmar"].head_weights[0]
-        assert caption.endswith(f"GMAR weight {float(weights[1, 2]):.3f}")
+        assert caption.endswith(f"gmar weight {float(weights[1, 2]):.3f}")
         assert driver.find_element(By.CSS_SELECTOR, "#layer input[type=number]").get_attribute("value") == "1"
         assert driver.find_element(By.CSS_SELECTOR, "#head input[type=number]").get_attribute("value") == "2"
         second_view = wait.until(
@@ -243,6 +247,18 @@ def test_page_explains_an_example_and_shows_a_head(server, scenes, reference, tm
         )
         assert fetch(second_view) != fetch(first_view)
         assert variance(fetch(second_view)) > 100
+
+        # gmar_gae's weights instead: the picture and the caption follow the picker
+        before = driver.find_element(By.CSS_SELECTOR, "#head-weights img").get_attribute("src")
+        picker = driver.find_elements(By.CSS_SELECTOR, "#heads-method label")
+        next(label for label in picker if label.text == "gmar_gae").click()
+        gae = expected(reference, scenes[1], ["gmar_gae"])["gmar_gae"].head_weights[0]
+        wait.until(
+            lambda d: d.find_element(By.CSS_SELECTOR, "#head-caption").text.endswith(
+                f"; gmar_gae weight {float(gae[1, 2]):.3f}"
+            )
+        )
+        assert wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#head-weights img").get_attribute("src") != before)
 
         # downloads are offered
         assert len(driver.find_elements(By.CSS_SELECTOR, "#maps a")) >= len(methods)
@@ -287,8 +303,15 @@ def check_maps(result, explanations: dict[str, gmar.Explanation]) -> None:
     assert [Path(m).name for m in maps] == [f"{name}.npy" for name in explanations]
     for path, (name, explanation) in zip(maps, explanations.items(), strict=True):
         np.testing.assert_allclose(np.load(path), explanation.heatmap[0].numpy(), rtol=0, atol=1e-5, err_msg=name)
-    if "gmar" in explanations:
-        np.testing.assert_allclose(weights["head_weights"], explanations["gmar"].head_weights.numpy(), atol=1e-6)
+    heads = [name for name, explanation in explanations.items() if explanation.head_weights is not None]
+    if heads:  # every method with head weights, the first one shown
+        assert weights["method"] == heads[0] and list(weights["methods"]) == heads
+        shown = explanations[heads[0]].head_weights.numpy()
+        np.testing.assert_allclose(weights["head_weights"], shown, **FLOAT32)
+        for name in heads:
+            np.testing.assert_allclose(weights["methods"][name], explanations[name].head_weights.numpy(), **FLOAT32)
+    else:
+        assert weights is None
     assert Image.open(figure).size[0] > 0 and Path(picture).is_file()
 
 
@@ -299,6 +322,10 @@ def test_api_explain_equals_gmar_explain(server, scenes, reference):
     check_maps(call(connection, scenes[0], methods), expected(reference, scenes[0], methods))
     # another class than the predicted one, two methods
     check_maps(call(connection, scenes[0], ["gmar", "gae"], 5), expected(reference, scenes[0], ["gmar", "gae"], 5))
+    # head weights without gmar: gmar_gae's
+    both = ["gmar_gae", "rollout"]
+    check_maps(call(connection, scenes[1], both), expected(reference, scenes[1], both))
+    check_maps(call(connection, scenes[1], ["rollout"]), expected(reference, scenes[1], ["rollout"]))
 
 
 def test_concurrent_requests_get_their_own_maps(server, scenes, reference):
@@ -360,6 +387,41 @@ def test_prompts_explain_a_clip_model_one_row_per_prompt(tmp_path):
         app.explain_image(served, path, ["gmar"], target=1, prompts="a circle")
 
 
+def test_head_view_offers_every_method_with_head_weights(reference, scenes):
+    served = app.serve_reference(reference, scenes[0].parent, scenes=1)
+    result = app.explain_image(served, scenes[0], ["rollout", "gmar_gae", "gmar"])
+    assert app.head_methods(result) == ["gmar_gae", "gmar"]
+    library = expected(reference, scenes[0], ["gmar_gae", "gmar"])
+    weights = app.head_weights(result)
+    assert weights["method"] == "gmar_gae" and list(weights["methods"]) == ["gmar_gae", "gmar"]
+    for name in ("gmar_gae", "gmar"):
+        np.testing.assert_allclose(weights["methods"][name], library[name].head_weights.numpy(), **FLOAT32)
+        _, caption = app.head_view(result, 1, 2, name)
+        assert caption.endswith(f"; {name} weight {float(library[name].head_weights[0, 1, 2]):.3f}")
+        assert app.head_weights(result, name)["method"] == name
+    _, caption = app.head_view(result, 1, 2)  # the first method with head weights
+    assert caption.endswith(f"; gmar_gae weight {float(library['gmar_gae'].head_weights[0, 1, 2]):.3f}")
+    plain = app.explain_image(served, scenes[0], ["rollout"])
+    assert app.head_methods(plain) == [] and app.head_weights(plain) is None
+    assert app.head_view(plain, 1, 2)[1] == "layer 1, head 2: attention from the readout token"
+
+
+def test_labels_and_probabilities_of_a_timm_model_on_the_page():
+    """timm's class names reach the page; the top classes are the softmax of the model's logits."""
+    loaded = gmar.load_model("timm:test_vit", pretrained=False)
+    served = app.serve_loaded(loaded)
+    names = gmar.get_adapter(loaded.model).class_names()
+    batch = app.model_input(served, load_image(served.examples[0][0]))
+    with torch.no_grad():
+        probabilities = torch.softmax(loaded.model(batch), dim=-1)[0]
+    values, indices = probabilities.topk(app.TOP_K)
+    best = app.top_classes(served, batch)
+    assert [(i, name) for i, name, _ in best] == [(int(i), f"{names[i]} [{int(i)}]") for i in indices]
+    np.testing.assert_allclose([p for _, _, p in best], values.numpy(), **FLOAT32)
+    result = app.explain_image(served, served.examples[0][0], ["gmar"], target=281)
+    assert result.rows == [f"tabby, tabby cat [281], p={float(probabilities[281]):.2f}"]
+
+
 def test_head_weights_picture_and_clicks_agree(reference, scenes):
     served = app.serve_reference(reference, scenes[0].parent, scenes=1)
     result = app.explain_image(served, scenes[0], ["gmar", "rollout"])
@@ -387,7 +449,7 @@ def test_head_weights_picture_and_clicks_agree(reference, scenes):
     assert app.cell_size((12, 12)) < app.cell_size(grid)  # many heads: smaller cells
     # the head view is gmar.head_attention's map for that head, with GMAR's weight
     view, caption = app.head_view(result, 1, 2)
-    assert caption.endswith(f"GMAR weight {float(weights[1, 2]):.3f}")
+    assert caption.endswith(f"gmar weight {float(weights[1, 2]):.3f}")
     batch = preprocess(load_image(scenes[0]), served.preprocess)
     torch.testing.assert_close(result.head_maps, gmar.head_attention(reference, batch)[0])
     assert view.shape[0] >= app.DISPLAY and not (view == app.head_view(result, 1, 3)[0]).all()

@@ -138,8 +138,10 @@ def test_example_images_with_a_random_timm_model(tmp_path):
     assert {p.name for p in out.glob("*.png")} == {
         "example_shapes.png.png",
         "example_shapes.png_gmar_heads.png",
+        "example_shapes.png_gmar_gae_heads.png",
         "example_stripes.png.png",
         "example_stripes.png_gmar_heads.png",
+        "example_stripes.png_gmar_gae_heads.png",
     }
 
 

@@ -90,6 +90,18 @@ def test_one_overlay_per_prompt_and_method(pictures, tmp_path, monkeypatch):
     assert not np.allclose(cat, remote), "the prompt must drive the map"
 
 
+def test_head_weights_per_prompt_for_every_method_that_has_them(pictures, tmp_path):
+    out = tmp_path / "heads"
+    assert run(str(pictures[0]), "--prompt", "a cat", "--prompt", "a dog", "--method", "gmar_gae,rollout",
+               "--out", str(out)) == 0  # fmt: skip
+    name = pictures[0].name
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        f"{name}.png",
+        f"{name}_a-cat_gmar_gae_heads.png",
+        f"{name}_a-dog_gmar_gae_heads.png",
+    ]
+
+
 def test_one_prompt_batches_images(pictures, tmp_path):
     out = tmp_path / "one"
     argv = [str(p) for p in pictures]

@@ -29,11 +29,11 @@ from gmar.adapters import get_adapter
 from gmar.capture import model_lock
 from gmar.errors import GmarError, ImageLoadError
 from gmar.explanation import Explanation, min_max, upsample
+from gmar.frontends import common
 from gmar.layout import TokenLayout
 from gmar.loading import LoadedModel
-from gmar.methods import explain, head_attention, supported_methods
+from gmar.methods import explain, head_attention, methods_for
 from gmar.preprocess import PreprocessConfig, denormalise, load_image, preprocess
-from gmar.targets import TextTarget
 
 #: the shorter side, in pixels, that pictures are drawn at on the page (small inputs are enlarged)
 DISPLAY = 256
@@ -74,7 +74,7 @@ class Served:
         multi_label: class probabilities are sigmoids (the reference model), not a softmax.
         tokenizer: text prompts' tokenizer for CLIP-style models; None for classifiers.
         examples: ``(image file, caption)`` pairs the page offers.
-        methods: the methods defined for this model, in :func:`gmar.available_methods`' order.
+        methods: the methods defined for this model (:func:`gmar.methods.methods_for`), in its order.
         head_grid: ``(layers, heads)`` of the head view; None when the model has no readout rows.
         limits: what one request may ask (:class:`Limits`).
     """
@@ -126,7 +126,7 @@ def serve_loaded(loaded: LoadedModel) -> Served:
 def _described(served: Served, examples: list[tuple[Path, str]]) -> Served:
     """``served`` with its examples, its methods and the size of its head view."""
     served.examples = examples
-    served.methods = supported_methods(served.model)
+    served.methods = methods_for(served.model)
     try:
         size = served.preprocess.input_size
         parameter = next(served.model.parameters())
@@ -201,20 +201,10 @@ def top_classes(served: Served, batch: torch.Tensor, k: int = TOP_K) -> list[tup
     # another request may have the model instrumented: its lock keeps this forward out of that pass
     with model_lock(served.model), torch.no_grad():
         logits = adapter.forward(batch.to(device=parameter.device, dtype=parameter.dtype))[0].float().cpu()
-    values, indices = probabilities(served, logits[None])[0].topk(min(k, logits.numel()))
-    return [(int(i), class_label(served, int(i)), float(p)) for p, i in zip(values, indices, strict=True)]
-
-
-def probabilities(served: Served, logits: torch.Tensor) -> torch.Tensor:
-    """``(B, classes)``: sigmoids for a multi-label model (the reference), else the softmax."""
-    logits = logits.detach().float().cpu()
-    return logits.sigmoid() if served.multi_label else logits.softmax(dim=-1)
-
-
-def class_label(served: Served, index: int) -> str:
-    if served.class_names and 0 <= index < len(served.class_names):
-        return f"{served.class_names[index]} [{index}]"
-    return f"class {index}"
+    values, indices = common.probabilities(logits[None], served.multi_label)[0].topk(min(k, logits.numel()))
+    return [
+        (int(i), common.class_label(served.class_names, int(i)), float(p)) for p, i in zip(values, indices, strict=True)
+    ]
 
 
 def parse_prompts(text: str | None) -> list[str]:
@@ -256,7 +246,8 @@ def explain_image(
         rows = [f'"{prompt}"' + ("" if s is None else f" ({s:.3f})") for prompt, s in zip(texts, scores, strict=True)]
     else:
         index = int(first.target[0])  # type: ignore[index]
-        rows = [f"{class_label(served, index)}, p={float(probabilities(served, first.logits)[0, index]):.2f}"]
+        shown = common.probabilities(first.logits, served.multi_label)
+        rows = [f"{common.class_label(served.class_names, index)}, p={float(shown[0, index]):.2f}"]
     head_maps = head_attention(served.model, batch)[0].cpu() if served.head_grid is not None else None
     pixels = denormalise(batch, served.preprocess)[0].cpu()
     return Result(pixels, explanations, rows, head_maps, first.layout)
@@ -277,9 +268,7 @@ def _target(served: Served, target: float | int | None, prompts: list[str]) -> A
         raise GmarError(f"{served.spec} compares images with text: explain it with text prompts, not a class index")
     if not prompts:
         raise GmarError(f"{served.spec} compares images with text: write at least one prompt")
-    if served.tokenizer is None:
-        raise GmarError(f"{served.spec} came without a tokenizer, so its prompts cannot be embedded")
-    return TextTarget(served.model, served.tokenizer, prompts)
+    return common.text_target(served.model, served.tokenizer, prompts, served.spec)
 
 
 def enlarged(picture: np.ndarray) -> np.ndarray:
@@ -300,12 +289,24 @@ def overlays(result: Result) -> list[tuple[np.ndarray, str]]:
     return pictures
 
 
-def head_weights(result: Result) -> dict | None:
-    """GMAR's weights ``(rows, L, H)`` with what each row explains; None when GMAR did not run."""
-    gmar = result.explanations.get("gmar")
-    if gmar is None or gmar.head_weights is None:
+def head_methods(result: Result) -> list[str]:
+    """The methods of ``result`` whose explanation has head weights (``gmar``, ``gmar_gae``), in its order."""
+    return common.head_weighted(result.explanations)
+
+
+def head_weights(result: Result, method: str | None = None) -> dict | None:
+    """The head weights ``(rows, L, H)`` of every method that has them, with what each row explains;
+    None when no such method ran.
+
+    ``"method"`` and ``"head_weights"`` are the shown method's: ``method`` when it has head weights,
+    else the first that has; ``"methods"`` maps each such method to its weights.
+    """
+    names = head_methods(result)
+    if not names:
         return None
-    return {"rows": result.rows, "head_weights": gmar.head_weights.float().cpu().tolist()}
+    weights = {name: result.explanations[name].head_weights.float().cpu().tolist() for name in names}  # type: ignore[union-attr]
+    shown = method if method in weights else names[0]
+    return {"rows": result.rows, "method": shown, "head_weights": weights[shown], "methods": weights}
 
 
 def cell_size(grid: tuple[int, int]) -> int:
@@ -363,15 +364,16 @@ def head_at(x: float, y: float, grid: tuple[int, int]) -> tuple[int, int] | None
     return None
 
 
-def head_view(result: Result, layer: int, head: int) -> tuple[np.ndarray, str]:
-    """Head ``head`` of layer ``layer``: its attention from the readout over the image, and a caption."""
+def head_view(result: Result, layer: int, head: int, method: str | None = None) -> tuple[np.ndarray, str]:
+    """Head ``head`` of layer ``layer``: its attention from the readout over the image, and a caption
+    with its weight in ``method`` (see :func:`head_weights`: the first method with head weights by default)."""
     assert result.head_maps is not None
     token_map = result.head_maps[layer, head][None]
     heat = min_max(upsample(token_map, result.layout, tuple(result.pixels.shape[-2:])))[0]
     caption = f"layer {layer}, head {head}: attention from the readout token"
-    weights = head_weights(result)
+    weights = head_weights(result, method)
     if weights is not None:
-        caption += f"; GMAR weight {weights['head_weights'][0][layer][head]:.3f}"
+        caption += f"; {weights['method']} weight {weights['head_weights'][0][layer][head]:.3f}"
         if len(result.rows) > 1:
             caption += f" for {result.rows[0]}"
     return enlarged(viz.overlay(result.pixels, heat)), caption
@@ -454,12 +456,17 @@ def build_page(served: Served, workdir: Path):
         picture = heads_picture(first, None, grid) if grid is not None else None
         return overlays(result), weights, maps, figure, picture, result
 
-    def on_head(result, layer, head):
+    def on_methods(result, method):
+        """The head-weights picker offers the explained methods that weight heads, keeping its choice."""
+        names = [] if result is None else head_methods(result)
+        return gr.update(choices=names, value=method if method in names else (names[0] if names else None))
+
+    def on_head(result, layer, head, method):
         if result is None or grid is None or result.head_maps is None:
             return None, "explain an image first", None
         layer, head = int(layer), int(head)
-        picture, caption = head_view(result, layer, head)
-        weights = head_weights(result)
+        picture, caption = head_view(result, layer, head, method)
+        weights = head_weights(result, method)
         first = None if weights is None else torch.tensor(weights["head_weights"][0])
         return picture, caption, heads_picture(first, (layer, head), grid)
 
@@ -479,8 +486,8 @@ def build_page(served: Served, workdir: Path):
         gr.Markdown(
             f"## gmar: why does `{served.spec}` see what it sees?\n"
             "Upload an image or click an example, choose what to explain and the methods, then **Explain**. "
-            "Below, GMAR's layers × heads weights: click a cell (or move the sliders) to see what that head "
-            "attends to."
+            "Below, the layers × heads weights of a method that weights heads (GMAR, gmar_gae): click a cell "
+            "(or move the sliders) to see what that head attends to."
         )
         with gr.Row():
             with gr.Column(scale=1):
@@ -529,8 +536,11 @@ def build_page(served: Served, workdir: Path):
                     figure = gr.File(label="figure (PNG)", elem_id="figure")
         with gr.Row(visible=grid is not None):
             with gr.Column():
+                heads_method = gr.Radio(
+                    [], label="head weights of (the explained methods that weight heads)", elem_id="heads-method"
+                )
                 picture = gr.Image(
-                    label="GMAR head weights (rows: layers, columns: heads): click a cell",
+                    label="head weights (rows: layers, columns: heads): click a cell",
                     interactive=False,
                     format="png",
                     buttons=[],
@@ -559,10 +569,14 @@ def build_page(served: Served, workdir: Path):
             [overlay_gallery, weights_json, maps, figure, picture, state],
             api_name="explain",
             concurrency_limit=2,
-        ).then(on_head, [state, layer, head], [head_image, head_caption, picture], api_visibility="private")
+        ).then(on_methods, [state, heads_method], heads_method, api_visibility="private").then(
+            on_head, [state, layer, head, heads_method], [head_image, head_caption, picture], api_visibility="private"
+        )
         picture.select(on_cell, None, [layer, head], api_visibility="private")
+        head_inputs, head_outputs = [state, layer, head, heads_method], [head_image, head_caption, picture]
         for slider in (layer, head):
-            slider.change(on_head, [state, layer, head], [head_image, head_caption, picture], api_visibility="private")
+            slider.change(on_head, head_inputs, head_outputs, api_visibility="private")
+        heads_method.input(on_head, head_inputs, head_outputs, api_visibility="private")
     page.queue(max_size=64)
     return page, theme
 

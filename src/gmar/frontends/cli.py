@@ -24,8 +24,9 @@ from gmar import viz
 from gmar.adapters import get_adapter
 from gmar.errors import GmarError, ImageLoadError
 from gmar.eval.registry import selectors
+from gmar.frontends import common
 from gmar.loading import LoadedModel, load_model
-from gmar.methods import all_methods, available_methods, explain, get_method, select_methods
+from gmar.methods import all_methods, available_methods, explain, get_method, methods_for, select_methods
 from gmar.outputs import TEMPORARY, OutputError, OutputFolder, distinct, previous_outputs
 from gmar.preprocess import IMAGE_SUFFIXES, denormalise, load_and_preprocess
 from gmar.progress import Progress, message
@@ -166,16 +167,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    methods = select_methods(args.method)
+    named = select_methods(args.method)  # the names are checked before the model loads, not after it
     if args.batch_size < 1:
         raise GmarError("--batch-size must be at least 1")
     device = _device(args.device)
     paths = _image_paths(args)
     outputs = OutputFolder(args.out, inputs=paths)
     loaded = _load(args, device)
-    if args.method.strip() == "all":  # the methods defined for this model
-        adapter = get_adapter(loaded.model)
-        methods = [m for m in methods if get_method(m).refusal(adapter) is None]
+    # "all": the methods defined for this model; a named one it cannot run is refused here, on one line
+    methods = methods_for(loaded.model, "all" if args.method.strip() == "all" else named)
     text_target = _text_target(args, loaded)
     target = args.target if text_target is None else text_target
     # Several prompts explain one image at a time (the image is repeated once per prompt).
@@ -201,7 +201,8 @@ def run_explain(args: argparse.Namespace) -> int:
                 batch = torch.cat([tensor for _, tensor in pending]).to(device)
                 # one call: the methods that read the same attention and gradient share one pass
                 explanations = explain(loaded.model, batch, methods, target=target, options=_options(methods, args))
-                names = [outputs.reserve(p.name, _suffixes(methods, slugs, args.save_maps), p) for p, _ in pending]
+                suffixes = _suffixes(explanations, slugs, args.save_maps)
+                names = [outputs.reserve(p.name, suffixes, p) for p, _ in pending]
                 sources = [p for p, _ in pending]
                 if slugs is None:
                     done = _write(batch, explanations, loaded, names, sources, outputs, args.save_maps)
@@ -224,12 +225,13 @@ def _report(line: str, bar: Progress) -> None:
     bar.message(f"gmar: {line}")
 
 
-def _suffixes(methods: Sequence[str], slugs: list[str] | None, save_maps: bool) -> list[str]:
-    """What follows an input's name in the names of its output files."""
+def _suffixes(explanations: dict, slugs: list[str] | None, save_maps: bool) -> list[str]:
+    """What follows an input's name in the names of its output files: the figure, a head-weights
+    figure per method with head weights, and with ``save_maps`` each method's map (per prompt)."""
     suffixes = [".png"]
     for part in [""] if slugs is None else [f"_{slug}" for slug in slugs]:
-        suffixes += [f"{part}_gmar_heads.png"] if "gmar" in methods else []
-        suffixes += [f"{part}_{method}.npy" for method in methods] if save_maps else []
+        suffixes += [f"{part}_{common.heads_file(method)}" for method in common.head_weighted(explanations)]
+        suffixes += [f"{part}_{method}.npy" for method in explanations] if save_maps else []
     return suffixes
 
 
@@ -246,10 +248,7 @@ def _text_target(args: argparse.Namespace, loaded: LoadedModel) -> TextTarget | 
         raise GmarError(f"{loaded.spec} compares images with text: give what to explain with --prompt TEXT")
     if args.target is not None:
         raise GmarError("--target is a class index for classifiers; CLIP models are explained with --prompt")
-    tokenizer = loaded.extras.get("tokenizer")
-    if tokenizer is None:
-        raise GmarError(f"{loaded.spec} came without a tokenizer, so its prompts cannot be embedded")
-    return TextTarget(loaded.model, tokenizer, args.prompt)
+    return common.text_target(loaded.model, loaded.extras.get("tokenizer"), args.prompt, loaded.spec)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -526,19 +525,19 @@ def _write(
     """Write each image's figure (and heads and maps); return how many images were written whole."""
     pixels = denormalise(batch, loaded.preprocess).cpu()
     first = next(iter(explanations.values()))
-    logits = first.logits.float()
-    probabilities = (logits.sigmoid() if loaded.extras.get("multi_label") else logits.softmax(dim=-1)).cpu()
+    shown = common.probabilities(first.logits, bool(loaded.extras.get("multi_label")))
     written = 0
     for i, name in enumerate(names):
-        predicted = int(probabilities[i].argmax())
-        row = [f"predicted: {_label(loaded, predicted)} ({probabilities[i, predicted]:.2f})"]
-        columns = {m: [f"{m}: {_label(loaded, int(e.target[i]))}"] for m, e in explanations.items()}
+        predicted = int(shown[i].argmax())
+        class_names = loaded.class_names
+        row = [f"predicted: {common.class_label(class_names, predicted)} ({shown[i, predicted]:.2f})"]
+        columns = {m: [f"{m}: {common.class_label(class_names, int(e.target[i]))}"] for m, e in explanations.items()}
         single = {m: _select(e, i) for m, e in explanations.items()}
         grid = viz.method_grid(pixels[i : i + 1], single, row_titles=row, column_titles=columns)
         files = [(f"{name}.png", lambda path, figure=grid: viz.save(figure, path))]
-        if "gmar" in explanations:
-            figure = viz.head_weights_figure(explanations["gmar"].head_weights[i].cpu(), f"GMAR head weights: {name}")
-            files.append((f"{name}_gmar_heads.png", lambda path, figure=figure: viz.save(figure, path)))
+        for method in common.head_weighted(explanations):
+            figure = common.head_weights_figure(explanations, method, i, name)
+            files.append((f"{name}_{common.heads_file(method)}", lambda path, figure=figure: viz.save(figure, path)))
         if save_maps:
             for method, explanation in explanations.items():
                 heatmap = explanation.heatmap[i].cpu().numpy()
@@ -577,10 +576,10 @@ def _write_prompts(
         grid = viz.method_grid(images, single, row_titles=row_titles, column_titles=columns)
         files = [(f"{name}.png", lambda path, figure=grid: viz.save(figure, path))]
         for slug, r in zip(slugs, rows, strict=True):
-            if "gmar" in explanations:
-                title = f'GMAR head weights: {name}, "{_short(prompts[r])}"'
-                figure = viz.head_weights_figure(explanations["gmar"].head_weights[r].cpu(), title)
-                files.append((f"{name}_{slug}_gmar_heads.png", lambda path, figure=figure: viz.save(figure, path)))
+            for method in common.head_weighted(explanations):
+                figure = common.head_weights_figure(explanations, method, r, f'{name}, "{_short(prompts[r])}"')
+                heads = f"{name}_{slug}_{common.heads_file(method)}"
+                files.append((heads, lambda path, figure=figure: viz.save(figure, path)))
             if save_maps:
                 for method, explanation in explanations.items():
                     heatmap = explanation.heatmap[r].cpu().numpy()
@@ -622,12 +621,6 @@ def _slug(text: str) -> str:
 
 def _select(explanation, index: int):
     return replace(explanation, heatmap=explanation.heatmap[index : index + 1])
-
-
-def _label(loaded: LoadedModel, index: int) -> str:
-    if loaded.class_names and 0 <= index < len(loaded.class_names):
-        return f"{loaded.class_names[index]} [{index}]"
-    return f"class {index}"
 
 
 def _options(methods: list[str], args: argparse.Namespace) -> dict:
