@@ -346,3 +346,37 @@ def test_an_unwritable_out_is_refused_before_the_model_loads(tmp_path, monkeypat
     assert main(["evaluate", "--model", "reference", "--out", str(out), "--limit", "1"]) == 2
     line = one_error_line(capsys)
     assert str(out) in line and "--out" in line and loaded == []
+
+
+def test_cli_evaluate_asks_the_method_registry_which_methods_fit(tmp_path, capsys, monkeypatch):
+    """``all`` is what the model can run (a Swin model: Grad-CAM, as the attention methods need global
+    attention; before, every method was tried); a named method it cannot run is one line."""
+    from conftest import make_swin
+    from gmar.frontends import cli
+    from gmar.methods import methods_for
+
+    swin = make_swin("timm_swin")
+    assert methods_for(swin) == ["gradcam"]
+    monkeypatch.setattr(
+        cli, "_evaluation_model", lambda args, device: (swin, get_adapter(swin).preprocess_config(), False)
+    )
+    folder = tmp_path / "img"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), (120, 30, 200)).save(folder / "a.png")
+    argv = [
+        "evaluate",
+        "--model",
+        "timm:swin",
+        "--data",
+        f"imagefolder:{folder}",
+        "--metrics",
+        "deletion",
+        "--steps",
+        "2",
+    ]
+    assert cli.main([*argv, "--methods", "all", "--out", str(tmp_path / "all")]) == 0
+    with open(tmp_path / "all" / "results.csv") as handle:
+        assert {row["method"] for row in csv.DictReader(handle)} == {"gradcam"}
+    capsys.readouterr()
+    assert cli.main([*argv, "--methods", "gae", "--out", str(tmp_path / "gae")]) == 2
+    assert "no global token-to-token attention for gae" in one_error_line(capsys)

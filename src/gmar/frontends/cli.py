@@ -26,7 +26,7 @@ from gmar.errors import GmarError, ImageLoadError
 from gmar.eval.registry import selectors
 from gmar.frontends import common
 from gmar.loading import LoadedModel, load_model
-from gmar.methods import all_methods, available_methods, explain, get_method, methods_for, select_methods
+from gmar.methods import all_methods, available_methods, explain, methods_for, select_methods
 from gmar.outputs import TEMPORARY, OutputError, OutputFolder, distinct, previous_outputs
 from gmar.preprocess import IMAGE_SUFFIXES, denormalise, load_and_preprocess
 from gmar.progress import Progress, message
@@ -267,8 +267,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     check_writable(Path(args.out))  # before the model loads, not after it
     rank, world = distributed()
     model, config, multi_label = _evaluation_model(args, device)
-    if get_adapter(model).attention_pooled:
-        methods = [m for m in methods if not get_method(m).needs_readout_rows]
+    methods = methods_for(model, methods if args.methods.strip() != "all" else "all")  # what this model can run
     if args.imagenet_seg:
         data = f"imagenet-seg:{args.imagenet_seg}"
         items = imagenet_seg_images(Path(args.imagenet_seg), config, args.limit)
