@@ -380,3 +380,19 @@ def test_cli_evaluate_asks_the_method_registry_which_methods_fit(tmp_path, capsy
     capsys.readouterr()
     assert cli.main([*argv, "--methods", "gae", "--out", str(tmp_path / "gae")]) == 2
     assert "no global token-to-token attention for gae" in one_error_line(capsys)
+
+
+def test_evaluate_names_the_file_a_warning_comes_from(tmp_path, capsys):
+    """Pillow's "Corrupt EXIF data" while evaluate decodes a folder is one line naming the image (it
+    printed as a bare UserWarning before), and the image is still evaluated."""
+    from test_images import corrupt_exif_jpeg
+
+    from gmar.frontends.cli import main
+
+    folder = tmp_path / "img"
+    folder.mkdir()
+    photo = corrupt_exif_jpeg(folder / "photo.jpg")
+    argv = ["evaluate", "--model", "reference", "--data", f"imagefolder:{folder}", "--methods", "rollout"]
+    assert main([*argv, "--metrics", "deletion", "--steps", "2", "--out", str(tmp_path / "out")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "EXIF" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"gmar: {photo}: Corrupt EXIF data."), lines

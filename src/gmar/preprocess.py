@@ -7,7 +7,8 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,16 +203,32 @@ def _resize_pixels(source: tuple[int, int], size: tuple[int, int], box: tuple[fl
     return size[0] * size[1] + size[0] * rows
 
 
+@contextmanager
+def warnings_of(path: str | Path) -> Iterator[list[tuple[type[Warning], str]]]:
+    """Collect the warnings raised in the block (Pillow's "Corrupt EXIF data", numpy's "All-NaN
+    slice"...) instead of letting them print unnamed; the list holds each one once, as its category
+    and ``"PATH: message"``, for the caller to report."""
+    named: list[tuple[type[Warning], str]] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield named
+        finally:
+            for warning in caught:
+                entry = (warning.category, f"{path}: {warning.message}")
+                if entry not in named:
+                    named.append(entry)
+
+
 def load_and_preprocess(path: str | Path, config: PreprocessConfig) -> torch.Tensor:
     """One image file as the model's input ``(1, 3, H, W)``: :func:`load_image`, then :func:`preprocess`.
 
     Every failure is one :class:`ImageLoadError` naming the file, running out of memory included.
     Warnings raised on the way (Pillow's "Corrupt EXIF data", numpy's "All-NaN slice") are issued
-    again, once each, with the file's path in front.
+    again, once each, with the file's path in front (:func:`warnings_of`).
     """
     size = None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings_of(path) as named:
         try:
             image = load_image(path)
             size = image.size
@@ -222,12 +239,8 @@ def load_and_preprocess(path: str | Path, config: PreprocessConfig) -> torch.Ten
             if str(error).startswith(str(path)):
                 raise
             raise ImageLoadError(f"{path}: {error}") from None
-    seen = set()
-    for warning in caught:
-        key = (warning.category, str(warning.message))
-        if key not in seen:
-            seen.add(key)
-            warnings.warn(f"{path}: {warning.message}", warning.category, stacklevel=2)
+    for category, line in named:
+        warnings.warn(line, category, stacklevel=2)
     return tensor
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from gmar.errors import GmarError
-from gmar.preprocess import IMAGE_SUFFIXES, PreprocessConfig, load_image, preprocess, resize_and_crop
+from gmar.preprocess import IMAGE_SUFFIXES, PreprocessConfig, load_image, preprocess, resize_and_crop, warnings_of
 from gmar.progress import message
 
 
@@ -127,8 +127,11 @@ class ImageFile:
             return None
         path, config = self.path, self.config
         try:
-            picture = load_image(path)
-            image = preprocess(picture, config)[0]
+            with warnings_of(path) as named:
+                picture = load_image(path)
+                image = preprocess(picture, config)[0]
+            for _, line in named:  # Pillow's "Corrupt EXIF data" and the like, naming the file
+                message(f"gmar: {line}")
         except GmarError as error:
             message(f"gmar: skipped {error}")
             return None
