@@ -385,9 +385,8 @@ def test_cli_evaluate_asks_the_method_registry_which_methods_fit(tmp_path, capsy
 def test_evaluate_names_the_file_a_warning_comes_from(tmp_path, capsys):
     """Pillow's "Corrupt EXIF data" while evaluate decodes a folder is one line naming the image (it
     printed as a bare UserWarning before), and the image is still evaluated."""
-    from test_images import corrupt_exif_jpeg
-
     from gmar.frontends.cli import main
+    from test_images import corrupt_exif_jpeg
 
     folder = tmp_path / "img"
     folder.mkdir()
