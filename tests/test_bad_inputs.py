@@ -11,6 +11,7 @@ from torch import nn
 import gmar
 from conftest import FACTORIES, IMAGE, make_timm, target_for
 from gmar.errors import GmarWarning
+from tolerance import FLOAT32
 
 METHODS = gmar.available_methods()
 
@@ -38,7 +39,7 @@ def test_nan_and_inf_images_are_warned_about_once_each(name, method, images):
     assert all(w.filename == __file__ for w in ours), "the warning must point at the caller's line"
     # the clean images are explained as they would be alone
     clean = gmar.explain(model, images[[0, 2]], method=method, target=target_for(name))
-    torch.testing.assert_close(explanation.token_map[[0, 2]], clean.token_map, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(explanation.token_map[[0, 2]], clean.token_map, **FLOAT32)
 
 
 def test_finite_images_give_no_warning(images):

@@ -12,6 +12,7 @@ from PIL import Image
 import gmar
 from gmar import viz
 from gmar.frontends.cli import main
+from tolerance import FLOAT32
 
 ARCH = "gmar-test-tiny-clip"
 PROMPTS = ["a photo of a cat", "a remote control"]
@@ -85,7 +86,7 @@ def test_one_overlay_per_prompt_and_method(pictures, tmp_path, monkeypatch):
         for prompt, slug in zip(PROMPTS, ("a-photo-of-a-cat", "a-remote-control"), strict=True):
             for method in ("legrad", "gmar"):
                 saved = np.load(out / f"{path.name}_{slug}_{method}.npy")
-                np.testing.assert_allclose(saved, expected_map(path, prompt, method), rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(saved, expected_map(path, prompt, method), **FLOAT32)
     cat, remote = (np.load(out / f"room.png_{s}_legrad.npy") for s in ("a-photo-of-a-cat", "a-remote-control"))
     assert not np.allclose(cat, remote), "the prompt must drive the map"
 
@@ -109,7 +110,7 @@ def test_one_prompt_batches_images(pictures, tmp_path):
                "--save-maps") == 0  # fmt: skip
     for path in pictures:
         saved = np.load(out / f"{path.name}_a-dog_gradcam.npy")
-        np.testing.assert_allclose(saved, expected_map(path, "a dog", "gradcam"), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(saved, expected_map(path, "a dog", "gradcam"), **FLOAT32)
 
 
 def test_prompts_with_the_same_file_name_do_not_overwrite(pictures, tmp_path):
@@ -117,8 +118,8 @@ def test_prompts_with_the_same_file_name_do_not_overwrite(pictures, tmp_path):
     assert run(str(pictures[1]), "--prompt", "A cat!", "--prompt", "a cat", "--method", "legrad", "--out", str(out),
                "--save-maps") == 0  # fmt: skip
     first, second = np.load(out / "garden.png_a-cat_legrad.npy"), np.load(out / "garden.png_a-cat-2_legrad.npy")
-    np.testing.assert_allclose(first, expected_map(pictures[1], "A cat!", "legrad"), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(second, expected_map(pictures[1], "a cat", "legrad"), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(first, expected_map(pictures[1], "A cat!", "legrad"), **FLOAT32)
+    np.testing.assert_allclose(second, expected_map(pictures[1], "a cat", "legrad"), **FLOAT32)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from PIL import Image
 
 from gmar.eval.reference import ReferenceConfig, build_reference_model, save_reference
 from gmar.frontends.cli import main
+from tolerance import FLOAT32
 
 TINY = ReferenceConfig(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
 FAST = ["--methods", "gmar,gae", "--metrics", "deletion,perturbation,pointing,energy,head_ablation", "--steps", "4"]
@@ -47,7 +48,7 @@ def assert_same_tables(a: Path, b: Path) -> None:
     first, second = read_csv(a / "results.csv"), read_csv(b / "results.csv")
     assert first.keys() == second.keys()
     for key in first:
-        np.testing.assert_allclose(first[key][:2], second[key][:2], rtol=1e-4, atol=1e-5, err_msg=str(key))
+        np.testing.assert_allclose(first[key][:2], second[key][:2], **FLOAT32, err_msg=str(key))
         assert first[key][2] == second[key][2], key
 
 

@@ -24,8 +24,9 @@ import reference as R
 from conftest import ATTENTION_POOLED, IMAGE, clip_target, hf_clip_tokenizer, make_hf_beit, make_hf_clip
 from gmar.frontends.cli import main
 from gmar.methods import get_method
+from tolerance import FLOAT32
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = FLOAT32
 PROMPTS = ["a photo of a cat", "a remote control", "a dog on the grass"]
 
 
@@ -322,7 +323,7 @@ def test_cli_explains_a_prompt(clip_dir, tmp_path, capsys):
     target = gmar.TextTarget(loaded.model, tokenizer(), "a cat")
     for method in ("legrad", "gmar"):
         expected = gmar.explain(loaded.model, images, method, target=target).heatmap[0].numpy()
-        np.testing.assert_allclose(np.load(out / f"room.png_a-cat_{method}.npy"), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.load(out / f"room.png_a-cat_{method}.npy"), expected, **FLOAT32)
 
 
 @pytest.mark.parametrize("name", ["CLIPModel", "hf_siglip"])

@@ -21,6 +21,7 @@ from torch.testing import assert_close
 import gmar
 from conftest import FACTORIES, make_timm
 from gmar.eval import metrics as M
+from tolerance import FLOAT32
 
 SIZE = 16
 PIXELS = SIZE * SIZE
@@ -100,7 +101,7 @@ def test_scorer_softmax_probability_and_argmax_hit():
     probability, hit = M.Scorer(model)(images, torch.tensor([0, 1, 1]))
     e = math.exp
     expected = [e(2) / (e(2) + e(1) + 1), e(1) / (e(2) + e(1) + 1), e(3) / (1 + e(3) + e(-1))]
-    assert_close(probability, torch.tensor(expected), rtol=1e-6, atol=1e-7)
+    assert_close(probability, torch.tensor(expected), **FLOAT32)
     assert hit.dtype == torch.bool
     assert hit.tolist() == [True, False, True]
 
@@ -291,7 +292,7 @@ def test_insertion_curves_of_perfect_inverted_and_uniform_maps():
         ]
     )
     assert b < 0.99 * HIGH  # the blur does change the score
-    assert_close(curve, expected, rtol=1e-5, atol=1e-6)
+    assert_close(curve, expected, **FLOAT32)
     for i in range(3):
         assert auc[i].item() == pytest.approx(own_trapezoid(expected[i].tolist(), [0, 0.25, 0.5, 0.75, 1]), abs=1e-5)
     assert auc[0] > auc[2] > auc[1]
@@ -435,7 +436,7 @@ def test_gaussian_blur_of_an_impulse_is_the_kernel_per_channel():
 def test_gaussian_blur_matches_a_reference_with_reflect_padding():
     images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
     for sigma in (0.7, 5.0):
-        assert_close(M.gaussian_blur(images, sigma), reference_blur(images, sigma).float(), rtol=1e-5, atol=1e-6)
+        assert_close(M.gaussian_blur(images, sigma), reference_blur(images, sigma).float(), **FLOAT32)
 
 
 # -------------------------------------------------------------------------------------- pointing game
@@ -947,9 +948,9 @@ def test_head_ablation_curve_against_own_hooks(vit, vit_images):
     auc, curve = M.head_ablation(scorer, adapter, vit_images, classes, rankings)
     assert curve.shape == (2, 13)
     assert no_hooks(vit)
-    assert_close(curve[:, 0], scorer(vit_images, classes)[0], rtol=1e-5, atol=1e-6)
+    assert_close(curve[:, 0], scorer(vit_images, classes)[0], **FLOAT32)
     all_off = probabilities_with(vit, vit_images, classes, set(range(12)))
-    assert_close(curve[:, -1], all_off, rtol=1e-5, atol=1e-6)
+    assert_close(curve[:, -1], all_off, **FLOAT32)
     assert not torch.allclose(curve[:, 0], curve[:, -1])
     for i in range(2):
         for k in (1, 5):
@@ -967,7 +968,7 @@ def test_knockout_drops_switch_each_head_off_alone(vit, vit_images):
     full = probabilities_with(vit, vit_images, classes, set())
     for head in range(12):
         expected = full - probabilities_with(vit, vit_images, classes, {head})
-        assert_close(drops[:, head], expected, rtol=1e-5, atol=1e-6)
+        assert_close(drops[:, head], expected, **FLOAT32)
     # the oracle ranking is the order of the drops
     assert M.rank_heads(drops)[0, 0].item() == int(drops[0].argmax())
 
@@ -1035,7 +1036,7 @@ def test_knockout_switches_off_the_heads_the_modelling_code_merges(name):
         finally:
             handle.remove()
         expected = logits.softmax(dim=1).gather(1, classes[:, None]) - off.softmax(dim=1).gather(1, classes[:, None])
-        assert_close(drops[:, layer * heads + head], expected.squeeze(1), rtol=1e-5, atol=1e-6)
+        assert_close(drops[:, layer * heads + head], expected.squeeze(1), **FLOAT32)
     assert no_hooks(model)
 
 
@@ -1046,7 +1047,7 @@ def test_head_ablation_orders_share_endpoints(vit, vit_images):
     _, curve_a = M.head_ablation(M.Scorer(vit), adapter, vit_images, classes, forward)
     _, curve_b = M.head_ablation(M.Scorer(vit), adapter, vit_images, classes, forward.flip(1))
     assert_close(curve_a[:, 0], curve_b[:, 0])
-    assert_close(curve_a[:, -1], curve_b[:, -1], rtol=1e-5, atol=1e-6)
+    assert_close(curve_a[:, -1], curve_b[:, -1], **FLOAT32)
     assert not torch.allclose(curve_a[:, 1:-1], curve_b[:, 1:-1])
     assert no_hooks(vit)
 
@@ -1059,7 +1060,7 @@ def test_head_ablation_does_not_depend_on_the_scorers_batch_size(vit, vit_images
     rankings = M.rank_heads(torch.rand(2, 3, 4, generator=torch.Generator().manual_seed(2)))
     _, whole = M.head_ablation(M.Scorer(vit), adapter, vit_images, classes, rankings)
     _, chunked = M.head_ablation(M.Scorer(vit, batch_size=4), adapter, vit_images, classes, rankings)
-    assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert_close(chunked, whole, **FLOAT32)
 
 
 def test_head_ablation_removes_its_hooks_when_the_model_fails(vit, vit_images):

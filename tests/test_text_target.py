@@ -17,8 +17,9 @@ from torch.testing import assert_close
 
 import gmar
 from conftest import IMAGE, clip_target, clip_tokenizer, make_clip_with_text, make_timm
+from tolerance import FLOAT32
 
-TOL = dict(rtol=1e-5, atol=1e-6)
+TOL = FLOAT32
 GRADIENT_METHODS = ["gmar", "grad_rollout", "gae", "legrad", "gradcam"]
 AGNOSTIC_METHODS = ["rollout", "raw_attention"]
 PROMPTS = ["a photo of a cat", "a remote control", "a dog on the grass"]
