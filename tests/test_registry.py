@@ -116,3 +116,19 @@ def test_registered_unregisters_when_the_block_raises():
     with pytest.raises(RuntimeError), registered(FirstLayerAttention):
         raise RuntimeError
     assert "toy" not in gmar.available_methods()
+
+
+def test_the_command_lines_help_lists_a_method_registered_from_outside():
+    """The help was built when the CLI module was imported, so a method registered later was missing."""
+    import argparse
+
+    from gmar.frontends.cli import build_parser
+
+    def help_of(command: str) -> str:
+        parser = build_parser()
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return " ".join(commands.choices[command].format_help().split())
+
+    with registered(SlowToy):
+        assert "slow_toy" in help_of("explain") and "slow_toy" in help_of("evaluate")
+    assert "slow_toy" not in help_of("explain")

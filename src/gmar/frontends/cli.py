@@ -34,8 +34,13 @@ from gmar.targets import TextTarget
 
 #: Flags of the official GMAR demo; a command line that starts with one of them means `explain`.
 OFFICIAL_FLAGS = ("--input", "--output", "--pretrained", "--norm")
-ALL_HELP = ",".join(all_methods())
-SLOW_HELP = "by name only: " + ",".join(m for m in available_methods() if m not in all_methods())
+
+
+def methods_help() -> str:
+    """``--method``'s help, from the method registry as it is when the parser is built (so a method
+    registered from outside is listed)."""
+    slow = ",".join(m for m in available_methods() if m not in all_methods())
+    return f"comma-separated, or 'all' ({','.join(all_methods())}); by name only: {slow}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pretrained", metavar="HF_ID", help="same as --model hf:HF_ID (official demo's flag)")
     _weights_arguments(p)
-    p.add_argument("--method", default="all", help=f"comma-separated, or 'all' ({ALL_HELP}); {SLOW_HELP}")
+    p.add_argument("--method", default="all", help=methods_help())
     p.add_argument("--target", type=int, metavar="K", help="class index to explain (default: the predicted class)")
     p.add_argument(
         "--prompt",
@@ -73,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default="scenes", help="'scenes' (default) or imagefolder:DIR")
     e.add_argument("--masks", metavar="DIR", help="masks for imagefolder:, same file names, nonzero = object")
     e.add_argument("--imagenet-seg", metavar="FILE", help="the ImageNet-Segmentation file gtsegs_ijcv.mat")
-    e.add_argument("--methods", default="all", help=f"comma-separated, or 'all' ({ALL_HELP}); {SLOW_HELP}")
+    e.add_argument("--methods", default="all", help=methods_help())
     e.add_argument("--metrics", default="all", help="comma-separated, or 'all': " + ",".join(selectors()))
     e.add_argument("--out", default="gmar-eval", metavar="DIR")
     e.add_argument("--limit", type=int, metavar="N", help="scenes: how many (default 500); folders: the first N")
