@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from gmar.errors import CaptureError, TargetError
@@ -84,6 +85,11 @@ class AttentionStream:
     def _attend(self, layer: int, core: _Core, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, Any]:
         reduce = None if self.reduce_attention is None else partial(self.reduce_attention, layer)
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            if reduce is None and core.given is None:
+                # No gradient and nothing to reduce (a pass that only switches heads off): no one reads
+                # the probabilities, so the output comes from PyTorch's fused kernel.
+                output = F.scaled_dot_product_attention(core.q, core.k, core.v, attn_mask=core.mask, scale=core.scale)
+                return output, None
             return self._forward(core, reduce)
         # The anchor is a scalar input of the layer's node, so a backward pass can be asked to
         # reach exactly this layer (``autograd.grad(objective, anchor)``) and go no further.
