@@ -15,6 +15,7 @@ from gmar.capture import AttentionStream, Captured, GradientOf, capture, collect
 from gmar.errors import CaptureError, InputSizeError, ModelLoadError, TargetError, UnsupportedModelError, warn
 from gmar.explanation import Explanation, min_max, upsample
 from gmar.layout import TokenLayout
+from gmar.methods import functional as Fn
 from gmar.targets import Target, TextTarget, prepare_images, resolve_target
 
 
@@ -295,6 +296,22 @@ class Explainer:
         if not self.low_memory:
             return [reduce(i, g) for i, g in enumerate(differentiate(objective, inputs, retain_graph))]
         return stream_gradients(objective, inputs, reduce, chained=self.chained_gradients, retain_graph=retain_graph)
+
+
+class GradientWeightedAttention(Explainer):
+    """The per-layer reduction GAE and gradient rollout share (GAE's Eq. 5): ``mean_h ReLU(∂y/∂A_l ⊙
+    A_l)`` from ``start_layer`` on, computed once per layer in a pass they share
+    (:meth:`reduction_key`); the subclass says how the layers are combined (:meth:`relevance`)."""
+
+    uses_gradients = True
+
+    def reduce_gradient(self, layer, gradient, attention, captured, layout):
+        if layer < self.start_layer:
+            return None
+        return Fn.gradient_weighted(attention.float(), gradient.float())  # type: ignore[union-attr]
+
+    def reduction_key(self):
+        return ("gradient_weighted", self.start_layer)
 
 
 @dataclass

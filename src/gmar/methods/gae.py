@@ -14,27 +14,18 @@ from torch import nn
 from gmar.capture import Captured
 from gmar.layout import TokenLayout
 from gmar.methods import functional as Fn
-from gmar.methods.base import Explainer
+from gmar.methods.base import GradientWeightedAttention
 from gmar.methods.registry import register
 
 
 @register
-class GAE(Explainer):
+class GAE(GradientWeightedAttention):
     """Generic attention explainability (Chefer et al. 2021): ``R ← R + mean_h ReLU(∂y/∂A_l ⊙ A_l) R``."""
 
     name = "gae"
-    uses_gradients = True
 
     def __init__(self, model: nn.Module, start_layer: int = 0) -> None:
         super().__init__(model, start_layer=start_layer)
-
-    def reduce_gradient(self, layer, gradient, attention, captured, layout):
-        if layer < self.start_layer:
-            return None
-        return Fn.gradient_weighted(attention.float(), gradient.float())  # type: ignore[union-attr]
-
-    def reduction_key(self):
-        return ("gradient_weighted", self.start_layer)  # GAE and gradient rollout reduce alike
 
     def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
         layers = reduced[self.start_layer :]

@@ -12,16 +12,15 @@ from torch import nn
 from gmar.capture import Captured
 from gmar.layout import TokenLayout
 from gmar.methods import functional as Fn
-from gmar.methods.base import Explainer
+from gmar.methods.base import GradientWeightedAttention
 from gmar.methods.registry import register
 
 
 @register
-class GradientRollout(Explainer):
+class GradientRollout(GradientWeightedAttention):
     """Rollout of ``mean_h ReLU(A_l ⊙ ∂y/∂A_l)``, each layer with its own gradient."""
 
     name = "grad_rollout"
-    uses_gradients = True
 
     def __init__(
         self, model: nn.Module, discard_ratio: float = 0.0, residual: float = 1.0, start_layer: int = 0
@@ -29,14 +28,6 @@ class GradientRollout(Explainer):
         super().__init__(model, start_layer=start_layer)
         Fn.check_discard_ratio(discard_ratio)
         self.discard_ratio, self.residual = discard_ratio, residual
-
-    def reduce_gradient(self, layer, gradient, attention, captured, layout):
-        if layer < self.start_layer:
-            return None
-        return Fn.gradient_weighted(attention.float(), gradient.float())  # type: ignore[union-attr]
-
-    def reduction_key(self):
-        return ("gradient_weighted", self.start_layer)  # GAE and gradient rollout reduce alike
 
     def relevance(self, captured: Captured, reduced: list, layout: TokenLayout):
         return Fn.rollout_map(reduced[self.start_layer :], self.discard_ratio, self.residual, layout), None
