@@ -146,6 +146,22 @@ def _evaluate_batch(model, scorer, adapter, ready, settings: Settings, store: St
             store.forget_other_contents(item.key)  # this name's earlier content, if the file was replaced
     images = torch.stack([item.image for item in chunk]).to(device)
     targets = _targets(scorer, images, chunk)
+
+    def context_of(pending: list[int], method: str | None, **maps) -> R.Context:
+        """What a metric sees of the ``pending`` items of this batch, for ``method`` (None: the model)."""
+        return R.Context(
+            items=[chunk[i] for i in pending],
+            images=images[pending],
+            targets=targets[pending],
+            indices=[indices[i] for i in pending],
+            method=method,
+            model=model,
+            scorer=scorer,
+            adapter=adapter,
+            settings=settings,
+            **maps,
+        )
+
     store.set_targets(
         [
             (item.key, target, names[target] if names is not None and 0 <= target < len(names) else None)
@@ -172,19 +188,8 @@ def _evaluate_batch(model, scorer, adapter, ready, settings: Settings, store: St
             position = 0
             faithful = _faithfulness(scorer, images[pending], targets[pending], [explanation.heatmap], settings)
         faithful = {k: (auc[position], curve[position]) for k, (auc, curve) in faithful.items()}
-        context = R.Context(
-            items=[chunk[i] for i in pending],
-            images=images[pending],
-            targets=targets[pending],
-            heatmaps=explanation.heatmap,
-            head_weights=explanation.head_weights,
-            faithful=faithful,
-            indices=[indices[i] for i in pending],
-            method=method,
-            model=model,
-            scorer=scorer,
-            adapter=adapter,
-            settings=settings,
+        context = context_of(
+            pending, method, heatmaps=explanation.heatmap, head_weights=explanation.head_weights, faithful=faithful
         )
         wanted = [m for m in per_method if m.methods is None or method in m.methods]
         for key, (scores, curves_of) in zip(context.items, _score(context, wanted), strict=True):
@@ -192,20 +197,7 @@ def _evaluate_batch(model, scorer, adapter, ready, settings: Settings, store: St
     checks = [metric for metric in chosen if metric.unit == "model"]
     if checks:
         pending = [i for i, item in enumerate(chunk) if (item.key, MODEL_CHECK) not in done]
-        context = R.Context(
-            items=[chunk[i] for i in pending],
-            images=images[pending],
-            targets=targets[pending],
-            heatmaps=None,
-            head_weights=None,
-            faithful={},
-            indices=[indices[i] for i in pending],
-            method=None,
-            model=model,
-            scorer=scorer,
-            adapter=adapter,
-            settings=settings,
-        )
+        context = context_of(pending, None, heatmaps=None, head_weights=None, faithful={})
         for item, (scores, _) in zip(context.items, _score(context, checks), strict=True):
             store.write(item.key, MODEL_CHECK, scores, {})
 

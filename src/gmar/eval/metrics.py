@@ -598,13 +598,14 @@ def head_ablation(
     Returns:
         ``(auc (B,), curve (B, L*H + 1))``.
     """
-    total = _head_count(adapter)
+    layers, heads = head_counts(adapter)
+    total = layers * heads
     # Row k of an image's masks has its first k ranked heads removed: head order[j] is kept in rows k <= j.
     positions = torch.empty_like(rankings)
     positions.scatter_(1, rankings, torch.arange(total, device=rankings.device).expand_as(rankings))
     removals = torch.arange(total + 1, device=rankings.device)
     keep = (removals[None, :, None] <= positions[:, None, :]).float()  # (B, L*H + 1, L*H)
-    curve = _with_heads(scorer, adapter, images, classes, keep.to(images.device))
+    curve = _with_heads(scorer, adapter, images, classes, keep.to(images.device), (layers, heads))
     fractions = torch.linspace(0, 1, total + 1, device=curve.device)
     return trapezoid(curve, fractions), curve
 
@@ -613,9 +614,10 @@ def knockout_drops(scorer: Scorer, adapter, images: torch.Tensor, classes: torch
     """The measured importance of every head: the target's probability with all heads minus with
     that head alone switched off (as in :func:`head_ablation`), ``(B, L*H)`` flat ``l * H + h``.
     Ranked by :func:`rank_heads`, it is the single-knock-out oracle a head score is compared with."""
-    total = _head_count(adapter)
+    layers, heads = head_counts(adapter)
+    total = layers * heads
     keep = torch.cat([torch.ones(1, total), 1.0 - torch.eye(total)]).to(images.device)
-    probabilities = _with_heads(scorer, adapter, images, classes, keep.expand(images.shape[0], -1, -1))
+    probabilities = _with_heads(scorer, adapter, images, classes, keep.expand(images.shape[0], -1, -1), (layers, heads))
     return probabilities[:, :1] - probabilities[:, 1:]
 
 
@@ -636,21 +638,21 @@ def head_counts(adapter) -> tuple[int, int]:
     return len(heads), int(heads[0])
 
 
-def _head_count(adapter) -> int:
-    layers, heads = head_counts(adapter)
-    return layers * heads
-
-
 def _with_heads(
-    scorer: Scorer, adapter, images: torch.Tensor, classes: torch.Tensor, keep: torch.Tensor
+    scorer: Scorer,
+    adapter,
+    images: torch.Tensor,
+    classes: torch.Tensor,
+    keep: torch.Tensor,
+    counts: tuple[int, int],
 ) -> torch.Tensor:
     """The target's probability ``(B, R)`` for each image of ``images`` ``(B, 3, H, W)`` with each of
     its rows of ``keep`` ``(B, R, L*H)`` (1 keeps a head, 0 switches it off): all ``B·R`` masked
-    copies in batches of the scorer's batch size.
+    copies in batches of the scorer's batch size. ``counts`` is :func:`head_counts`' ``(L, H)``.
 
     A head is switched off where the capture reads it (:meth:`gmar.capture.Recorder.head_output`),
     so the heads that head scores describe and the heads removed here are the same tensors."""
-    layers, heads = head_counts(adapter)
+    layers, heads = counts
     batch, per_image = keep.shape[:2]
     rows_total = batch * per_image
     keep = keep.reshape(rows_total, layers, heads)
