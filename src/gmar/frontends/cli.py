@@ -539,13 +539,7 @@ def _write(
         single = {m: _select(e, i) for m, e in explanations.items()}
         grid = viz.method_grid(pixels[i : i + 1], single, row_titles=row, column_titles=columns)
         files = [(f"{name}.png", lambda path, figure=grid: viz.save(figure, path))]
-        for method in common.head_weighted(explanations):
-            figure = common.head_weights_figure(explanations, method, i, name)
-            files.append((f"{name}_{common.heads_file(method)}", lambda path, figure=figure: viz.save(figure, path)))
-        if save_maps:
-            for method, explanation in explanations.items():
-                heatmap = explanation.heatmap[i].cpu().numpy()
-                files.append((f"{name}_{method}.npy", lambda path, heatmap=heatmap: np.save(path, heatmap)))
+        files += _row_files(name, explanations, i, name, save_maps)
         written += _write_files(files, sources[i], out)
     return written
 
@@ -580,16 +574,23 @@ def _write_prompts(
         grid = viz.method_grid(images, single, row_titles=row_titles, column_titles=columns)
         files = [(f"{name}.png", lambda path, figure=grid: viz.save(figure, path))]
         for slug, r in zip(slugs, rows, strict=True):
-            for method in common.head_weighted(explanations):
-                figure = common.head_weights_figure(explanations, method, r, f'{name}, "{_short(prompts[r])}"')
-                heads = f"{name}_{slug}_{common.heads_file(method)}"
-                files.append((heads, lambda path, figure=figure: viz.save(figure, path)))
-            if save_maps:
-                for method, explanation in explanations.items():
-                    heatmap = explanation.heatmap[r].cpu().numpy()
-                    files.append((f"{name}_{slug}_{method}.npy", lambda path, heatmap=heatmap: np.save(path, heatmap)))
+            files += _row_files(f"{name}_{slug}", explanations, r, f'{name}, "{_short(prompts[r])}"', save_maps)
         written += _write_files(files, sources[i], out)
     return written
+
+
+def _row_files(prefix: str, explanations: dict, row: int, title: str, save_maps: bool) -> list:
+    """The files of one explained row but its figure: ``PREFIX_METHOD_heads.png`` for each method with
+    head weights and, with ``save_maps``, ``PREFIX_METHOD.npy`` (name, writer pairs)."""
+    files = []
+    for method in common.head_weighted(explanations):
+        figure = common.head_weights_figure(explanations, method, row, title)
+        files.append((f"{prefix}_{common.heads_file(method)}", lambda path, figure=figure: viz.save(figure, path)))
+    if save_maps:
+        for method, explanation in explanations.items():
+            heatmap = explanation.heatmap[row].cpu().numpy()
+            files.append((f"{prefix}_{method}.npy", lambda path, heatmap=heatmap: np.save(path, heatmap)))
+    return files
 
 
 def _write_files(files: list[tuple[str, Callable[[Path], object]]], source: Path, out: OutputFolder) -> int:
