@@ -834,3 +834,66 @@ def reference_map(method: str, g: Gradients, **options) -> torch.Tensor:
     if method == "gmar":
         return gmar(g, **options)[0]
     return {"rollout": rollout, "grad_rollout": grad_rollout, "gae": gae}[method](g, **options)
+
+
+# -- AttnLRP, independently: the written-out timm forward with lxt's way of applying the rules ---------
+# (values kept, gradients changed by detaching: no custom autograd function, no gmar)
+
+
+def _keep_value(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """``value``'s values with ``surrogate``'s gradient."""
+    return value.detach() + (surrogate - surrogate.detach())
+
+
+def _identity_rule(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y = f(x)`` element-wise with gradient ``y / x``: the identity rule in the gradient convention."""
+    ratio = (y / torch.where(x >= 0, x + 1e-10, x - 1e-10)).detach()
+    return _keep_value(y, x * ratio)
+
+
+def _lrp_layer_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm with its standard deviation detached."""
+    mean = x.mean(dim=-1, keepdim=True)
+    std = (x.var(dim=-1, keepdim=True, unbiased=False) + module.eps).sqrt()
+    y = (x - mean) / std.detach() * module.weight + module.bias
+    return _keep_value(F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps), y)
+
+
+def _gradient_times(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` with its gradient multiplied by ``factor``."""
+    return _keep_value(x, x * factor)
+
+
+def attnlrp_timm(model: nn.Module, images: torch.Tensor, classes: torch.Tensor, attention: str) -> torch.Tensor:
+    """AttnLRP's input relevance ``Σ_c x ⊙ g`` ``(B, H, W)`` for a plain timm ViT (class token, no layer
+    scale), the rules applied as lxt applies them: GELU by the identity rule, LayerNorm with its
+    standard deviation detached, the attention detached at q and k (``"cp"``) or with the gradient at q
+    and k divided by 4 and at v by 2 (``"full"``: the uniform rule on both products), linear layers
+    and everything else by their true gradient."""
+    x_in = images.detach().clone().requires_grad_(True)
+    conv = model.patch_embed.proj
+    x = F.conv2d(x_in, conv.weight, conv.bias, stride=conv.stride).flatten(2).transpose(1, 2)
+    batch = x.shape[0]
+    x = torch.cat([model.cls_token.expand(batch, -1, -1), x], dim=1) + model.pos_embed
+    for block in model.blocks:
+        attn = block.attn
+        h = _lrp_layer_norm(block.norm1, x)
+        q, k, v = (
+            F.linear(h, w, b).view(batch, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+            for w, b in zip(attn.qkv.weight.chunk(3), attn.qkv.bias.chunk(3), strict=True)
+        )
+        if attention == "cp":
+            q, k = q.detach(), k.detach()
+        else:
+            q, k, v = _gradient_times(q, 0.25), _gradient_times(k, 0.25), _gradient_times(v, 0.5)
+        a = torch.softmax(torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(attn.head_dim), dim=-1)
+        o = torch.einsum("bhij,bhjd->bhid", a, v)
+        x = x + F.linear(_merge(o), attn.proj.weight, attn.proj.bias)
+        mlp = block.mlp
+        pre = F.linear(_lrp_layer_norm(block.norm2, x), mlp.fc1.weight, mlp.fc1.bias)
+        hidden = _identity_rule(pre, F.gelu(pre))
+        x = x + F.linear(hidden, mlp.fc2.weight, mlp.fc2.bias)
+    x = _lrp_layer_norm(model.norm, x)
+    logits = F.linear(x[:, 0], model.head.weight, model.head.bias)
+    (gradient,) = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), x_in)
+    return (x_in * gradient).sum(dim=1).detach()

@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from gmar.capture import Recorder
+from gmar.capture import Recorder, Residual
 from gmar.layout import TokenLayout
 from gmar.preprocess import PreprocessConfig
 
@@ -88,6 +88,24 @@ class ModelAdapter(ABC):
         the last block's output it reproduces :meth:`forward`. ``pooling="model"`` pools as the
         model does; the adapter may offer others (:attr:`extra_poolings`).
         """
+
+    #: Why the adapter's attention cores take probabilities the model formed itself in a way AttnLRP's
+    #: rule through the softmax cannot follow (CaiT's talking heads), or None.
+    own_probabilities: ClassVar[str | None] = None
+
+    def relevance_modules(self) -> list[tuple[str, nn.Module]]:
+        """The modules LRP rules act on, with their kind (``"linear"``, ``"conv"``, ``"norm"``,
+        ``"activation"``, ``"scale"``): by default every such module of the model, found by type
+        (:func:`gmar.capture.rules.discover`). Everything between them must be linear (reshapes,
+        selections, sums, constant factors) for the gradient-convention rules to hold."""
+        from gmar.capture.rules import discover
+
+        return discover(self.model)  # type: ignore[return-value]
+
+    def residuals(self) -> list[Residual] | None:
+        """Every residual sum of the blocks (for rules that split them, Chefer et al.'s), or None
+        when the adapter does not declare them."""
+        return None
 
     def preprocess_config(self) -> PreprocessConfig:
         """How to turn an image file into this model's input."""

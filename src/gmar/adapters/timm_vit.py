@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gmar.adapters.base import ModelAdapter, additive_mask, check_pooling, override_forward, remove_all
-from gmar.capture import Recorder, split_heads_hook
+from gmar.capture import Recorder, Residual, split_heads_hook
 from gmar.errors import InputSizeError, UnsupportedModelError
 from gmar.layout import TokenLayout
 from gmar.preprocess import PreprocessConfig
@@ -146,6 +146,17 @@ class TimmAdapter(ModelAdapter):
     @property
     def blocks(self) -> Sequence[nn.Module]:
         return list(self.model.blocks)
+
+    def residuals(self) -> list[Residual] | None:
+        # timm's pre-norm Block: x + drop_path1(ls1(attn(norm1(x)))), then x + drop_path2(ls2(mlp(norm2(x))))
+        from timm.models.vision_transformer import Block
+
+        sums: list[Residual] = []
+        for block in self.model.blocks:
+            if type(block) is not Block:
+                return None
+            sums += [Residual(block.norm1, block.drop_path1), Residual(block.norm2, block.drop_path2)]
+        return sums
 
     def first_norm(self, layer: int) -> nn.Module:
         block = self.model.blocks[layer]

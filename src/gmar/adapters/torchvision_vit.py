@@ -11,7 +11,7 @@ from torch import nn
 
 from gmar.adapters.base import ModelAdapter, check_pooling, override_forward
 from gmar.adapters.mha import ExplicitAttention, multihead_attention_layers
-from gmar.capture import Recorder
+from gmar.capture import Recorder, Residual
 from gmar.errors import InputSizeError, UnsupportedModelError
 from gmar.layout import TokenLayout
 from gmar.preprocess import PreprocessConfig
@@ -72,6 +72,13 @@ class TorchvisionAdapter(ModelAdapter):
 
     def first_norm(self, layer: int) -> nn.Module:
         return self.model.encoder.layers[layer].ln_1
+
+    def residuals(self) -> list[Residual]:
+        # EncoderBlock: x = dropout(attention(ln_1(input))) + input, then x + mlp(ln_2(x))
+        sums: list[Residual] = []
+        for block in self.model.encoder.layers:
+            sums += [Residual(block.ln_1, block.dropout), Residual(block.ln_2, block.mlp)]
+        return sums
 
     def readout(self, tokens: torch.Tensor, pooling: str = "model") -> tuple[torch.Tensor, torch.Tensor | None]:
         check_pooling(self, pooling)

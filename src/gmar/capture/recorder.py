@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from gmar.capture.locks import model_lock
+from gmar.capture.rules import instrument_rules
 from gmar.capture.stream import AttentionStream
 from gmar.errors import CaptureError
 
@@ -163,6 +164,8 @@ class Captured:
     num_tokens: int = 0
     #: the stream the attention ran through, if any (its backward pass gives the reduced gradients)
     stream: AttentionStream | None = None
+    #: the input the model ran on (on the graph when the pass takes gradients), when the caller kept it
+    inputs: torch.Tensor | None = None
 
 
 def split_heads_hook(layer: int, num_heads: int, recorder: Recorder) -> Callable:
@@ -217,7 +220,9 @@ def capture(
         head_mask=head_mask,
     )
     instrumented = adapter.instrument(recorder) if attention else nullcontext()
-    with model_lock(adapter.model), instrumented, _instrument_blocks(adapter, recorder, leaf_at):
+    # LRP rules for the passes the stream will run (nothing when it runs none)
+    rules = instrument_rules(adapter, stream) if stream is not None and stream.rules else nullcontext()
+    with model_lock(adapter.model), instrumented, rules, _instrument_blocks(adapter, recorder, leaf_at):
         yield recorder
 
 

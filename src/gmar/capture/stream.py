@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from gmar.capture.rules import RuleSet
 from gmar.errors import CaptureError, TargetError
 
 #: The most bytes one chunk of a layer's probabilities ``(samples, H, N, N)`` takes in an
@@ -60,9 +61,14 @@ class AttentionStream:
         num_layers: int,
         reduce_attention: Callable[[int, torch.Tensor], Any] | None = None,
         chunk_bytes: int | None = None,
+        rules: Sequence[RuleSet] = (),
     ) -> None:
         self.reduce_attention = reduce_attention
         self.chunk_bytes = chunk_bytes
+        #: the rule sets the forward pass prepares for (:func:`gmar.capture.rules.instrument_rules`)
+        self.rules: tuple[RuleSet, ...] = tuple(dict.fromkeys(rules))
+        #: the rule set of the backward pass now running, None in a true-gradient pass
+        self.active_rules: RuleSet | None = None
         #: per layer, its core's inputs while a gradient pass may still need them
         self._inputs: list[_Core | None] = [None] * num_layers
         self._anchors: list[torch.Tensor | None] = [None] * num_layers
@@ -115,6 +121,7 @@ class AttentionStream:
         chained: bool = True,
         retain_graph: bool = False,
         extra: Sequence[torch.Tensor] = (),
+        rules: RuleSet | None = None,
     ) -> list[Any]:
         """``[reduce(i, ∂ objective / ∂ X_i, P_i)]`` for the ``i``-th of ``layers``, one backward pass.
 
@@ -125,7 +132,13 @@ class AttentionStream:
         reduced from a zero gradient. ``extra`` tensors are differentiated in the same pass; their
         gradients (zeros where not reached) follow the layers' reductions in the returned list, and
         the pass goes on below the first layer when one of them lies there.
+
+        With ``rules`` (one of the stream's :attr:`rules`) the pass is a modified one: every rewritten
+        module and each attention core applies the rule set, and ``reduce`` gets a
+        :class:`RelevanceChunk` in place of the gradient, whatever ``gradient_of`` says.
         """
+        if rules is not None and rules not in self.rules:
+            raise CaptureError(f"the forward pass was not instrumented for {rules!r}")
         if not objective.requires_grad:
             raise TargetError("the target scores do not depend on the model's output, so they have no gradient")
         missing = [layer for layer in layers if self._inputs[layer] is None]
@@ -135,7 +148,7 @@ class AttentionStream:
         if chained and layers and any(_below(t, self._anchors[layers[0]]) for t in extra):
             sinks = []  # an extra tensor lies under the first layer: the pass runs through it
         run = _Pass({layer: i for i, layer in enumerate(layers)}, reduce, gradient_of, set(sinks), len(layers))
-        self._pass = run
+        self._pass, self.active_rules = run, rules
         try:
             anchors = [self._anchors[layer] for layer in sinks]
             grads = torch.autograd.grad(objective, [*anchors, *extra], allow_unused=True, retain_graph=retain_graph)
@@ -148,10 +161,14 @@ class AttentionStream:
                     on_p = core.v.new_zeros(()).expand(batch, heads, queries, keys)  # type: ignore[union-attr]
                     on_o = core.v.new_zeros(()).expand(batch, heads, queries, core.v.shape[-1])  # type: ignore[union-attr]
                     for rows in self._chunks(core):  # type: ignore[arg-type]
-                        gradient = _gradient(gradient_of, on_p[rows], on_o[rows])
-                        run.results[index].append(reduce(index, gradient, core.probabilities(rows)))  # type: ignore[union-attr]
+                        p = core.probabilities(rows)  # type: ignore[union-attr]
+                        if rules is not None:
+                            gradient = RelevanceChunk(rows, None, on_o[rows], p, core.v[rows])  # type: ignore[union-attr]
+                        else:
+                            gradient = _gradient(gradient_of, on_p[rows], on_o[rows])
+                        run.results[index].append(reduce(index, gradient, p))
         finally:
-            self._pass = None
+            self._pass, self.active_rules = None, None
             if not retain_graph:
                 self.close()
         return [join_chunks(parts) for parts in run.results] + extra_grads
@@ -187,6 +204,8 @@ class AttentionStream:
             return (None,) * len(needs)
         v = core.v
         grad_output = grad_output.to(v.dtype)
+        if self.active_rules is not None:
+            return self._backward_with_rules(self.active_rules, run, index, go_on, core, grad_output, needs)
         tensors = (core.given, v) if core.given is not None else (core.q, core.k, v)
         grads = [torch.empty_like(t) if go_on and need else None for t, need in zip(tensors, needs, strict=True)]
         grad_v = grads[-1]
@@ -216,6 +235,50 @@ class AttentionStream:
         if index is not None:
             run.done[index] = True  # type: ignore[union-attr]
         return tuple(grads)
+
+    def _backward_with_rules(
+        self, rules: RuleSet, run: _Pass | None, index: int | None, go_on: bool, core: _Core, g: torch.Tensor, needs
+    ) -> tuple:
+        """:meth:`_backward` in a modified pass: the rule set's attention rule, chunk by chunk."""
+        tensors = (core.given, core.v) if core.given is not None else (core.q, core.k, core.v)
+        wanted = tuple(go_on and need for need in needs)
+        grads: list[torch.Tensor | None] = [None] * len(tensors)
+        for rows in self._chunks(core):
+            p = core.probabilities(rows)
+            q = None if core.q is None else core.q[rows]
+            k = None if core.k is None else core.k[rows]
+            result = rules.attention(p, core.v[rows], g[rows], q, k, core.scale, wanted)
+            if index is not None:
+                chunk = RelevanceChunk(rows, result.at_probabilities, g[rows], p, core.v[rows])
+                run.results[index].append(run.reduce(index, chunk, p))  # type: ignore[union-attr]
+            parts = (result.q, result.v) if core.given is not None else (result.q, result.k, result.v)
+            for i, part in enumerate(parts):
+                if part is not None and wanted[i]:
+                    if grads[i] is None:
+                        grads[i] = torch.zeros_like(tensors[i])  # type: ignore[arg-type]
+                    grads[i][rows] = part  # type: ignore[index]
+        if index is not None:
+            run.done[index] = True  # type: ignore[union-attr]
+        return tuple(grads)
+
+
+@dataclass(frozen=True)
+class RelevanceChunk:
+    """What a reduction gets in a modified backward pass, for the samples ``rows`` of one layer: what
+    the rule set sends to the probabilities (None when it sends them nothing), what arrives at the
+    heads' outputs ``(b, H, N, d)``, the probabilities ``(b, H, N, N)`` and the values ``(b, H, N, d)``."""
+
+    rows: slice
+    at_probabilities: torch.Tensor | None
+    at_output: torch.Tensor
+    probabilities: torch.Tensor
+    values: torch.Tensor
+
+    def head_relevance(self, convention: str) -> torch.Tensor:
+        """Each head's relevance ``(b, H)``: ``Σ O ⊙ g`` (gradient convention) or ``Σ R_O`` (relevance)."""
+        if convention == "gradient":
+            return ((self.probabilities @ self.values) * self.at_output).sum(dim=(-2, -1))
+        return self.at_output.sum(dim=(-2, -1))
 
 
 @dataclass

@@ -12,11 +12,15 @@ module                    class                method
 :mod:`.gradcam`           GradCAM              ``gradcam``: Grad-CAM on a block's tokens
 :mod:`.raw_attention`     RawAttention         ``raw_attention``: the last layer's attention
 :mod:`.occlusion`         Occlusion            ``occlusion``: the score's drop when patches are hidden
+:mod:`.attnlrp`           AttnLRP              ``attnlrp``: AttnLRP, input × modified gradient
+:mod:`.transformer_attr…  TransformerAttri…    ``transformer_attribution``: Chefer et al.'s LRP-based rollout
+:mod:`.partial_lrp`       PartialLRP           ``partial_lrp``: the last layer's attention relevance
 ========================  ===================  =========================================================
 
 What they share: :mod:`.base` (:class:`Explainer` and :func:`~gmar.methods.base.forward_pass`, the one
 captured forward pass), :mod:`.functional` (the pure maths), :mod:`.joint` (several methods from one
-pass), :mod:`.heads` (each head's attention) and :mod:`.registry`, which every front end asks.
+pass), :mod:`.heads` (each head's attention), :mod:`.relevance` (what the LRP methods share) and
+:mod:`.registry`, which every front end asks.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ from gmar.methods.legrad import LeGrad
 from gmar.methods.gradcam import GradCAM
 from gmar.methods.raw_attention import RawAttention
 from gmar.methods.occlusion import Occlusion
+from gmar.methods.attnlrp import AttnLRP
+from gmar.methods.transformer_attribution import TransformerAttribution
+from gmar.methods.partial_lrp import PartialLRP
 
 # isort: on
 from gmar.methods.heads import head_attention
@@ -165,11 +172,14 @@ __all__ = [
     "GradCAM",
     "LeGrad",
     "AttentionRollout",
+    "AttnLRP",
     "Explainer",
     "GradientRollout",
     "HeadWeightedGAE",
     "Occlusion",
+    "PartialLRP",
     "RawAttention",
+    "TransformerAttribution",
     "all_methods",
     "available_methods",
     "explain",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from gmar.adapters import ModelAdapter, get_adapter
-from gmar.capture import AttentionStream, Captured, GradientOf, capture, collect, frozen_eval, model_lock
+from gmar.capture import AttentionStream, Captured, GradientOf, RuleSet, capture, collect, frozen_eval, model_lock
 from gmar.errors import CaptureError, InputSizeError, ModelLoadError, TargetError, UnsupportedModelError, warn
 from gmar.explanation import Explanation, min_max, upsample
 from gmar.layout import TokenLayout
@@ -99,6 +99,16 @@ class Explainer:
             )
         return index % layers
 
+    def stream_rules(self) -> tuple[RuleSet, ...]:
+        """The LRP rule sets the method's modified backward passes use (none for the others): the
+        forward pass is instrumented for them, and always runs through the attention stream."""
+        return ()
+
+    def pixel_map(self, captured: Captured, reduced: list[Any], layout: TokenLayout) -> torch.Tensor | None:
+        """A map ``(B, H, W)`` at the input's resolution, for a method whose relevance lives there (LRP's
+        relevance at the pixels); None: the heatmap is the token map upsampled."""
+        return None
+
     def capture_options(self) -> dict:
         """Keyword arguments for :func:`gmar.capture.capture` (what the method needs recorded)."""
         return {"head_outputs": self.uses_gradients and self.gradient_of == "output"}
@@ -156,8 +166,9 @@ class Explainer:
             target,
             gradients=self.uses_gradients,
             capture_options={**self.capture_options(), "attention": not own_attention},
-            stream=self.low_memory and not own_attention,
+            stream=(self.low_memory or bool(self.stream_rules())) and not own_attention,
             reduce_attention=None if self.uses_gradients else self.reduce_attention,
+            rules=self.stream_rules(),
         ) as run:
             captured = run.captured
             if self.uses_gradients:
@@ -169,8 +180,18 @@ class Explainer:
             with torch.no_grad():
                 token_map, head_weights = self.relevance(captured, reduced, layout)
                 head_scores = self.head_scores(reduced)
+                pixels = self.pixel_map(captured, reduced, layout)
         return self.explanation(
-            token_map, head_weights, captured, run.scores, run.classes, layout, images, target, head_scores=head_scores
+            token_map,
+            head_weights,
+            captured,
+            run.scores,
+            run.classes,
+            layout,
+            images,
+            target,
+            head_scores=head_scores,
+            pixels=pixels,
         )
 
     def inputs(self, images: torch.Tensor, target: Target = None) -> tuple[torch.Tensor, TokenLayout]:
@@ -190,12 +211,16 @@ class Explainer:
         images: torch.Tensor,
         target: Target,
         head_scores: torch.Tensor | None = None,
+        pixels: torch.Tensor | None = None,
     ) -> Explanation:
-        """This method's :class:`Explanation` of ``images`` from its token map."""
+        """This method's :class:`Explanation` of ``images`` from its token map (and its map at the
+        input's resolution, when it has one: :meth:`pixel_map`)."""
         token_map = token_map.detach().float()
+        if pixels is None:
+            pixels = upsample(token_map, layout, tuple(images.shape[-2:]))
         return Explanation(
             method=self.name,
-            heatmap=min_max(upsample(token_map, layout, tuple(images.shape[-2:]))),
+            heatmap=min_max(pixels.detach().float()),
             token_map=token_map,
             target=classes,
             head_weights=head_weights,
@@ -338,6 +363,7 @@ def forward_pass(
     reduce_attention: Callable[[int, torch.Tensor], Any] | None = None,
     scored: bool = True,
     needs_target: bool | None = None,
+    rules: Sequence[RuleSet] = (),
 ) -> Iterator[ForwardPass]:
     """The one forward pass every method's call runs, and the block that works on its results.
 
@@ -357,7 +383,7 @@ def forward_pass(
         else:
             attention_stream = None
             if stream:
-                attention_stream = AttentionStream(adapter.num_layers, reduce_attention=reduce_attention)
+                attention_stream = AttentionStream(adapter.num_layers, reduce_attention=reduce_attention, rules=rules)
                 # The stream and the graph refer to each other; closing it frees the graph at once.
                 cleanup.callback(attention_stream.close)
             captured = run_forward(adapter, images, layout, attention_stream, dict(capture_options), gradients)
@@ -402,6 +428,7 @@ def run_forward(
     with capture(adapter, stream=stream, **options) as recorder:
         output = adapter.forward(inputs)
     captured = collect(recorder, output, adapter.model)
+    captured.inputs = inputs
     tokens = captured.num_tokens
     if not options.get("attention", True):  # no attention ran through gmar: count the block input's tokens
         tokens = adapter.block_tokens(captured.norm_input).shape[1]  # type: ignore[arg-type]
