@@ -37,7 +37,8 @@ class SlowToy(FirstLayerAttention):
 
 def test_builtin_methods_live_one_per_module():
     assert gmar.available_methods() == [
-        "gmar", "rollout", "grad_rollout", "gae", "gmar_gae", "legrad", "gradcam", "raw_attention", "occlusion"
+        "gmar", "rollout", "grad_rollout", "gae", "gmar_gae", "legrad", "gradcam", "raw_attention", "occlusion",
+        "attnlrp", "transformer_attribution", "partial_lrp",
     ]  # fmt: skip
     for name, cls in gmar.methods.METHODS.items():
         assert cls.__module__ == f"gmar.methods.{name}"

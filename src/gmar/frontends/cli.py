@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="text prompt to explain, for openclip: models (repeat for several; one overlay per prompt and method)",
     )
     p.add_argument("--norm", choices=("l1", "l2"), default="l1", help="GMAR's head-score norm")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="METHOD.NAME=VALUE",
+        help="a method's option, e.g. attnlrp.attention=full, attnlrp.linear_gamma=0.05, "
+        "transformer_attribution.start_layer=1 (repeat for several)",
+    )
     p.add_argument("--out", "--output", dest="out", default="gmar-out", metavar="DIR", help="output folder")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, default=8, metavar="N")
@@ -629,7 +637,34 @@ def _select(explanation, index: int):
 
 
 def _options(methods: list[str], args: argparse.Namespace) -> dict:
-    return {"gmar": {"norm": args.norm}} if "gmar" in methods else {}
+    options: dict[str, dict] = {"gmar": {"norm": args.norm}} if "gmar" in methods else {}
+    for text in args.option:
+        method, name, value = parse_option(text)
+        if method not in methods:
+            raise GmarError(f"--option {text!r} is for {method}, which is not among the methods {', '.join(methods)}")
+        options.setdefault(method, {})[name] = value
+    for method, given in options.items():
+        try:
+            gmar.methods.check_options(method, given)
+        except ValueError as error:
+            raise GmarError(str(error)) from None
+    return options
+
+
+def parse_option(text: str) -> tuple[str, str, object]:
+    """``METHOD.NAME=VALUE`` as ``(method, name, value)``; the value is a Python literal (a number,
+    True/False/None) or else the string itself."""
+    import ast
+
+    match = re.fullmatch(r"([A-Za-z][\w-]*)\.([A-Za-z_]\w*)=(.*)", text)
+    if match is None:
+        raise GmarError(f"--option {text!r} must read METHOD.NAME=VALUE, e.g. attnlrp.attention=full")
+    method, name, raw = match.groups()
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return method, name, value
 
 
 def _device(name: str) -> torch.device:

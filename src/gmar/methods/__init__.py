@@ -124,7 +124,7 @@ def explain(
     if isinstance(method, str) and method != "all":
         if options:
             raise TypeError("options={...} is for several methods; give one method's options as keyword arguments")
-        return get_method(method)(model, **method_options)(images, target)
+        return build(method, model, method_options)(images, target)
     if method_options:
         raise TypeError(
             f"with several methods, give each one's options as options={{name: {{...}}}}, not {sorted(method_options)}"
@@ -142,8 +142,26 @@ def explain(
     stray = [m for m in options if m not in names]
     if stray:
         raise ValueError(f"options given for {stray}, which are not among the methods {names}")
-    explainers = [get_method(name)(model, **options.get(name, {})) for name in names]
+    explainers = [build(name, model, options.get(name, {})) for name in names]
     return dict(zip(names, explain_jointly(explainers, images, target), strict=True))
+
+
+def build(name: str, model: nn.Module, options: Mapping[str, Any]) -> Explainer:
+    """The explainer ``name`` for ``model`` with ``options`` (checked by :func:`check_options`)."""
+    check_options(name, options)
+    return get_method(name)(model, **options)
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Refuse, in one line that lists the method's options, an option method ``name`` does not take."""
+    import inspect
+
+    parameters = inspect.signature(get_method(name).__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    known = [p for p in parameters if p not in ("self", "model")]
+    unknown = [key for key in options if key not in known]
+    if unknown and not takes_any:
+        raise ValueError(f"{name} takes no option {unknown[0]!r}; its options: {', '.join(known) or 'none'}")
 
 
 def supported_methods(model: nn.Module, options: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
@@ -182,6 +200,7 @@ __all__ = [
     "TransformerAttribution",
     "all_methods",
     "available_methods",
+    "check_options",
     "explain",
     "explain_jointly",
     "get_method",
