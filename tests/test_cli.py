@@ -102,6 +102,15 @@ def test_folder_of_images_and_all_methods(model_dir, inputs, tmp_path):
         (["train-reference", "--lr", "0"], "--lr must be positive, not 0.0"),
         (["train-reference", "--train-scenes", "0"], "--train-scenes must be at least 1, not 0"),
         (["train-reference", "--token-loss", "-1"], "--token-loss must be at least 0, not -1.0"),
+        (["explain", "--example", "--model", "reference", "--option", "attnlrp"], "must read METHOD.NAME=VALUE"),
+        (
+            ["explain", "--example", "--model", "reference", "--method", "gae", "--option", "attnlrp.attention=full"],
+            "is for attnlrp, which is not among the methods gae",
+        ),
+        (
+            ["explain", "--example", "--model", "reference", "--method", "attnlrp", "--option", "attnlrp.foo=1"],
+            "attnlrp takes no option 'foo'; its options: attention, epsilon, linear_gamma, conv_gamma",
+        ),
     ],
 )
 def test_user_errors_are_one_line(argv, message, capsys):
@@ -130,6 +139,23 @@ def test_occlusion_and_gmar_gae_by_name_on_the_command_line(tmp_path):
     assert main([*argv, "--method", "gmar_gae,occlusion", "--save-maps"]) == 0
     names = sorted(p.name for p in out.iterdir() if p.suffix == ".npy")
     assert names == [f"example_{s}.png_{m}.npy" for s in ("shapes", "stripes") for m in ("gmar_gae", "occlusion")]
+
+
+def test_method_options_on_the_command_line_reach_the_method(tmp_path):
+    """``--option attnlrp.attention=full`` gives the map of ``gmar.AttnLRP(model, attention="full")``."""
+    argv = ["explain", "--example", "--model", "reference", "--method", "attnlrp", "--save-maps"]
+    assert main([*argv, "--out", str(tmp_path / "cp")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "full"), "--option", "attnlrp.attention=full"]) == 0
+    name = "example_shapes.png_attnlrp.npy"
+    cp, full = np.load(tmp_path / "cp" / name), np.load(tmp_path / "full" / name)
+    from importlib import resources
+
+    model = gmar.load_reference_model()
+    example = resources.files("gmar") / "assets" / "example_shapes.png"
+    image = gmar.preprocess(gmar.load_image(example), gmar.get_adapter(model).preprocess_config())
+    want = gmar.AttnLRP(model, attention="full")(image).heatmap[0].numpy()
+    assert np.abs(full - want).max() <= 1e-5
+    assert np.abs(cp - want).max() > 1e-2
 
 
 def test_example_images_with_a_random_timm_model(tmp_path):
