@@ -41,7 +41,12 @@ from gmar.outputs import OutputFolder
 
 ATTENTION_ONLY = ("raw_attention", "rollout")
 #: option variants timed as cases of their own when their method is asked: ``case -> (method, options)``
-VARIANTS = {"gmar (taylor)": ("gmar", {"head_score": "taylor"})}
+VARIANTS = {
+    "gmar (taylor)": ("gmar", {"head_score": "taylor"}),
+    "attnlrp (full)": ("attnlrp", {"attention": "full"}),
+    # the AttnLRP authors' ViT setting: the γ-rule on the patch embedding and on every linear layer
+    "attnlrp (γ 0.25/0.05)": ("attnlrp", {"conv_gamma": 0.25, "linear_gamma": 0.05}),
+}
 #: the case that runs every method asked in one call (``gmar.explain(model, images, [...])``)
 ALL = "all (one call)"
 GRADCAM_PACKAGE = "grad-cam"
