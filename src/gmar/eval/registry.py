@@ -46,9 +46,9 @@ NEEDS = {
     "model": "calls the model (or a copy of it) again; the others score the maps alone",
 }
 #: the head rankings of the head-ablation test: GMAR's paper weights, Taylor scores (``GMAR(head_score=
-#: "taylor")``), ``gmar_gae``'s head scores, the measured single-knock-out order (the oracle a score
-#: is judged by), a random order and GMAR's reversed
-RANKINGS = ("gmar", "taylor", "gmar_gae", "oracle", "random", "reverse")
+#: "taylor")``), ``gmar_gae``'s head scores, AttnLRP's head relevance (where AttnLRP explains the model),
+#: the measured single-knock-out order (the oracle a score is judged by), a random order and GMAR's reversed
+RANKINGS = ("gmar", "taylor", "gmar_gae", "attnlrp", "oracle", "random", "reverse")
 
 
 @dataclass
@@ -274,19 +274,20 @@ def can_switch_heads(adapter) -> bool:
 
 def head_rankings(ctx: Context) -> dict[str, torch.Tensor]:
     """Every head ranking gmar offers, and the bounds it is judged by, ``(n, L*H)`` each (see :data:`RANKINGS`)."""
-    from gmar.methods import explain
+    from gmar.methods import explain, supported_methods
 
     paper = M.rank_heads(ctx.head_weights)
     # Each item's random ranking comes from its own key, whatever batch or process it falls in.
     generators = [torch.Generator().manual_seed(item_seed(ctx.settings.seed, item.key)) for item in ctx.items]
-    # Taylor's and gmar_gae's scores come from one shared pass.
-    scored = explain(
-        ctx.model, ctx.images, ["gmar", "gmar_gae"], target=ctx.targets, options={"gmar": {"head_score": "taylor"}}
-    )
+    # Taylor's, gmar_gae's and AttnLRP's scores come from one shared forward pass.
+    scorers = ["gmar", "gmar_gae", *(["attnlrp"] if "attnlrp" in supported_methods(ctx.model) else [])]
+    scored = explain(ctx.model, ctx.images, scorers, target=ctx.targets, options={"gmar": {"head_score": "taylor"}})
+    relevance = {"attnlrp": M.rank_heads(scored["attnlrp"].head_scores)} if "attnlrp" in scored else {}
     return {
         "gmar": paper,
         "taylor": M.rank_heads(scored["gmar"].head_scores),
         "gmar_gae": M.rank_heads(scored["gmar_gae"].head_scores),
+        **relevance,
         "oracle": M.rank_heads(M.knockout_drops(ctx.scorer, ctx.adapter, ctx.images, ctx.targets)),
         "random": torch.stack([torch.randperm(paper.shape[1], generator=g) for g in generators]),
         "reverse": paper.flip(1),

@@ -162,7 +162,13 @@ def model_check_verdict(rate: float) -> str:
 
 #: The pairs reported item by item when both were evaluated: the one GMAR's paper compares, and
 #: the head-weighted GAE against GAE.
-PAIRS = (("gmar", "rollout"), ("gmar_gae", "gae"))
+PAIRS = (
+    ("gmar", "rollout"),
+    ("gmar_gae", "gae"),
+    ("transformer_attribution", "gae"),
+    ("transformer_attribution", "gmar_gae"),
+    ("attnlrp", "gae"),
+)
 
 
 def _paired(
