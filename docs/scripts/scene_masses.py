@@ -44,6 +44,8 @@ def main() -> None:
     print("\nshare of the heatmap's mass (min-max normalised, as drawn) on each object:\n")
     print(f"| method | {' | '.join(names)} | background |")
     print("|---|" + "---|" * (len(names) + 1))
+    areas = [scene.masks[c].float().mean() for c in present]  # what a flat map would put there
+    print(f"| (each object's area) | {' | '.join(f'{a:.2f}' for a in areas)} | {1 - sum(areas):.2f} |")
     for method, explanation in results.items():
         heatmap = explanation.heatmap[0]
         shares = [(heatmap * scene.masks[c]).sum() / heatmap.sum() for c in present]
