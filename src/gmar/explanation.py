@@ -29,6 +29,9 @@ class Explanation:
         scores: ``(B,)`` the explained score ``y`` of each sample, detached; None when a
             class-agnostic method explains an embedding model without a target.
         layout: the token layout of this forward pass.
+        pixels: ``(B, H, W)`` the raw, signed map at the input's resolution, for a method whose
+            relevance lives there (``attnlrp``: ``Σ_c x ⊙ g``; ``token_map`` is its sum per patch);
+            None for the others.
     """
 
     method: str
@@ -41,6 +44,7 @@ class Explanation:
     layout: TokenLayout
     prompts: list[str] | None = None
     head_scores: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.token_map.shape[0]

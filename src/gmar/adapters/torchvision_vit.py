@@ -73,6 +73,13 @@ class TorchvisionAdapter(ModelAdapter):
     def first_norm(self, layer: int) -> nn.Module:
         return self.model.encoder.layers[layer].ln_1
 
+    def relevance_modules(self) -> list[tuple[str, nn.Module]]:
+        # The model's own forward applies nn.MultiheadAttention's out_proj functionally (its module never
+        # runs), so a rule on the linear layers that run as modules leaves it alone; gmar's explicit
+        # attention calls it as a module, hence it is left out here.
+        projections = {id(attn.out_proj) for attn in self._attention}
+        return [(kind, m) for kind, m in super().relevance_modules() if id(m) not in projections]
+
     def residuals(self) -> list[Residual]:
         # EncoderBlock: x = dropout(attention(ln_1(input))) + input, then x + mlp(ln_2(x))
         sums: list[Residual] = []

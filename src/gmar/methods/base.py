@@ -216,11 +216,11 @@ class Explainer:
         """This method's :class:`Explanation` of ``images`` from its token map (and its map at the
         input's resolution, when it has one: :meth:`pixel_map`)."""
         token_map = token_map.detach().float()
-        if pixels is None:
-            pixels = upsample(token_map, layout, tuple(images.shape[-2:]))
+        own = None if pixels is None else pixels.detach().float()
+        drawn = own if own is not None else upsample(token_map, layout, tuple(images.shape[-2:]))
         return Explanation(
             method=self.name,
-            heatmap=min_max(pixels.detach().float()),
+            heatmap=min_max(drawn),
             token_map=token_map,
             target=classes,
             head_weights=head_weights,
@@ -229,6 +229,7 @@ class Explainer:
             scores=None if scores is None else scores.detach(),
             layout=layout,
             prompts=_prompts(target, token_map.shape[0]),
+            pixels=own,
         )
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
