@@ -87,9 +87,16 @@ def test_folder_of_images_and_all_methods(model_dir, inputs, tmp_path):
     code = main(["explain", str(cat.parent), "--model", f"hf:{model_dir}", "--out", str(out), "--save-maps"])
     assert code == 2  # the corrupt file in the folder is reported, the others explained
     assert sorted(p.name for p in out.glob("*_gmar.npy")) == ["cat.png_gmar.npy", "dog.png_gmar.npy"]
-    expected = sorted(f"cat.png_{m}.npy" for m in gmar.all_methods())
+    model = gmar.load_model(f"hf:{model_dir}").model
+    expected = sorted(f"cat.png_{m}.npy" for m in gmar.supported_methods(model))
     assert sorted(p.name for p in out.glob("cat.png_*.npy")) == expected
-    assert len(gmar.all_methods()) == 8 and gmar.available_methods() == [*gmar.all_methods(), "occlusion"]
+    assert len(gmar.all_methods()) == 11 and gmar.available_methods() == [
+        *[m for m in gmar.all_methods() if m in gmar.available_methods()[:8]],
+        "occlusion",
+        "attnlrp",
+        "transformer_attribution",
+        "partial_lrp",
+    ]
 
 
 @pytest.mark.parametrize(
