@@ -52,8 +52,8 @@ def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor, epsilon: flo
     """``numerator / (denominator + ε)``, 0 where the denominator is 0 (the stabiliser of Chefer et
     al.'s reference code, where ``ε`` is added whatever the denominator's sign)."""
     shifted = denominator + epsilon
-    shifted = torch.where(shifted == 0, epsilon, shifted)
-    return torch.where(denominator == 0, 0.0, numerator / shifted).to(numerator.dtype)
+    shifted.masked_fill_(shifted == 0, epsilon)
+    return torch.div(numerator, shifted).masked_fill_(denominator == 0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,8 @@ class AttnLRPRules(RuleSet):
 
     def module(self, kind, module, x, y, g):
         if kind == "activation":
-            return g * y / _nonzero(x)
+            # R_in = R_out: g ⊙ y / x, and nothing where x = 0 (no relevance sits there)
+            return torch.div(y, x).mul_(g).masked_fill_(x == 0, 0.0)
         if kind == "norm":
             return _norm_gradient(module, x, g)
         if kind in ("linear", "conv"):
@@ -230,6 +231,11 @@ def _apply(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch
     return F.linear(x, weight, bias)
 
 
+def _bias_shape(module: nn.Module, bias: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The bias as it broadcasts over the module's output (channels first for a convolution)."""
+    return bias[:, None, None] if isinstance(module, nn.Conv2d) else bias
+
+
 def _input_gradient(module: nn.Module, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor | None = None):
     """``∂/∂x ⟨g, W x⟩`` for the module's affine map (``weight`` in place of its own when given)."""
     weight = module.weight if weight is None else weight
@@ -287,12 +293,14 @@ class CheferRules(RuleSet):
     def module(self, kind, module, x, y, g):
         if kind in ("norm", "activation", "scale"):
             return g
-        weight = module.weight
-        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
-        x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
-        z = _apply(module, x_pos, w_pos, None) + _apply(module, x_neg, w_neg, None)
+        # z = W⁺x⁺ + W⁻x⁻ = ½ (W x + |W| |x|), and x⁺ ⊙ W⁺ᵀs + x⁻ ⊙ W⁻ᵀs = ½ (x ⊙ Wᵀs + |x| ⊙ |W|ᵀs):
+        # three products with W or |W| instead of four, and W x is the module's output less its bias
+        weight, bias = module.weight, module.bias
+        magnitude, size = weight.abs(), x.abs()
+        linear = y if bias is None else y - _bias_shape(module, bias, y)
+        z = _apply(module, size, magnitude, None).add_(linear).mul_(0.5)
         s = safe_divide(g, z)
-        return x_pos * _input_gradient(module, x, s, w_pos) + x_neg * _input_gradient(module, x, s, w_neg)
+        return _input_gradient(module, x, s).mul_(x).addcmul_(size, _input_gradient(module, x, s, magnitude)).mul_(0.5)
 
     def residual(self, stream, branch, g):
         s = safe_divide(g, stream + branch)
