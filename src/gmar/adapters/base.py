@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from gmar.capture import Recorder, Residual
+from gmar.capture import Gate, Recorder, Residual
 from gmar.layout import TokenLayout
 from gmar.preprocess import PreprocessConfig
 
@@ -101,6 +101,13 @@ class ModelAdapter(ABC):
         from gmar.capture.rules import discover
 
         return discover(self.model)  # type: ignore[return-value]
+
+    def gates(self) -> list[Gate]:
+        """Every element-wise product of two branches the rules must split (by default timm's ``SwiGLU``
+        MLPs, found by type: :func:`gmar.capture.rules.discover_gates`)."""
+        from gmar.capture.rules import discover_gates
+
+        return discover_gates(self.model)
 
     def residuals(self) -> list[Residual] | None:
         """Every residual sum of the blocks (for rules that split them, Chefer et al.'s), or None

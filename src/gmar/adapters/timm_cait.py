@@ -35,6 +35,8 @@ from gmar.preprocess import PreprocessConfig
 
 
 class CaitAdapter(ModelAdapter):
+    own_probabilities = "mixes its heads' attention logits (talking heads) and attends in two kinds of layer"
+
     # gmar's stages exist only while it instruments the model
     runs_own_attention = False
     family = "timm"

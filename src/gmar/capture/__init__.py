@@ -12,7 +12,7 @@
 
 from gmar.capture.locks import frozen_eval, lock_for, model_lock
 from gmar.capture.recorder import Captured, Recorder, capture, collect, split_heads_hook
-from gmar.capture.rules import AttnLRPRules, CheferRules, Residual, RuleSet
+from gmar.capture.rules import AttnLRPRules, CheferRules, Gate, Residual, RuleSet
 from gmar.capture.stream import (
     ACCELERATOR_CHUNK_BYTES,
     CHUNK_BYTES,
@@ -30,6 +30,7 @@ __all__ = [
     "AttnLRPRules",
     "Captured",
     "CheferRules",
+    "Gate",
     "GradientOf",
     "Recorder",
     "RelevanceChunk",

@@ -91,6 +91,13 @@ class RuleSet:
         """What reaches the input ``x`` of ``module`` (output ``y``, output's incoming ``g``), or None."""
         return None
 
+    #: the rule set has a rule for element-wise products of two branches (gates): :meth:`gate`
+    handles_gates: ClassVar[bool] = False
+
+    def gate(self, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor):
+        """For ``p = a ⊙ b`` (both on the graph), what reaches ``a`` and ``b``, or None for the true gradient."""
+        return None
+
     def residual(self, stream: torch.Tensor, branch: torch.Tensor, g: torch.Tensor):
         """For ``s = stream + branch``, the pair (extra for ``stream`` on top of the ``g`` the sum hands
         it, what reaches ``branch``), or None for the true gradient."""
@@ -182,6 +189,13 @@ class AttnLRPRules(RuleSet):
             return r_in / _nonzero(x)
         return None
 
+    handles_gates: ClassVar[bool] = True
+
+    def gate(self, a, b, g):
+        # the uniform rule: half of R_p = p ⊙ g to each factor, R_a = a ⊙ (½ g ⊙ b)
+        half = g * 0.5
+        return half * b, half * a
+
     def attention(self, p, v, g, q, k, scale, needs):
         g_v = p.transpose(-2, -1) @ g if needs[-1] else None
         if self.attention_rule == "cp":
@@ -211,13 +225,17 @@ def _norm_gradient(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch
     eps = getattr(module, "eps", None)
     if eps is None:
         eps = getattr(module, "variance_epsilon", 1e-6)
+    # a channels-first norm (timm's LayerNorm2d) normalises dimension 1, the others the last one
+    dim = 1 if type(module).__name__.endswith("2d") else -1
+    if weight is not None and dim == 1:
+        weight = weight.reshape(-1, *([1] * (x.ndim - 2)))
     scaled = g if weight is None else g * weight
     if _is_rms_norm(module):
-        rms = (x.pow(2).mean(dim=-1, keepdim=True) + eps).sqrt()
+        rms = (x.pow(2).mean(dim=dim, keepdim=True) + eps).sqrt()
         return scaled / rms
-    std = (x.var(dim=-1, keepdim=True, unbiased=False) + eps).sqrt()
+    std = (x.var(dim=dim, keepdim=True, unbiased=False) + eps).sqrt()
     scaled = scaled / std
-    return scaled - scaled.mean(dim=-1, keepdim=True)
+    return scaled - scaled.mean(dim=dim, keepdim=True)
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
@@ -353,7 +371,7 @@ def module_kind(module: nn.Module) -> Kind | None:
         return "conv"
     if isinstance(module, nn.LayerNorm) or _is_rms_norm(module) or type(module).__name__.endswith("LayerNorm"):
         return "norm"
-    if isinstance(module, (nn.GELU, nn.SiLU, nn.ReLU)):
+    if isinstance(module, (nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh)):
         return "activation"
     if type(module).__name__ in _ACTIVATION_NAMES:
         return "activation"
@@ -383,6 +401,33 @@ def discover(root: nn.Module) -> list[tuple[Kind, nn.Module]]:
 
 
 @dataclass(frozen=True)
+class Gate:
+    """One element-wise product of two branches inside a module: ``first``'s output times ``second``'s,
+    which ``consumer`` takes as its input (timm's ``SwiGLU``: ``act(fc1_g(x)) * fc1_x(x)`` into ``drop1``)."""
+
+    first: nn.Module
+    second: nn.Module
+    consumer: nn.Module
+    #: the second factor is this half of ``second``'s output, split in two along :attr:`dim` (None: all of it)
+    half: int | None = None
+    dim: int = -1
+
+
+def discover_gates(root: nn.Module) -> list[Gate]:
+    """The gates gmar knows under ``root``: timm's ``SwiGLU`` and packed ``GluMlp`` MLPs."""
+    gates = []
+    for module in root.modules():
+        name = type(module).__name__
+        if name == "SwiGLU" and all(hasattr(module, n) for n in ("act", "fc1_x", "drop1")):
+            gates.append(Gate(module.act, module.fc1_x, module.drop1))
+        elif name == "GluMlp" and all(hasattr(module, n) for n in ("act", "fc1", "drop1")):
+            # fc1's output in two halves: act(x2) · x1 (gate_last) or act(x1) · x2
+            other = 0 if getattr(module, "gate_last", True) else 1
+            gates.append(Gate(module.act, module.fc1, module.drop1, half=other, dim=getattr(module, "chunk_dim", -1)))
+    return gates
+
+
+@dataclass(frozen=True)
 class Residual:
     """One residual sum inside a block: ``stream + branch``, where ``stream`` is the input of module
     ``stream_input`` (the block's input, or the sum before) and ``branch`` the output of ``branch_end``."""
@@ -402,6 +447,12 @@ def instrument_rules(adapter: ModelAdapter, stream: AttentionStream) -> Iterator
         for kind, module in adapter.relevance_modules():
             if any(rules.modifies(kind, module) for rules in rule_sets):
                 handles.append(module.register_forward_hook(_module_hook(stream, kind)))
+        if any(rules.handles_gates for rules in rule_sets):
+            for gate in adapter.gates():
+                slots: list[torch.Tensor | None] = [None, None]
+                handles.append(gate.first.register_forward_hook(_remember_output(slots, 0)))
+                handles.append(gate.second.register_forward_hook(_remember_output(slots, 1, gate)))
+                handles.append(gate.consumer.register_forward_pre_hook(_gate_hook(stream, slots)))
         if any(rules.needs_residuals for rules in rule_sets):
             residuals = adapter.residuals()
             if residuals is None:
@@ -425,6 +476,48 @@ def _module_hook(stream: AttentionStream, kind: Kind) -> Callable:
         return (routed, *output[1:]) if isinstance(output, tuple) else routed
 
     return hook
+
+
+def _remember_output(slots: list, index: int, gate: Gate | None = None) -> Callable:
+    def hook(module: nn.Module, args: tuple, output) -> None:
+        if gate is not None and gate.half is not None:
+            output = output.chunk(2, dim=gate.dim)[gate.half]
+        slots[index] = output
+
+    return hook
+
+
+def _gate_hook(stream: AttentionStream, slots: list) -> Callable:
+    def hook(module: nn.Module, args: tuple):
+        (a, b), slots[:] = slots, [None, None]
+        product = args[0] if args else None
+        if a is None or b is None or product is None or not torch.is_grad_enabled() or not product.requires_grad:
+            return None
+        return (_GateRule.apply(stream, a, b, product), *args[1:])
+
+    return hook
+
+
+class _GateRule(torch.autograd.Function):
+    """A gate's product passed through; a modified pass with a gate rule splits its relevance between
+    the two factors here instead of the product's own gradient."""
+
+    @staticmethod
+    def forward(ctx, stream, a, b, product):  # type: ignore[override]
+        ctx.stream = stream
+        ctx.save_for_backward(a, b)
+        return product.view_as(product)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):  # type: ignore[override]
+        rules = ctx.stream.active_rules
+        if rules is not None and rules.handles_gates:
+            a, b = ctx.saved_tensors
+            split = rules.gate(a, b, g)
+            if split is not None:
+                return None, split[0], split[1], None
+        return None, None, None, g
 
 
 def _remember_input(slot: list) -> Callable:

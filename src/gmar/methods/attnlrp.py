@@ -19,7 +19,7 @@ from torch import nn
 from gmar.adapters import ModelAdapter
 from gmar.capture import AttnLRPRules
 from gmar.methods.registry import register
-from gmar.methods.relevance import RelevanceMethod, input_relevance, per_patch, refuse_own_probabilities
+from gmar.methods.relevance import RelevanceMethod, input_relevance, per_patch
 
 
 @register
@@ -51,17 +51,14 @@ class AttnLRP(RelevanceMethod):
     ) -> None:
         self.rules = AttnLRPRules(attention, epsilon, linear_gamma, conv_gamma)
         super().__init__(model)
-        if self.rules.through_softmax:
-            refusal = refuse_own_probabilities(
-                type(self), self.adapter, "attnlrp's attention='full' cannot reach its logits; use attention='cp'"
-            )
-            if refusal is not None:
-                from gmar.errors import UnsupportedModelError
-
-                raise UnsupportedModelError(refusal)
 
     @classmethod
     def refusal(cls, adapter: ModelAdapter) -> str | None:
+        if adapter.own_probabilities is not None:
+            return (
+                f"{type(adapter.model).__name__} {adapter.own_probabilities}, where gmar has not checked "
+                "attnlrp's relevance to be conserved; explain it with gae, legrad or gradcam"
+            )
         if adapter.attention_pooled:
             return (
                 f"{type(adapter.model).__name__} pools its tokens with an attention head that runs outside "

@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from gmar.adapters import ModelAdapter
 from gmar.capture import Captured, RelevanceChunk, RuleSet
 from gmar.layout import TokenLayout
 from gmar.methods.base import Explainer
@@ -85,13 +84,6 @@ class RelevanceMethod(Explainer):
         )
         per_layer = dict(zip(layers, results[: len(layers)], strict=True))
         return true, per_layer, results[len(layers)] if extra else None
-
-
-def refuse_own_probabilities(cls: type[Explainer], adapter: ModelAdapter, why: str) -> str | None:
-    """The refusal for a rule through the softmax on a model that forms its probabilities itself."""
-    if adapter.own_probabilities is None:
-        return None
-    return f"{type(adapter.model).__name__} {adapter.own_probabilities}, so {why}"
 
 
 def input_relevance(inputs: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,8 @@ def chefer_refusal(name: str, adapter: ModelAdapter) -> str | None:
         return f"{model} returns an embedding, and {name} starts its relevance from a class logit; use attnlrp"
     if adapter.own_probabilities is not None:
         return f"{model} {adapter.own_probabilities}, which {name}'s rules do not follow; use attnlrp"
+    if adapter.gates():
+        return f"{model} gates its MLP (a product of two branches), which {name}'s rules do not split; use attnlrp"
     if adapter.residuals() is None:
         return (
             f"{name}'s rules need each residual sum of {model}'s blocks, and gmar does not know them for this "
