@@ -1,4 +1,5 @@
-"""AttnLRP against lxt 2.1, the AttnLRP authors' own package, on torchvision's ``vit_b_16``.
+"""The LRP methods against their authors' code: AttnLRP against lxt 2.1 on torchvision's ``vit_b_16``,
+Transformer Attribution against Chefer et al.'s official code on timm's ``vit_base_patch16_224``.
 
 lxt patches ``torch.nn`` classes for the whole process and needs transformers 4, so its maps are made
 in a side environment by docs/scripts/lxt_reference.py (with docs/scripts/lxt_env.sh) and stored in
@@ -81,3 +82,34 @@ def test_lxt_reference_maps_are_reproduced_in_the_side_environment(tmp_path):
     subprocess.run([sys.executable, str(script), "--out", str(out), "--images", "2"], check=True, env=env, timeout=900)
     fresh, stored = torch.load(out, weights_only=False), reference()
     assert_like(fresh["token_map"].flatten(0, 2), stored["token_map"][:, :2].flatten(0, 2))
+
+
+# -- Transformer Attribution against Chefer et al.'s official code --------------------------------------
+
+CHEFER = Path(__file__).parent / "data" / "chefer_transformer_attribution.pt"
+
+
+@functools.cache
+def chefer_reference() -> dict:
+    return torch.load(CHEFER, weights_only=False)
+
+
+def test_transformer_attribution_equals_chefers_code_in_float64():
+    """Chefer et al.'s ``relprop`` on their own ViT with the weights of timm's ``vit_base_patch16_224``
+    (tests/seeded.py), in float64, one image at a time (docs/scripts/chefer_reference.py), against
+    gmar's batched map on the timm model: start layers 0 and 1, classes 3, 17 and the predicted one."""
+    timm = pytest.importorskip("timm")
+    data = chefer_reference()
+    model = fill_seeded_(timm.create_model("vit_base_patch16_224", pretrained=False), seed=data["seed"]).double()
+    images = seeded_images(data["maps"].shape[1], 224, seed=data["seed"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images), data["logits"], rtol=1e-10, atol=1e-10)
+    for s, start_layer in enumerate(data["start_layers"]):
+        explainer = gmar.TransformerAttribution(model, start_layer=start_layer)
+        for t in range(data["targets"].shape[1]):
+            got = explainer(images, target=data["targets"][:, t]).token_map
+            assert_like(got, data["maps"][s, :, t])
+    # GAE, the same propagation without the relevance, is another map: the comparison can fail
+    gae = gmar.explain(model, images, "gae", target=data["targets"][:, 0]).token_map
+    with pytest.raises(AssertionError):
+        assert_like(gae, data["maps"][0, :, 0])
