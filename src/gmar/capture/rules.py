@@ -98,6 +98,11 @@ class RuleSet:
         """For ``p = a ⊙ b`` (both on the graph), what reaches ``a`` and ``b``, or None for the true gradient."""
         return None
 
+    def fork(self, x: torch.Tensor, g: torch.Tensor):
+        """What a tensor ``x`` that feeds a residual sum and its branch keeps of the relevance ``g`` both
+        hand it (their sum), or None to keep it all."""
+        return None
+
     def residual(self, stream: torch.Tensor, branch: torch.Tensor, g: torch.Tensor):
         """For ``s = stream + branch``, the pair (extra for ``stream`` on top of the ``g`` the sum hands
         it, what reaches ``branch``), or None for the true gradient."""
@@ -297,7 +302,8 @@ class CheferRules(RuleSet):
       ``R_P = ½ P ⊙ ((R/O) vᵀ)``, ``R_v = ½ v ⊙ (Pᵀ (R/O))`` for ``O = P v``, and alike for ``q kᵀ``
       with the relevance at the logits equal to ``R_P``;
     - residual sums: LRP-0 on both terms, each term's map rescaled so that the two take the sum's total
-      relevance in the proportion ``|ΣR_a| : |ΣR_b|`` (sums per sample).
+      relevance in the proportion ``|ΣR_a| : |ΣR_b|`` (sums per sample); where the stream forks into
+      the sum and the branch, the two relevances are added as ``x ⊙ Σ R_i / x``.
 
     Divisions use :func:`safe_divide`.
     """
@@ -319,6 +325,10 @@ class CheferRules(RuleSet):
         z = _apply(module, size, magnitude, None).add_(linear).mul_(0.5)
         s = safe_divide(g, z)
         return _input_gradient(module, x, s).mul_(x).addcmul_(size, _input_gradient(module, x, s, magnitude)).mul_(0.5)
+
+    def fork(self, x, g):
+        # the reference code's Clone: x ⊙ Σ_i R_i / x, with its stabiliser (nothing where x = 0)
+        return safe_divide(g, x).mul_(x)
 
     def residual(self, stream, branch, g):
         s = safe_divide(g, stream + branch)
@@ -459,7 +469,7 @@ def instrument_rules(adapter: ModelAdapter, stream: AttentionStream) -> Iterator
                 raise ValueError(f"{type(adapter.model).__name__}'s adapter declares no residual sums")
             for residual in residuals:
                 slot: list[torch.Tensor | None] = [None]
-                handles.append(residual.stream_input.register_forward_pre_hook(_remember_input(slot)))
+                handles.append(residual.stream_input.register_forward_pre_hook(_remember_input(slot, stream)))
                 handles.append(residual.branch_end.register_forward_hook(_residual_hook(stream, slot)))
         yield
 
@@ -520,11 +530,23 @@ class _GateRule(torch.autograd.Function):
         return None, None, None, g
 
 
-def _remember_input(slot: list) -> Callable:
+def _remember_input(slot: list, stream: AttentionStream) -> Callable:
     def hook(module: nn.Module, args: tuple) -> None:
-        slot[0] = args[0] if args else None
+        x = args[0] if args else None
+        slot[0] = x
+        if isinstance(x, torch.Tensor) and torch.is_grad_enabled() and x.requires_grad:
+            # the fork of the residual stream: a hook on this pass's tensor (it goes with the graph)
+            x.register_hook(_fork_hook(stream, x))
 
     return hook
+
+
+def _fork_hook(stream: AttentionStream, x: torch.Tensor) -> Callable:
+    def on_gradient(g: torch.Tensor) -> torch.Tensor | None:
+        rules = stream.active_rules
+        return None if rules is None or not rules.needs_residuals else rules.fork(x.detach(), g)
+
+    return on_gradient
 
 
 def _residual_hook(stream: AttentionStream, slot: list) -> Callable:
