@@ -75,17 +75,17 @@ class TorchvisionAdapter(ModelAdapter):
 
     def relevance_modules(self) -> list[tuple[str, nn.Module]]:
         # The model's own forward applies nn.MultiheadAttention's out_proj functionally (its module never
-        # runs), so a rule on the linear layers that run as modules leaves it alone; gmar's explicit
-        # attention calls it as a module, hence it is left out here.
+        # runs), so a rule on the linear layers that run as modules (AttnLRP's γ) leaves it alone;
+        # gmar's explicit attention calls it as a module, hence its kind of its own. Chefer et al.'s
+        # z⁺ applies to it as to every linear layer.
         projections = {id(attn.out_proj) for attn in self._attention}
-        return [(kind, m) for kind, m in super().relevance_modules() if id(m) not in projections]
+        return [("functional_linear" if id(m) in projections else kind, m) for kind, m in super().relevance_modules()]
 
-    def residuals(self) -> list[Residual]:
-        # EncoderBlock: x = dropout(attention(ln_1(input))) + input, then x + mlp(ln_2(x))
-        sums: list[Residual] = []
-        for block in self.model.encoder.layers:
-            sums += [Residual(block.ln_1, block.dropout), Residual(block.ln_2, block.mlp)]
-        return sums
+    def residuals(self) -> list[Residual] | None:
+        # Chefer et al.'s rules need a rule at every linear map, and nn.MultiheadAttention's in-projection
+        # is a raw parameter applied functionally (no module to put the z⁺ rule on): not declared, so
+        # transformer_attribution and partial_lrp refuse the model.
+        return None
 
     def readout(self, tokens: torch.Tensor, pooling: str = "model") -> tuple[torch.Tensor, torch.Tensor | None]:
         check_pooling(self, pooling)

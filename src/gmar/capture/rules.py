@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     from gmar.capture.stream import AttentionStream
 
 #: The kinds of module a rule set can rewrite.
-Kind = Literal["linear", "conv", "norm", "activation", "scale"]
-KINDS: tuple[Kind, ...] = ("linear", "conv", "norm", "activation", "scale")
+Kind = Literal["linear", "functional_linear", "conv", "norm", "activation", "scale"]
+KINDS: tuple[Kind, ...] = ("linear", "functional_linear", "conv", "norm", "activation", "scale")
 
 
 def stabilize(x: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -169,6 +169,8 @@ class AttnLRPRules(RuleSet):
         return self.attention_rule == "full"
 
     def modifies(self, kind: Kind, module: nn.Module) -> bool:
+        # "functional_linear": a linear module the model's own forward applies functionally (the
+        # authors' recipe never reaches it): its true gradient, LRP-0
         if kind == "linear":
             return self.epsilon > 0 or self.linear_gamma > 0
         if kind == "conv":

@@ -25,7 +25,7 @@ class PartialLRP(RelevanceMethod):
 
     @classmethod
     def refusal(cls, adapter: ModelAdapter) -> str | None:
-        return chefer_refusal(cls.name, adapter) or super().refusal(adapter)
+        return super().refusal(adapter) or chefer_refusal(cls.name, adapter)
 
     def relevance_layers(self) -> list[int]:
         return [self.adapter.num_layers - 1]

@@ -54,7 +54,7 @@ class TransformerAttribution(RelevanceMethod):
 
     @classmethod
     def refusal(cls, adapter: ModelAdapter) -> str | None:
-        return chefer_refusal(cls.name, adapter) or super().refusal(adapter)
+        return super().refusal(adapter) or chefer_refusal(cls.name, adapter)
 
     def reduce_gradient(self, layer, gradient, attention, captured, layout):
         return gradient.clone()
